@@ -1,0 +1,192 @@
+"""Command line: parse options, call the library, draw progress, map errors to exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from .credentials import resolve_password
+from .errors import MailbackupError, UsageError
+from .model import FolderReport, Summary
+from .pipeline import BackupOptions, Progress, archive_stats, backup
+
+log = logging.getLogger("mailbackup")
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+class Bars(Progress):
+    """tqdm bars for messages and bytes, in total and for the folder at hand."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total_messages: tqdm | None = None
+        self.total_bytes: tqdm | None = None
+        self.folder_messages: tqdm | None = None
+        self.folder_bytes: tqdm | None = None
+
+    def plan(self, folders: int) -> None:
+        if not self.enabled:
+            return
+        self.total_messages = tqdm(desc="all folders", unit="msg", position=0, dynamic_ncols=True)
+        self.total_bytes = tqdm(desc="all folders", unit="B", unit_scale=True, position=1, dynamic_ncols=True)
+
+    def folder_started(self, name: str, messages: int, size: int) -> None:
+        if not self.enabled:
+            return
+        self.folder_messages = tqdm(total=messages, desc=name[:30], unit="msg", position=2, leave=False)
+        self.folder_bytes = tqdm(total=size, desc=name[:30], unit="B", unit_scale=True, position=3, leave=False)
+
+    def stored(self, messages: int, size: int) -> None:
+        for bar, amount in (
+            (self.total_messages, messages),
+            (self.total_bytes, size),
+            (self.folder_messages, messages),
+            (self.folder_bytes, size),
+        ):
+            if bar is not None:
+                bar.update(amount)
+
+    def folder_done(self, report: FolderReport) -> None:
+        for bar in (self.folder_messages, self.folder_bytes):
+            if bar is not None:
+                bar.close()
+        self.folder_messages = self.folder_bytes = None
+
+    def close(self) -> None:
+        self.folder_done(FolderReport(name=""))
+        for bar in (self.total_messages, self.total_bytes):
+            if bar is not None:
+                bar.close()
+
+
+def print_summary(summary: Summary) -> None:
+    info = summary.as_dict()
+    click.echo(
+        f"{summary.new} new messages ({human_bytes(summary.bytes)}) from {len(summary.folders)} folders "
+        f"in {summary.elapsed:.1f} s; {info['flags_updated']} flag updates, {info['gone']} gone from the server"
+    )
+    for report in summary.folders:
+        if report.skipped:
+            click.echo(f"skipped {report.name}: {report.skipped}")
+        if report.adopted:
+            click.echo(f"{report.name}: {report.adopted} messages recognised by SHA-256, not stored again")
+    for folder, item in summary.failed:
+        click.echo(f"failed {folder}: {item}", err=True)
+
+
+def run(json_output: bool, action: Callable[[], Any]) -> Any:
+    """Call the library; turn its errors into a one-line message and an exit code."""
+    try:
+        return action()
+    except MailbackupError as exc:
+        if json_output:
+            click.echo(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
+        click.echo(f"mailbackup: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("mailbackup: interrupted; rerun to finish", err=True)
+        sys.exit(130)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mailbackup: %(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False  # imapclient's own debug log would show LOGIN arguments
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mailbackup")
+def main() -> None:
+    """Faithful, incremental backups of IMAP mailboxes."""
+
+
+@main.command("backup")
+@click.argument("source")
+@click.argument("archive")
+@click.option("--folder", "include", multiple=True, metavar="GLOB", help="Back up only matching folders (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip matching folders (repeatable).")
+@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the password from this file.")
+@click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the password.")
+@click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM) for the server's certificate.")
+@click.option("--no-tls", is_flag=True, help="Allow cleartext on imap:// (no STARTTLS). Unsafe.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Network read timeout, seconds.")
+@click.option("--json", "json_output", is_flag=True, help="Print the summary as one JSON object on stdout.")
+@click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary, errors only.")
+def backup_command(
+    source: str,
+    archive: str,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    password_file: str | None,
+    password_command: str | None,
+    ca_file: str | None,
+    no_tls: bool,
+    timeout: float,
+    json_output: bool,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Back up SOURCE (imaps://user@host or imap://user@host) into ARCHIVE.
+
+    ARCHIVE is maildir:DIR, mbox:DIR, a path ending in .sqlite or .db, or a
+    SQLAlchemy URL such as postgresql://user@host/db.
+    """
+    setup_logging(verbose, quiet)
+    options = BackupOptions(include=include, exclude=exclude, no_tls=no_tls, ca_file=ca_file, timeout=timeout)
+    bars = Bars(enabled=not quiet and not json_output and sys.stderr.isatty())
+
+    def prompt() -> str:
+        if not sys.stdin.isatty():
+            raise UsageError("no password: use --password-file, --password-command or MAILBACKUP_PASSWORD")
+        return str(click.prompt(f"Password for {source}", hide_input=True, err=True))
+
+    def action() -> Summary:
+        password = resolve_password(file=password_file, command=password_command, prompt=prompt)
+        try:
+            return backup(source, archive, password=password, options=options, progress=bars)
+        finally:
+            bars.close()
+
+    summary: Summary = run(json_output, action)
+    if json_output:
+        click.echo(json.dumps(summary.as_dict()))
+    elif not quiet:
+        print_summary(summary)
+    elif summary.failed:
+        for folder, item in summary.failed:
+            click.echo(f"failed {folder}: {item}", err=True)
+    sys.exit(0 if summary.ok else 1)
+
+
+@main.command("ls")
+@click.argument("archive")
+@click.option("--json", "json_output", is_flag=True, help="One JSON object per folder.")
+def ls_command(archive: str, json_output: bool) -> None:
+    """List the folders in ARCHIVE with message counts and sizes."""
+    rows = run(json_output, lambda: archive_stats(archive))
+    if json_output:
+        for folder, count, size, gone in rows:
+            click.echo(json.dumps({"folder": folder.name, "messages": count, "bytes": size, "gone": gone}))
+        return
+    width = max([len(f.name) for f, *_ in rows] + [6])
+    click.echo(f"{'FOLDER':<{width}}  {'MESSAGES':>8}  {'SIZE':>9}  {'GONE':>5}")
+    for folder, count, size, gone in rows:
+        click.echo(f"{folder.name:<{width}}  {count:>8}  {human_bytes(size):>9}  {gone:>5}")
+    click.echo(f"{'total':<{width}}  {sum(r[1] for r in rows):>8}  {human_bytes(sum(r[2] for r in rows)):>9}  {sum(r[3] for r in rows):>5}")

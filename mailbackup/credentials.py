@@ -1,0 +1,51 @@
+"""Where a password comes from: a file, a command, the environment or a prompt; never argv."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def resolve_password(
+    *,
+    file: str | None = None,
+    command: str | None = None,
+    env: str = "MAILBACKUP_PASSWORD",
+    prompt: Callable[[], str] | None = None,
+    what: str = "the source",
+) -> str:
+    if file and command:
+        raise ConfigError("give either a password file or a password command, not both")
+    if file:
+        try:
+            text = Path(file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read password file {file}: {exc.strerror}") from exc
+        return _one_line(text, f"password file {file}")
+    if command:
+        try:
+            done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"password command for {what} timed out") from None
+        if done.returncode != 0:
+            raise ConfigError(f"password command for {what} exited with {done.returncode}")
+        return _one_line(done.stdout, f"password command for {what}")
+    if os.environ.get(env):
+        return os.environ[env]
+    if prompt is not None:
+        return prompt()
+    raise ConfigError(
+        f"no password for {what}: use --password-file, --password-command or {env} "
+        "(no prompt without a terminal)"
+    )
+
+
+def _one_line(text: str, what: str) -> str:
+    password = text.rstrip("\r\n")
+    if not password:
+        raise ConfigError(f"{what} gave an empty password")
+    return password

@@ -1,0 +1,57 @@
+"""One exception root; each subclass is a failure the user can act on.
+
+The class carries its exit code, so the CLI maps errors without a table.
+"""
+
+
+class MailbackupError(Exception):
+    """mailbackup failed."""
+
+    exit_code = 1
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class UsageError(MailbackupError):
+    """A command-line argument or option is wrong."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """The configuration or credentials setup is wrong."""
+
+
+class ConnectError(MailbackupError):
+    """Could not connect to the server."""
+
+    exit_code = 3
+
+
+class TLSError(ConnectError):
+    """TLS could not be established or the certificate did not verify."""
+
+
+class AuthError(ConnectError):
+    """The server rejected the login."""
+
+
+class ConnectionLost(MailbackupError):
+    """The connection dropped mid-run; rerun to finish, nothing stored is lost."""
+
+
+class ServerError(MailbackupError):
+    """The server sent a reply mailbackup cannot use."""
+
+
+class StoreError(MailbackupError):
+    """The archive could not be written or read."""
+
+
+class DiskFullError(StoreError):
+    """The archive's disk is full (ENOSPC); free space and rerun."""
+
+
+class ArchiveCorrupt(StoreError):
+    """A stored message does not match its recorded SHA-256."""

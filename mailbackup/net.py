@@ -1,0 +1,106 @@
+"""Server addresses and TLS: shared by every source and target."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import unquote
+
+from .errors import ConnectError, TLSError, UsageError
+
+log = logging.getLogger("mailbackup")
+
+DEFAULT_PORTS = {"imap": 143, "imaps": 993, "pop3": 110, "pop3s": 995, "smtp": 587, "smtps": 465}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to connect: tls is 'implicit', 'starttls' or 'none'."""
+
+    scheme: str
+    user: str
+    host: str
+    port: int
+    tls: str
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.user}@{self.host}:{self.port}"
+
+
+def parse_url(url: str, *, no_tls: bool = False, schemes: tuple[str, ...] = ("imap", "imaps")) -> Endpoint:
+    """Parse scheme://user@host[:port]; the user part may itself contain '@'."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in schemes:
+        raise UsageError(f"source {url!r} must look like {' or '.join(s + '://user@host[:port]' for s in schemes)}")
+    netloc = rest.split("/", 1)[0]
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at or not userinfo:
+        raise UsageError(f"{url!r} has no user: write {scheme}://user@host")
+    if ":" in userinfo:
+        raise UsageError("never put a password in the URL; use --password-file, --password-command or MAILBACKUP_PASSWORD")
+    host, port_text = hostport, ""
+    if hostport.startswith("["):
+        host, _, tail = hostport[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    elif ":" in hostport:
+        host, _, port_text = hostport.rpartition(":")
+    if not host:
+        raise UsageError(f"{url!r} has no host")
+    try:
+        port = int(port_text) if port_text else DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise UsageError(f"{url!r} has a bad port {port_text!r}") from None
+    if not 0 < port < 65536:
+        raise UsageError(f"{url!r} has a bad port {port}")
+    if scheme.endswith("s"):
+        if no_tls:
+            raise UsageError(f"--no-tls contradicts {scheme}://, which is implicit TLS")
+        tls = "implicit"
+    else:
+        tls = "none" if no_tls else "starttls"
+    return Endpoint(scheme=scheme, user=unquote(userinfo), host=host, port=port, tls=tls)
+
+
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """Verify against the system store, plus a private CA when given."""
+    context = ssl.create_default_context()
+    if ca_file:
+        if not Path(ca_file).is_file():
+            raise UsageError(f"--ca-file {ca_file}: no such file")
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError as exc:
+            raise UsageError(f"--ca-file {ca_file}: not a PEM certificate ({exc.reason})") from exc
+    return context
+
+
+def warn_cleartext(endpoint: Endpoint) -> None:
+    if endpoint.tls == "none":
+        log.warning("--no-tls: credentials and mail cross the network to %s in cleartext", endpoint.host)
+
+
+@contextmanager
+def connect_errors(endpoint: Endpoint) -> Iterator[None]:
+    """Turn socket and TLS failures while connecting into errors a user can act on."""
+    where = f"{endpoint.host}:{endpoint.port}"
+    try:
+        yield
+    except ssl.SSLCertVerificationError as exc:
+        raise TLSError(
+            f"certificate of {where} did not verify ({exc.verify_message}); "
+            "use --ca-file for a private CA"
+        ) from exc
+    except ssl.SSLError as exc:
+        raise TLSError(f"TLS with {where} failed: {exc.reason or exc}") from exc
+    except socket.gaierror as exc:
+        raise ConnectError(f"cannot resolve {endpoint.host}: {exc.strerror}") from exc
+    except (TimeoutError, socket.timeout) as exc:
+        raise ConnectError(f"timed out connecting to {where}") from exc
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from exc

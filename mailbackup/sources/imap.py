@@ -1,0 +1,230 @@
+"""IMAP source: folders, UIDs, flags and message bytes, read-only (EXAMINE, BODY.PEEK).
+
+imapclient's dicts are turned into model records here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+
+import imapclient
+from imapclient import exceptions as imap_errors
+from imapclient.datetime_util import parse_to_datetime
+from imapclient.response_parser import gen_parsed_response
+
+from ..errors import AuthError, ConnectionLost, ServerError, TLSError
+from ..model import Folder, FolderState, Message
+from ..net import Endpoint, connect_errors, tls_context, warn_cleartext
+
+FETCH_ITEMS = ["BODY.PEEK[]", "FLAGS", "INTERNALDATE", "RFC822.SIZE"]
+# \Recent belongs to a session and cannot be set again on restore.
+SESSION_FLAGS = {"\\recent"}
+
+
+def decode_flags(flags: Sequence[bytes | str]) -> tuple[str, ...]:
+    out = set()
+    for flag in flags:
+        text = flag.decode("utf-8", "replace") if isinstance(flag, bytes) else str(flag)
+        if text.lower() not in SESSION_FLAGS:
+            out.add(text)
+    return tuple(sorted(out))
+
+
+def decode_date(value: datetime | None) -> datetime | None:
+    """Keep the server's own UTC offset, as a plain datetime.timezone."""
+    if value is None or value.tzinfo is None:
+        return value
+    offset = value.utcoffset() or timedelta(0)
+    return value.replace(tzinfo=timezone(offset))
+
+
+def as_folder(flags: Sequence[bytes], delimiter: bytes | str | None, name: str | bytes) -> Folder:
+    if isinstance(delimiter, bytes):
+        delimiter = delimiter.decode("ascii", "replace")
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    attributes = frozenset(f.decode("ascii", "replace") if isinstance(f, bytes) else str(f) for f in flags)
+    return Folder(name=str(name), delimiter=delimiter or None, attributes=attributes)
+
+
+def sequence_set(uids: Sequence[int]) -> str:
+    """Compress ascending UIDs into an IMAP sequence set such as '1:5,7,9:12'."""
+    if not uids:
+        raise ValueError("empty UID set")
+    parts = []
+    start = prev = uids[0]
+    for uid in uids[1:]:
+        if uid != prev + 1:
+            parts.append(f"{start}:{prev}" if prev != start else str(start))
+            start = uid
+        prev = uid
+    parts.append(f"{start}:{prev}" if prev != start else str(start))
+    return ",".join(parts)
+
+
+def parse_fetch(lines: list[object]) -> dict[int, dict[bytes, object]]:
+    """FETCH responses keyed by UID. Replies without a UID are unsolicited and dropped:
+    keyed by sequence number they could be mistaken for another message's UID."""
+    out: dict[int, dict[bytes, object]] = {}
+    if lines == [None]:
+        return out
+    parsed = gen_parsed_response(lines)
+    for _seq in parsed:
+        attributes = next(parsed, None)
+        if not isinstance(attributes, tuple) or len(attributes) % 2:
+            raise ServerError(f"malformed FETCH response: {str(attributes)[:80]}")
+        data = {bytes(k).upper(): v for k, v in zip(attributes[::2], attributes[1::2])}
+        uid = data.get(b"UID")
+        if uid is None:
+            continue
+        try:
+            out.setdefault(int(uid), {}).update(data)  # type: ignore[call-overload]
+        except ValueError:
+            raise ServerError(f"malformed UID in FETCH response: {uid!r}") from None
+    return out
+
+
+def lost(exc: BaseException) -> ConnectionLost:
+    return ConnectionLost(f"connection to the IMAP server lost: {exc}; rerun to finish")
+
+
+class ImapSource:
+    """One logged-in IMAP connection."""
+
+    def __init__(self, client: imapclient.IMAPClient, endpoint: Endpoint) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.condstore = client.has_capability("CONDSTORE")
+        if self.condstore and client.has_capability("ENABLE"):
+            client.enable("CONDSTORE")
+
+    @classmethod
+    def connect(
+        cls, endpoint: Endpoint, password: str, *, ca_file: str | None = None, timeout: float = 120.0
+    ) -> ImapSource:
+        context = tls_context(ca_file) if endpoint.tls != "none" else None
+        warn_cleartext(endpoint)
+        with connect_errors(endpoint):
+            client = imapclient.IMAPClient(
+                endpoint.host,
+                port=endpoint.port,
+                ssl=endpoint.tls == "implicit",
+                ssl_context=context,
+                timeout=imapclient.SocketTimeout(connect=30.0, read=timeout),
+            )
+            client.normalise_times = False
+            if endpoint.tls == "starttls":
+                if not client.has_capability("STARTTLS"):
+                    client.shutdown()
+                    raise TLSError(
+                        f"{endpoint.host} does not offer STARTTLS; no credentials were sent "
+                        "(use imaps://, or --no-tls to allow cleartext)"
+                    )
+                client.starttls(context)
+        try:
+            client.login(endpoint.user, password)
+        except imap_errors.LoginError as exc:
+            client.shutdown()
+            raise AuthError(f"login as {endpoint.user} at {endpoint.host} failed: {_text(exc)}") from exc
+        except (imap_errors.IMAPClientAbortError, OSError) as exc:
+            raise lost(exc) from exc
+        return cls(client, endpoint)
+
+    def close(self) -> None:
+        try:
+            self.client.logout()
+        except Exception:  # the connection may be gone already; nothing to save
+            try:
+                self.client.shutdown()
+            except Exception:
+                pass
+
+    def folders(self) -> list[Folder]:
+        with command_errors():
+            listed = self.client.list_folders()
+        return [as_folder(*item) for item in listed]
+
+    def examine(self, folder: Folder) -> FolderState:
+        with command_errors():
+            response = self.client.select_folder(folder.name, readonly=True)
+        if b"UIDVALIDITY" not in response:
+            raise ServerError(f"{folder.name}: server sent no UIDVALIDITY")
+        return FolderState(
+            uid_validity=int(response[b"UIDVALIDITY"]),
+            exists=int(response.get(b"EXISTS", 0)),
+            uid_next=response.get(b"UIDNEXT"),
+            highest_modseq=response.get(b"HIGHESTMODSEQ") if self.condstore else None,
+        )
+
+    def uids(self) -> array[int]:
+        """Every UID in the selected folder, ascending."""
+        with command_errors():
+            found = self.client.search("ALL")
+        return array("q", sorted(int(u) for u in found))
+
+    def sizes(self, uids: Sequence[int]) -> dict[int, int]:
+        response = self._fetch(sequence_set(uids), ["RFC822.SIZE"])
+        return {uid: int(data.get(b"RFC822.SIZE", 0)) for uid, data in response.items()}  # type: ignore[call-overload]
+
+    def flags(self, uids: Sequence[int]) -> dict[int, tuple[str, ...]]:
+        response = self._fetch(sequence_set(uids), ["FLAGS"])
+        return {uid: decode_flags(data.get(b"FLAGS", ())) for uid, data in response.items()}  # type: ignore[arg-type]
+
+    def changed_flags(self, modseq: int) -> dict[int, tuple[str, ...]]:
+        """Flags of the messages changed since modseq (CONDSTORE)."""
+        response = self._fetch("1:*", ["FLAGS"], f"(CHANGEDSINCE {modseq})")
+        return {uid: decode_flags(data.get(b"FLAGS", ())) for uid, data in response.items()}  # type: ignore[arg-type]
+
+    def fetch(self, uids: Sequence[int]) -> tuple[list[Message], list[int]]:
+        """Fetch a batch; returns the messages and the UIDs the server sent no body for."""
+        response = self._fetch(sequence_set(uids), FETCH_ITEMS)
+        messages, missing = [], []
+        for uid in uids:
+            data = response.get(uid, {})
+            raw = data.get(b"BODY[]")
+            if not isinstance(raw, bytes):
+                missing.append(uid)
+                continue
+            date = data.get(b"INTERNALDATE")
+            messages.append(
+                Message(
+                    raw=raw,
+                    flags=decode_flags(data.get(b"FLAGS", ())),  # type: ignore[arg-type]
+                    internal_date=decode_date(parse_to_datetime(date, normalise=False)) if isinstance(date, bytes) else None,
+                    uid=uid,
+                )
+            )
+        return messages, missing
+
+    def _fetch(self, uid_set: str, items: list[str], modifiers: str | None = None) -> dict[int, dict[bytes, object]]:
+        # imapclient.fetch() cannot take a range like 1:* and keys unsolicited replies by
+        # sequence number, so send UID FETCH the way it does and parse replies ourselves.
+        imap = self.client._imap
+        with command_errors():
+            tag = imap._command("UID", "FETCH", uid_set, "(" + " ".join(items) + ")", modifiers)
+            status, data = imap._command_complete("FETCH", tag)
+            if status != "OK":
+                raise ServerError(f"UID FETCH {uid_set[:40]} refused: {_text(data[-1] if data else status)}")
+            _, lines = imap._untagged_response(status, data, "FETCH")
+            return parse_fetch(lines)
+
+
+@contextmanager
+def command_errors() -> Iterator[None]:
+    """Map imapclient and socket failures during a command to our errors."""
+    try:
+        yield
+    except (imap_errors.IMAPClientAbortError, OSError) as exc:  # OSError covers timeouts and TLS
+        raise lost(exc) from exc
+    except imap_errors.IMAPClientError as exc:
+        raise ServerError(f"server refused: {_text(exc)}") from exc
+
+
+def _text(exc: BaseException) -> str:
+    text = str(exc)
+    if text.startswith("b'") or text.startswith('b"'):
+        text = text[2:-1]
+    return text

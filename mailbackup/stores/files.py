@@ -1,0 +1,160 @@
+"""Byte and file helpers shared by the file-based stores (Maildir, mbox)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..catalog import Catalog, create_engine
+from ..errors import DiskFullError, StoreError, UsageError
+from ..model import Folder
+
+CHUNK = 1 << 20
+RESERVED = {"cur", "new", "tmp"}
+CATALOG_DIR = ".mailbackup"
+
+
+def safe_part(part: str) -> str:
+    """Map one folder-name component to a file name that cannot leave its directory.
+
+    Percent-escapes '%', '/', '\\', control characters and a leading '.', so '..',
+    absolute names and hidden files cannot arise and the mapping stays one-to-one.
+    """
+    out = []
+    for i, ch in enumerate(part):
+        if ch in "%/\\" or ord(ch) < 0x20 or ord(ch) == 0x7F or (i == 0 and ch == "."):
+            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(ch)
+    name = "".join(out)
+    if not name:
+        return "%"  # '%' alone never comes out of escaping, so it can stand for ''
+    if name.lower() in RESERVED:  # would collide with a Maildir's own cur/new/tmp
+        name = f"%{ord(name[0]):02X}{name[1:]}"
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) > 200:  # file names stop at 255 bytes
+        digest = hashlib.sha256(encoded).hexdigest()[:16]
+        name = encoded[:150].decode("utf-8", "ignore") + "%~" + digest
+    return name
+
+
+def safe_parts(folder: Folder) -> list[str]:
+    return [safe_part(p) for p in folder.parts]
+
+
+def crlf_foldable(raw: bytes) -> bool:
+    """True when every LF is part of a CRLF, so CRLF->LF->CRLF gives raw back exactly."""
+    return raw.count(b"\n") == raw.count(b"\r\n")
+
+
+def line_chunks(raw: bytes, size: int = CHUNK) -> Iterator[bytes]:
+    """Split raw into pieces that each end just after a LF (or at the end).
+
+    Line-local transforms (CRLF folding, >From quoting) can then run piecewise,
+    so a huge message costs one chunk of extra memory, not a full copy.
+    """
+    if len(raw) <= size:
+        yield raw
+        return
+    view = memoryview(raw)
+    start = 0
+    while start < len(raw):
+        end = raw.find(b"\n", start + size)
+        end = len(raw) if end < 0 else end + 1
+        yield bytes(view[start:end])
+        start = end
+
+
+def unfold_crlf(data: bytes) -> bytes:
+    return data.replace(b"\n", b"\r\n")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+def syncfs(path: Path) -> bool:
+    """Flush the whole filesystem holding path in one call; False if unsupported."""
+    if _syncfs is None:
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+    return True
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """Create a directory chain with mode 0700."""
+    for parent in reversed([path, *path.parents]):
+        if not parent.exists():
+            try:
+                parent.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+
+
+@contextmanager
+def store_errors(where: Path | str) -> Iterator[None]:
+    """Turn OS errors into the archive's own errors, ENOSPC first."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"disk full while writing {where}; free space and rerun") from exc
+        raise StoreError(f"cannot write {where}: {exc.strerror or exc}") from exc
+
+
+def open_catalog(root: Path, kind: str, create: bool) -> Catalog:
+    """The catalog of a directory archive: a SQLite file inside it."""
+    if not root.exists():
+        if not create:
+            raise UsageError(f"no archive at {root}")
+        with store_errors(root):
+            make_dirs(root)
+    elif not root.is_dir():
+        raise UsageError(f"{root} is not a directory")
+    marker = root / CATALOG_DIR / "kind"
+    with store_errors(root):
+        make_dirs(root / CATALOG_DIR)
+        if marker.exists():
+            found = marker.read_text().strip()
+            if found != kind:
+                raise UsageError(f"{root} is a {found} archive, not {kind}: use {found}:{root}")
+        else:
+            if any(p.name != CATALOG_DIR for p in root.iterdir()):
+                raise UsageError(f"{root} is not empty and not a mailbackup archive")
+            marker.write_text(kind + "\n")
+            marker.chmod(0o600)
+    return Catalog(create_engine(f"sqlite:///{root / CATALOG_DIR / 'catalog.sqlite'}"))
+
+
+_FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+_QUOTED_FROM_LINE = re.compile(rb"^>(>*From )", re.MULTILINE)
+
+
+def quote_from(data: bytes) -> bytes:
+    """mboxrd: add one '>' to every line that matches ^>*From ."""
+    return _FROM_LINE.sub(rb">\1", data)
+
+
+def unquote_from(data: bytes) -> bytes:
+    """mboxrd: remove one '>' from every line that matches ^>+From ."""
+    return _QUOTED_FROM_LINE.sub(rb"\1", data)

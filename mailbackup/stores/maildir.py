@@ -1,0 +1,123 @@
+"""One Maildir per folder, nested as directories, flags in the standard ':2,' info.
+
+File names are '<sha256>.<eol>:2,<flags>': deterministic, so a file written
+before a crash but never catalogued is found and adopted on the next run.
+<eol> is 'lf' when CRLF was folded to LF on disk, 'raw' when the bytes are as sent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import StoreError
+from ..model import ArchivedFolder, Folder, Message
+from .files import (
+    crlf_foldable,
+    fsync_path,
+    line_chunks,
+    make_dirs,
+    open_catalog,
+    safe_parts,
+    store_errors,
+    syncfs,
+    unfold_crlf,
+)
+
+FLAG_LETTERS = {
+    "\\Draft": "D",
+    "\\Flagged": "F",
+    "$Forwarded": "P",
+    "\\Answered": "R",
+    "\\Seen": "S",
+    "\\Deleted": "T",
+}
+LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
+
+
+def info(flags: Sequence[str]) -> str:
+    return ":2," + "".join(sorted(FLAG_LETTERS[f] for f in set(flags) if f in FLAG_LETTERS))
+
+
+def flags_from_name(name: str) -> tuple[str, ...]:
+    _, _, letters = name.partition(":2,")
+    return tuple(sorted(LETTER_FLAGS[c] for c in letters if c in LETTER_FLAGS))
+
+
+class MaildirStore:
+    kind = "maildir"
+
+    def __init__(self, root: str, *, create: bool = True) -> None:
+        self.root = Path(root).absolute()
+        self.url = f"maildir:{self.root}"
+        self.catalog = open_catalog(self.root, self.kind, create)
+
+    def folder_path(self, folder: Folder) -> str:
+        return "/".join(safe_parts(folder))
+
+    def put(self, folder: ArchivedFolder, messages: Sequence[Message]) -> list[str]:
+        base = self.root / folder.path
+        locations: list[str] = []
+        pending: dict[str, Message] = {}
+        with store_errors(base):
+            for sub in ("cur", "new", "tmp"):
+                make_dirs(base / sub)
+            for message in messages:
+                tag = "lf" if crlf_foldable(message.raw) else "raw"
+                name = f"{message.sha256}.{tag}{info(message.flags)}"
+                locations.append(f"{folder.path}/cur/{name}")
+                # Already in cur/: an orphan of a crashed run, or the same bytes twice.
+                if name in pending or (base / "cur" / name).exists():
+                    continue
+                pending[name] = message
+                self._write(base / "tmp" / name, message.raw, tag == "lf")
+            if not pending:
+                return locations
+            # One flush for the batch instead of one fsync per file.
+            if not syncfs(base):
+                for name in pending:
+                    fsync_path(base / "tmp" / name)
+            for name in pending:
+                os.rename(base / "tmp" / name, base / "cur" / name)
+            fsync_path(base / "cur")
+        return locations
+
+    @staticmethod
+    def _write(path: Path, raw: bytes, fold: bool) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            if fold:
+                for chunk in line_chunks(raw):
+                    out.write(chunk.replace(b"\r\n", b"\n"))
+            else:
+                out.write(raw)
+
+    def _find(self, location: str) -> Path:
+        path = self.root / location
+        if path.exists():
+            return path
+        # A flag rename the catalog has not caught up with: same unique part, other info.
+        unique = path.name.partition(":")[0]
+        for candidate in path.parent.iterdir():
+            if candidate.name.partition(":")[0] == unique:
+                return candidate
+        raise StoreError(f"message file missing from the archive: {location}")
+
+    def get(self, location: str) -> bytes:
+        path = self._find(location)
+        data = path.read_bytes()
+        return unfold_crlf(data) if path.name.partition(":")[0].endswith(".lf") else data
+
+    def set_flags(self, location: str, flags: tuple[str, ...]) -> str:
+        path = self._find(location)
+        unique = path.name.partition(":")[0]
+        new_location = f"{location.rpartition('/')[0]}/{unique}{info(flags)}"
+        new_path = self.root / new_location
+        if new_path != path:
+            with store_errors(path):
+                os.rename(path, new_path)
+        return new_location
+
+    def close(self) -> None:
+        self.catalog.close()

@@ -1,0 +1,78 @@
+"""Messages inside the database itself, content-addressed by SHA-256.
+
+A message that sits in three folders is one blob and three catalog entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..catalog import Catalog, create_engine
+from ..errors import StoreError
+from ..model import ArchivedFolder, Folder, Message
+
+blob_metadata = sa.MetaData()
+blobs = sa.Table(
+    "blobs",
+    blob_metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("raw", sa.LargeBinary, nullable=False),
+)
+
+
+def database_url(url: str) -> str:
+    if "://" in url:
+        return url
+    path = Path(url).expanduser().absolute()
+    return f"sqlite:///{path}"
+
+
+class SqlStore:
+    kind = "sql"
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = database_url(url)
+        if self.url.startswith("sqlite:///"):
+            path = Path(self.url[len("sqlite:///") :])
+            if not create and not path.exists():
+                raise StoreError(f"no archive at {path}")
+            if not path.parent.is_dir():
+                raise StoreError(f"directory {path.parent} does not exist")
+        engine = create_engine(self.url)
+        try:
+            blob_metadata.create_all(engine)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"cannot open {self.url}: {exc}") from exc
+        self.catalog = Catalog(engine)
+        self._insert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
+
+    def folder_path(self, folder: Folder) -> str:
+        return folder.name
+
+    def put(self, folder: ArchivedFolder, messages: Sequence[Message]) -> list[str]:
+        rows = {m.sha256: {"sha256": m.sha256, "size": m.size, "raw": m.raw} for m in messages}
+        statement = self._insert(blobs).on_conflict_do_nothing(index_elements=["sha256"])
+        try:
+            with self.catalog.engine.begin() as conn:
+                conn.execute(statement, list(rows.values()))
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"cannot write to {self.url}: {exc.orig}") from exc
+        return [m.sha256 for m in messages]
+
+    def get(self, location: str) -> bytes:
+        with self.catalog.engine.connect() as conn:
+            raw = conn.scalar(sa.select(blobs.c.raw).where(blobs.c.sha256 == location))
+        if raw is None:
+            raise StoreError(f"blob {location} missing from {self.url}")
+        return bytes(raw)
+
+    def set_flags(self, location: str, flags: tuple[str, ...]) -> str:
+        return location
+
+    def close(self) -> None:
+        self.catalog.close()
