@@ -1,0 +1,97 @@
+"""Fixtures: real Dovecot and PostgreSQL servers, and the message corpus.
+
+Servers start once per session, on demand, under short temp dirs on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:  # so that 'servers' and 'corpus' import the same way everywhere
+    sys.path.insert(0, str(TESTS_DIR))
+
+from corpus.tricky import tricky_messages as _tricky_messages  # noqa: E402
+from servers.dovecot import Account, Dovecot  # noqa: E402
+from servers.postgres import Postgres  # noqa: E402
+
+_database_numbers = itertools.count(1)
+
+
+def _start_dovecot(separator: str) -> Iterator[Dovecot]:
+    # Short path: Dovecot's Unix sockets live under it (107-byte limit)
+    directory = tempfile.mkdtemp(prefix="mbdc", dir="/tmp")
+    server = Dovecot()
+    try:
+        server.start(directory, separator=separator)
+    except Exception as exc:  # the log tail is in the message
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.fail(f"cannot start Dovecot (run bash tests/bootstrap.sh?): {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[Dovecot]:
+    """Dovecot with hierarchy separator '/', plain and TLS IMAP/POP3 listeners."""
+    yield from _start_dovecot("/")
+
+
+@pytest.fixture
+def account(dovecot: Dovecot) -> Account:
+    """A fresh, empty mail account on ``dovecot``."""
+    return dovecot.add_user()
+
+
+@pytest.fixture(scope="session")
+def dovecot_dot() -> Iterator[Dovecot]:
+    """A second Dovecot whose hierarchy separator is '.' (started only when asked for)."""
+    yield from _start_dovecot(".")
+
+
+@pytest.fixture
+def account_dot(dovecot_dot: Dovecot) -> Account:
+    return dovecot_dot.add_user()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL cluster (Unix socket only), started only when asked for."""
+    server = Postgres()
+    try:
+        server.start()
+    except Exception as exc:
+        server.stop()
+        pytest.fail(f"cannot start PostgreSQL (run bash tests/bootstrap.sh?): {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> str:
+    """SQLAlchemy URL of a fresh, empty database: postgresql+psycopg://mb@/NAME?host=DIR."""
+    return postgres.create_database(f"mbtest_{next(_database_numbers)}")
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """tests/corpus: mikel-mail/, cpython/, tricky.py, NOTES.md."""
+    return TESTS_DIR / "corpus"
+
+
+@pytest.fixture(scope="session")
+def tricky_messages() -> dict[str, bytes]:
+    """Name -> raw bytes of the synthetic messages in corpus/tricky.py."""
+    return _tricky_messages()

@@ -1,0 +1,1 @@
+"""Throwaway real servers (Dovecot, PostgreSQL) for tests, benchmarks and the demo."""
