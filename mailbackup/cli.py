@@ -126,6 +126,7 @@ def main() -> None:
 @click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM) for the server's certificate.")
 @click.option("--no-tls", is_flag=True, help="Allow cleartext on imap:// (no STARTTLS). Unsafe.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Network read timeout, seconds.")
+@click.option("--batch-messages", type=click.IntRange(1, 10000), default=200, hidden=True)
 @click.option("--json", "json_output", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary, errors only.")
@@ -139,6 +140,7 @@ def backup_command(
     ca_file: str | None,
     no_tls: bool,
     timeout: float,
+    batch_messages: int,
     json_output: bool,
     verbose: int,
     quiet: bool,
@@ -149,7 +151,9 @@ def backup_command(
     SQLAlchemy URL such as postgresql://user@host/db.
     """
     setup_logging(verbose, quiet)
-    options = BackupOptions(include=include, exclude=exclude, no_tls=no_tls, ca_file=ca_file, timeout=timeout)
+    options = BackupOptions(
+        include=include, exclude=exclude, no_tls=no_tls, ca_file=ca_file, timeout=timeout, batch_messages=batch_messages
+    )
     bars = Bars(enabled=not quiet and not json_output and sys.stderr.isatty())
 
     def prompt() -> str:

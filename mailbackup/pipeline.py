@@ -194,6 +194,8 @@ class FolderSync:
             location = self.store.set_flags(stale.location, message.flags)
             self.catalog.rekey(stale.id, message, validity, location)
             self.tally.adopted += 1
+        if not fresh:
+            return
         locations = self.store.put(archived, fresh)
         self.catalog.add(archived.id, validity, list(zip(fresh, locations)))
         self.tally.new += len(fresh)

@@ -1,0 +1,36 @@
+"""Read an archive back through the library, for comparing with what a server holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from mailbackup.stores import open_store
+
+
+@dataclass(frozen=True)
+class Archived:
+    uid: int | None
+    raw: bytes
+    flags: frozenset[str]
+    internal_date: datetime | None
+    gone: bool
+
+
+def archived(url: str, *, include_gone: bool = False) -> dict[str, list[Archived]]:
+    """Folder name -> its messages in UID order, with bytes as the store gives them back."""
+    store = open_store(url, create=False)
+    try:
+        names = {f.id: f.name for f in store.catalog.folders()}
+        out: dict[str, list[Archived]] = {name: [] for name in names.values()}
+        for entry in store.catalog.entries():
+            if entry.gone and not include_gone:
+                continue
+            out[names[entry.folder_id]].append(
+                Archived(entry.uid, store.get(entry.location), frozenset(entry.flags), entry.internal_date, entry.gone)
+            )
+        for messages in out.values():
+            messages.sort(key=lambda m: m.uid or 0)
+        return out
+    finally:
+        store.close()

@@ -1,0 +1,135 @@
+"""A small scripted IMAP server for the faults a real server won't produce on demand.
+
+It serves folders of messages read-only, lets a test choose hostile folder names
+and capabilities, and records every command it received.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import socketserver
+import threading
+from dataclasses import dataclass, field
+
+from imapclient import imap_utf7
+
+
+@dataclass
+class FakeImap:
+    folders: dict[str, list[bytes]]
+    delimiter: str = "/"
+    capabilities: tuple[str, ...] = ("IMAP4rev1", "AUTH=PLAIN")
+    uid_validity: int = 7
+    commands: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> FakeImap:
+        fake = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def setup(self) -> None:
+                super().setup()
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def handle(self) -> None:
+                fake.serve(self.rfile, self.wfile)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def url(self, user: str = "alice") -> str:
+        return f"imap://{user}@127.0.0.1:{self.port}"
+
+    # protocol
+
+    def serve(self, rfile, wfile) -> None:  # type: ignore[no-untyped-def]
+        selected: list[bytes] = []
+        wfile.write(b"* OK [CAPABILITY " + " ".join(self.capabilities).encode() + b"] fake ready\r\n")
+        while True:
+            line = read_command(rfile, wfile)
+            if line is None:
+                return
+            tag, _, rest = line.partition(b" ")
+            words = rest.split(b" ", 2)
+            command = words[0].upper().decode()
+            self.commands.append(command if command != "UID" else "UID " + words[1].upper().decode())
+            ok = tag + b" OK done\r\n"
+            if command == "CAPABILITY":
+                wfile.write(b"* CAPABILITY " + " ".join(self.capabilities).encode() + b"\r\n" + ok)
+            elif command == "LOGIN":
+                wfile.write(ok)
+            elif command == "LIST":
+                for name in self.folders:
+                    encoded = imap_utf7.encode(name)
+                    wfile.write(b'* LIST () "%s" {%d}\r\n%s\r\n' % (self.delimiter.encode(), len(encoded), encoded))
+                wfile.write(ok)
+            elif command in ("EXAMINE", "SELECT"):
+                name = imap_utf7.decode(parse_string(rest[len(command) + 1 :]))
+                selected = self.folders.get(name, [])
+                wfile.write(
+                    b"* %d EXISTS\r\n* OK [UIDVALIDITY %d] ok\r\n* OK [UIDNEXT %d] ok\r\n"
+                    % (len(selected), self.uid_validity, len(selected) + 1)
+                )
+                wfile.write(tag + b" OK [READ-ONLY] done\r\n")
+            elif command == "UID" and words[1].upper() == b"SEARCH":
+                wfile.write(b"* SEARCH " + b" ".join(b"%d" % (i + 1) for i in range(len(selected))) + b"\r\n" + ok)
+            elif command == "UID" and words[1].upper() == b"FETCH":
+                uid_set, _, items = words[2].partition(b" ")
+                for uid in expand(uid_set.decode(), len(selected)):
+                    raw = selected[uid - 1]
+                    head = b"* %d FETCH (UID %d RFC822.SIZE %d FLAGS (\\Seen)" % (uid, uid, len(raw))
+                    if b"BODY" in items.upper():
+                        head += b' INTERNALDATE "01-Jan-2024 10:00:00 +0100" BODY[] {%d}\r\n' % len(raw) + raw
+                    wfile.write(head + b")\r\n")
+                wfile.write(ok)
+            elif command == "LOGOUT":
+                wfile.write(b"* BYE bye\r\n" + ok)
+                return
+            elif command in ("ENABLE", "NOOP"):
+                wfile.write(ok)
+            else:
+                wfile.write(tag + b" BAD unknown command\r\n")
+
+
+def read_command(rfile, wfile) -> bytes | None:  # type: ignore[no-untyped-def]
+    """One command line, with any {n} literals spliced in after a continuation."""
+    line = b""
+    while True:
+        try:
+            chunk = rfile.readline()
+        except (ConnectionError, socket.timeout):
+            return None
+        if not chunk:
+            return None
+        chunk = chunk.rstrip(b"\r\n")
+        match = re.search(rb"\{(\d+)\+?\}$", chunk)
+        if not match:
+            return line + chunk
+        wfile.write(b"+ go on\r\n")
+        wfile.flush()
+        line += chunk[: match.start()] + b'"' + rfile.read(int(match.group(1))).replace(b'"', b'\\"') + b'"'
+
+
+def parse_string(text: bytes) -> bytes:
+    text = text.strip()
+    if text.startswith(b'"'):
+        return re.sub(rb"\\(.)", rb"\1", text[1:-1])
+    return text
+
+
+def expand(uid_set: str, last: int) -> list[int]:
+    out: list[int] = []
+    for part in uid_set.split(","):
+        low, _, high = part.partition(":")
+        start = last if low == "*" else int(low)
+        end = start if not high else (last if high == "*" else int(high))
+        out.extend(u for u in range(min(start, end), max(start, end) + 1) if 1 <= u <= last)
+    return out

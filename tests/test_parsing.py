@@ -1,0 +1,88 @@
+"""Parsing and planning helpers, tested on bytes and lists without a server."""
+
+from array import array
+
+import pytest
+
+from mailbackup.errors import ServerError, UsageError
+from mailbackup.model import Folder
+from mailbackup.net import parse_url
+from mailbackup.pipeline import batches, diff_sorted, wanted
+from mailbackup.sources.imap import decode_flags, parse_fetch, sequence_set
+
+
+def test_sequence_set_compresses_runs() -> None:
+    assert sequence_set([1, 2, 3, 5, 7, 8, 10]) == "1:3,5,7:8,10"
+    assert sequence_set([42]) == "42"
+
+
+def test_parse_fetch_keys_by_uid_and_drops_unsolicited() -> None:
+    lines = [
+        (b"1 (UID 10 RFC822.SIZE 5 FLAGS (\\Seen) BODY[] {5}", b"hello"),
+        b")",
+        b"2 (FLAGS (\\Deleted))",  # unsolicited, no UID: must not land on UID 2
+        b"3 (UID 2 FLAGS ())",
+    ]
+    parsed = parse_fetch(lines)
+    assert set(parsed) == {10, 2}
+    assert parsed[10][b"BODY[]"] == b"hello"
+    assert parsed[2][b"FLAGS"] == ()
+
+
+def test_parse_fetch_rejects_malformed_replies() -> None:
+    with pytest.raises(ServerError):
+        parse_fetch([b"1 (UID 10 FLAGS)"])
+    with pytest.raises(ServerError):
+        parse_fetch([b"1 (UID abc FLAGS ())"])
+
+
+def test_recent_flag_is_dropped() -> None:
+    assert decode_flags([b"\\Recent", b"\\Seen", b"$Label1"]) == ("$Label1", "\\Seen")
+
+
+def test_diff_sorted_finds_new_and_gone() -> None:
+    new, gone = diff_sorted(array("q", [1, 2, 4, 6, 9]), array("q", [2, 3, 4, 5]))
+    assert list(new) == [1, 6, 9]
+    assert list(gone) == [3, 5]
+
+
+def test_batches_bound_count_and_bytes() -> None:
+    sizes = {1: 10, 2: 10, 3: 100, 4: 5, 5: 5}
+    assert list(batches([1, 2, 3, 4, 5], sizes, max_messages=10, max_bytes=25)) == [[1, 2], [3], [4, 5]]
+    assert list(batches([1, 2, 3, 4, 5], sizes, max_messages=2, max_bytes=1000)) == [[1, 2], [3, 4], [5]]
+
+
+def test_folder_globs_match_either_delimiter() -> None:
+    folder = Folder("INBOX.Archive.2024", ".")
+    assert wanted(folder, ("INBOX/Archive/*",), ())
+    assert wanted(folder, ("INBOX.Archive.*",), ())
+    assert not wanted(folder, (), ("*/2024",))
+    assert wanted(folder, (), ())
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("imaps://alice@mail.example.org", ("alice", "mail.example.org", 993, "implicit")),
+        ("imap://alice@example.org@mail.example.org:1143", ("alice@example.org", "mail.example.org", 1143, "starttls")),
+        ("imap://a%40b@[::1]:10143", ("a@b", "::1", 10143, "starttls")),
+    ],
+)
+def test_parse_url(url: str, expected: tuple[str, str, int, str]) -> None:
+    endpoint = parse_url(url)
+    assert (endpoint.user, endpoint.host, endpoint.port, endpoint.tls) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["alice@host", "http://alice@host", "imap://host", "imap://alice:secret@host", "imap://alice@host:99999", "imap://alice@host:x"],
+)
+def test_parse_url_rejects(url: str) -> None:
+    with pytest.raises(UsageError):
+        parse_url(url)
+
+
+def test_no_tls_contradicts_implicit_tls() -> None:
+    with pytest.raises(UsageError):
+        parse_url("imaps://alice@host", no_tls=True)
+    assert parse_url("imap://alice@host", no_tls=True).tls == "none"
