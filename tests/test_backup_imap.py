@@ -276,3 +276,28 @@ def test_postgresql_archive(dovecot, account, pg_url: str) -> None:  # type: ign
     with engine.connect() as conn:
         assert conn.scalar(sa.text("select count(*) from blobs")) == 2
     engine.dispose()
+
+
+def test_special_use_and_delimiter_are_kept(dovecot, account, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    dovecot.append(account, "Sent", b"Subject: sent\r\n\r\nbody\r\n")
+    dovecot.append(account, "Junk", b"Subject: junk\r\n\r\nbody\r\n")
+    url = archive_url("sqlite", tmp_path)
+    run_backup(account, url)
+    from mailbackup.stores import open_store
+
+    store = open_store(url, create=False)
+    folders = {f.name: f for f in store.catalog.folders()}
+    store.close()
+    assert "\\Sent" in folders["Sent"].attributes
+    assert "\\Junk" in folders["Junk"].attributes
+    assert folders["Sent"].delimiter == "/"
+
+
+def test_dot_delimiter_maps_to_nested_directories(dovecot_dot, account_dot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    dovecot_dot.append(account_dot, "INBOX.Archive.2024", b"Subject: nested\r\n\r\nbody\r\n")
+    dovecot_dot.append(account_dot, "INBOX.Entwürfe", b"Subject: umlaut\r\n\r\nbody\r\n")
+    url = archive_url("maildir", tmp_path)
+    run_backup(account_dot, url)
+    assert mailbox.Maildir(tmp_path / "md" / "INBOX" / "Archive" / "2024", create=False).keys()
+    assert mailbox.Maildir(tmp_path / "md" / "INBOX" / "Entwürfe", create=False).keys()
+    assert archived(url)["INBOX.Archive.2024"][0].raw == b"Subject: nested\r\n\r\nbody\r\n"
