@@ -203,7 +203,7 @@ class Catalog:
                 messages.c.folder_id == folder_id,
                 messages.c.sha256 == sha256,
                 messages.c.gone_at.is_(None),
-                sa.or_(messages.c.uid_validity != uid_validity, messages.c.uid_validity.is_(None)),
+                messages.c.uid_validity != uid_validity,  # NULL (a POP3 entry) never matches
             )
             .limit(1)
         )
@@ -220,19 +220,35 @@ class Catalog:
         with self.engine.connect() as conn:
             return conn.execute(query.limit(1)).first() is not None
 
-    def source_ids(self, folder_id: int) -> set[str]:
-        query = sa.select(messages.c.source_id).where(
-            messages.c.folder_id == folder_id, messages.c.source_id.is_not(None)
+    def source_ids(self, folder_id: int) -> dict[str, str]:
+        """POP3 ids held for this folder, with when each was first downloaded."""
+        query = sa.select(messages.c.source_id, messages.c.fetched_at).where(
+            messages.c.folder_id == folder_id,
+            messages.c.source_id.is_not(None),
+            messages.c.gone_at.is_(None),
         )
         with self.engine.connect() as conn:
-            return set(conn.execute(query).scalars())
+            return dict(conn.execute(query).tuples().all())
+
+    def mark_gone_ids(self, folder_id: int, source_ids: Sequence[str]) -> None:
+        when = now_iso()
+        with self.engine.begin() as conn:
+            for start in range(0, len(source_ids), 500):
+                conn.execute(
+                    messages.update()
+                    .where(
+                        messages.c.folder_id == folder_id,
+                        messages.c.source_id.in_(list(source_ids[start : start + 500])),
+                        messages.c.gone_at.is_(None),
+                    )
+                    .values(gone_at=when)
+                )
 
     def add(
         self,
         folder_id: int,
         uid_validity: int | None,
         stored: Sequence[tuple[Message, str]],
-        date_source: str | None = None,
     ) -> None:
         """Record messages whose bytes are already durable, in one transaction."""
         if not stored:
@@ -248,7 +264,7 @@ class Catalog:
                 "size": message.size,
                 "flags": _flags_text(message.flags),
                 "internal_date": message.internal_date.isoformat() if message.internal_date else None,
-                "date_source": date_source,
+                "date_source": message.date_source,
                 "fetched_at": fetched_at,
                 "location": location,
             }

@@ -77,10 +77,13 @@ def print_summary(summary: Summary) -> None:
     click.echo(
         f"{summary.new} new messages ({human_bytes(summary.bytes)}) from {len(summary.folders)} folders "
         f"in {summary.elapsed:.1f} s; {info['flags_updated']} flag updates, {info['gone']} gone from the server"
+        + (f", {info['deleted']} deleted from the server" if info["deleted"] else "")
     )
     for report in summary.folders:
         if report.skipped:
             click.echo(f"skipped {report.name}: {report.skipped}")
+        for note in report.notes:
+            click.echo(f"note: {note}")
         if report.adopted:
             click.echo(f"{report.name}: {report.adopted} messages recognised by SHA-256, not stored again")
     for folder, item in summary.failed:
@@ -113,7 +116,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mailbackup")
 def main() -> None:
-    """Faithful, incremental backups of IMAP mailboxes."""
+    """Faithful, incremental backups of IMAP and POP3 mailboxes."""
 
 
 @main.command("backup")
@@ -126,6 +129,9 @@ def main() -> None:
 @click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM) for the server's certificate.")
 @click.option("--no-tls", is_flag=True, help="Allow cleartext on imap:// (no STARTTLS). Unsafe.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Network read timeout, seconds.")
+@click.option("--into", metavar="NAME", help="POP3: archive folder for the maildrop (default INBOX).")
+@click.option("--delete", is_flag=True, help="POP3: delete from the server what is safely archived.")
+@click.option("--delete-older-than", type=float, metavar="DAYS", help="POP3: delete archived messages first downloaded DAYS ago or more.")
 @click.option("--batch-messages", type=click.IntRange(1, 10000), default=200, hidden=True)
 @click.option("--json", "json_output", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
@@ -140,19 +146,34 @@ def backup_command(
     ca_file: str | None,
     no_tls: bool,
     timeout: float,
+    into: str | None,
+    delete: bool,
+    delete_older_than: float | None,
     batch_messages: int,
     json_output: bool,
     verbose: int,
     quiet: bool,
 ) -> None:
-    """Back up SOURCE (imaps://user@host or imap://user@host) into ARCHIVE.
+    """Back up SOURCE into ARCHIVE.
+
+    SOURCE is imaps://user@host or imap://user@host (STARTTLS required), or
+    pop3s://user@host or pop3://user@host (STLS required) for a POP3 maildrop,
+    which is left on the server unless --delete or --delete-older-than says otherwise.
 
     ARCHIVE is maildir:DIR, mbox:DIR, a path ending in .sqlite or .db, or a
     SQLAlchemy URL such as postgresql://user@host/db.
     """
     setup_logging(verbose, quiet)
     options = BackupOptions(
-        include=include, exclude=exclude, no_tls=no_tls, ca_file=ca_file, timeout=timeout, batch_messages=batch_messages
+        include=include,
+        exclude=exclude,
+        no_tls=no_tls,
+        ca_file=ca_file,
+        timeout=timeout,
+        batch_messages=batch_messages,
+        into=into,
+        delete=delete,
+        delete_older_than=delete_older_than,
     )
     bars = Bars(enabled=not quiet and not json_output and sys.stderr.isatty())
 

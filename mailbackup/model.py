@@ -55,6 +55,7 @@ class Message:
     internal_date: datetime | None = None
     uid: int | None = None
     source_id: str | None = None  # POP3 UIDL
+    date_source: str | None = None  # POP3: which header internal_date came from
     sha256: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -104,8 +105,10 @@ class FolderReport:
     flags_updated: int = 0
     gone: int = 0
     adopted: int = 0
+    deleted: int = 0
     failed: tuple[str, ...] = ()
     skipped: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,9 +146,11 @@ class Summary:
             "bytes": self.bytes,
             "flags_updated": sum(f.flags_updated for f in self.folders),
             "gone": sum(f.gone for f in self.folders),
+            "deleted": sum(f.deleted for f in self.folders),
             "elapsed": round(self.elapsed, 3),
             "skipped": {f.name: f.skipped for f in self.folders if f.skipped},
             "failed": {f.name: list(f.failed) for f in self.folders if f.failed},
+            "notes": [note for f in self.folders for note in f.notes],
             "per_folder": [
                 {
                     "name": f.name,
@@ -154,6 +159,7 @@ class Summary:
                     "flags_updated": f.flags_updated,
                     "gone": f.gone,
                     "adopted": f.adopted,
+                    "deleted": f.deleted,
                 }
                 for f in self.folders
             ],

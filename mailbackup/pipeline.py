@@ -10,12 +10,14 @@ import fnmatch
 import time
 from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 
-from .errors import ServerError
+from .errors import ServerError, UsageError
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
-from .net import parse_url
+from .net import Endpoint, parse_url
 from .sources.imap import ImapSource
+from .sources.pop3 import Listed, Pop3Source, message_date
 from .stores import Store, open_store
 
 
@@ -38,6 +40,10 @@ class BackupOptions:
     batch_messages: int = 200
     batch_bytes: int = 16 << 20
     flag_chunk: int = 2000
+    # POP3 only
+    into: str | None = None
+    delete: bool = False
+    delete_older_than: float | None = None  # days since first download
 
 
 def wanted(folder: Folder, include: Sequence[str], exclude: Sequence[str]) -> bool:
@@ -96,6 +102,7 @@ class _Tally:
     flags_updated: int = 0
     gone: int = 0
     adopted: int = 0
+    deleted: int = 0
     failed: list[str] = field(default_factory=list)
 
     def report(self, name: str) -> FolderReport:
@@ -106,8 +113,16 @@ class _Tally:
             flags_updated=self.flags_updated,
             gone=self.gone,
             adopted=self.adopted,
+            deleted=self.deleted,
             failed=tuple(self.failed),
         )
+
+
+def commit(store: Store, archived: ArchivedFolder, uid_validity: int | None, messages: list[Message]) -> None:
+    """The one write path: bytes durable in the store first, then their catalog rows."""
+    if messages:
+        locations = store.put(archived, messages)
+        store.catalog.add(archived.id, uid_validity, list(zip(messages, locations)))
 
 
 class FolderSync:
@@ -194,12 +209,133 @@ class FolderSync:
             location = self.store.set_flags(stale.location, message.flags)
             self.catalog.rekey(stale.id, message, validity, location)
             self.tally.adopted += 1
-        if not fresh:
-            return
-        locations = self.store.put(archived, fresh)
-        self.catalog.add(archived.id, validity, list(zip(fresh, locations)))
+        commit(self.store, archived, validity, fresh)
         self.tally.new += len(fresh)
         self.tally.bytes += sum(m.size for m in fresh)
+
+
+class Pop3Sync:
+    """Copy a POP3 maildrop into one archive folder; DELE only what is committed."""
+
+    def __init__(self, source: Pop3Source, store: Store, options: BackupOptions, progress: Progress):
+        self.source = source
+        self.store = store
+        self.catalog = store.catalog
+        self.options = options
+        self.progress = progress
+        self.tally = _Tally()
+        self.notes: list[str] = []
+
+    def run(self) -> FolderReport:
+        folder = Folder(self.options.into or "INBOX", "/")
+        archived = self.catalog.ensure_folder(folder, self.store.folder_path(folder))
+        listing = self.identified(self.source.listing())
+        known = self.catalog.source_ids(archived.id)
+        on_server = {m.uidl for m in listing}
+        gone = [i for i in known if i not in on_server]
+        if gone:
+            self.catalog.mark_gone_ids(archived.id, gone)
+            self.tally.gone += len(gone)
+        new = [m for m in listing if m.uidl not in known]
+        self.progress.folder_started(folder.name, len(new), sum(m.size for m in new))
+        sizes = {m.number: m.size for m in new}
+        by_number = {m.number: m for m in new}
+        for batch in batches([m.number for m in new], sizes, self.options.batch_messages, self.options.batch_bytes):
+            messages, stored = [], []
+            for number in batch:
+                listed = by_number[number]
+                try:
+                    raw = self.source.retrieve(listed)
+                except ServerError as exc:
+                    self.tally.failed.append(f"message {number} ({listed.uidl}): {exc}")
+                    continue
+                when, how = message_date(raw)
+                messages.append(
+                    Message(raw=raw, internal_date=when or datetime.now(timezone.utc), source_id=listed.uidl, date_source=how)
+                )
+                stored.append(number)
+            commit(self.store, archived, None, messages)
+            self.tally.new += len(messages)
+            self.tally.bytes += sum(m.size for m in messages)
+            self.progress.stored(len(messages), sum(m.size for m in messages))
+            if self.options.delete or self.options.delete_older_than == 0:
+                self.delete(stored)
+        self.delete(self.old_enough([m for m in listing if m.uidl in known], known))
+        return replace(self.tally.report(folder.name), notes=tuple(self.notes))
+
+    def identified(self, listing: list[Listed]) -> list[Listed]:
+        """Give every message an id: its UIDL, or the documented fallback; drop repeated ids."""
+        if any(m.uidl is None for m in listing):
+            self.notes.append("server has no UIDL: messages are told apart by SHA-256 of their headers (TOP n 0) plus size")
+            listing = [m if m.uidl else replace(m, uidl=self.source.header_id(m)) for m in listing]
+        seen: set[str | None] = set()
+        unique = []
+        for m in listing:
+            if m.uidl not in seen:
+                seen.add(m.uidl)
+                unique.append(m)
+        return unique
+
+    def old_enough(self, archived: list[Listed], first_seen: dict[str, str]) -> list[int]:
+        """Numbers of already-archived messages that the delete options allow to go."""
+        if self.options.delete:
+            return [m.number for m in archived]
+        if self.options.delete_older_than is None:
+            return []
+        cutoff = datetime.now(timezone.utc) - timedelta(days=self.options.delete_older_than)
+        return [m.number for m in archived if datetime.fromisoformat(first_seen[m.uidl or ""]) <= cutoff]
+
+    def delete(self, numbers: list[int]) -> None:
+        for number in numbers:
+            self.source.delete(number)
+        self.tally.deleted += len(numbers)
+
+
+def backup_imap(endpoint: Endpoint, store: Store, password: str, options: BackupOptions, progress: Progress) -> list[FolderReport]:
+    reports: list[FolderReport] = []
+    source = ImapSource.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout)
+    try:
+        chosen = [f for f in source.folders() if wanted(f, options.include, options.exclude)]
+        progress.plan(len(chosen))
+        for folder in chosen:
+            if not folder.selectable:
+                report = FolderReport(name=folder.name, skipped="not selectable")
+            else:
+                try:
+                    report = FolderSync(source, store, folder, options, progress).run()
+                except ServerError as exc:
+                    report = FolderReport(name=folder.name, failed=(str(exc),))
+            reports.append(report)
+            progress.folder_done(report)
+    finally:
+        source.close()
+    return reports
+
+
+def backup_pop3(endpoint: Endpoint, store: Store, password: str, options: BackupOptions, progress: Progress) -> list[FolderReport]:
+    source = Pop3Source.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout)
+    finished = False
+    try:
+        progress.plan(1)
+        report = Pop3Sync(source, store, options, progress).run()
+        progress.folder_done(report)
+        finished = True
+    finally:
+        # QUIT is what makes DELE happen: after any failure, hang up instead.
+        source.close(commit=finished)
+    return [report]
+
+
+def check_options(endpoint: Endpoint, options: BackupOptions) -> None:
+    pop3 = endpoint.scheme.startswith("pop3")
+    if not pop3 and (options.into or options.delete or options.delete_older_than is not None):
+        raise UsageError("--into, --delete and --delete-older-than are for POP3 sources")
+    if pop3 and (options.include or options.exclude):
+        raise UsageError("--folder and --exclude are for IMAP sources; POP3 has one maildrop (see --into)")
+    if options.delete and options.delete_older_than is not None:
+        raise UsageError("give --delete or --delete-older-than, not both")
+    if options.delete_older_than is not None and options.delete_older_than < 0:
+        raise UsageError("--delete-older-than needs a number of days >= 0")
 
 
 def backup(
@@ -210,30 +346,15 @@ def backup(
     options: BackupOptions = BackupOptions(),
     progress: Progress | None = None,
 ) -> Summary:
-    """Back up every wanted folder of an IMAP account into the archive."""
+    """Back up an IMAP account (every wanted folder) or a POP3 maildrop into the archive."""
     progress = progress or Progress()
     started = time.monotonic()
-    endpoint = parse_url(source_url, no_tls=options.no_tls)
+    endpoint = parse_url(source_url, no_tls=options.no_tls, schemes=("imap", "imaps", "pop3", "pop3s"))
+    check_options(endpoint, options)
     store = open_store(archive)
-    reports: list[FolderReport] = []
     try:
-        source = ImapSource.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout)
-        try:
-            folders = source.folders()
-            chosen = [f for f in folders if wanted(f, options.include, options.exclude)]
-            progress.plan(len(chosen))
-            for folder in chosen:
-                if not folder.selectable:
-                    report = FolderReport(name=folder.name, skipped="not selectable")
-                else:
-                    try:
-                        report = FolderSync(source, store, folder, options, progress).run()
-                    except ServerError as exc:
-                        report = FolderReport(name=folder.name, failed=(str(exc),))
-                reports.append(report)
-                progress.folder_done(report)
-        finally:
-            source.close()
+        run = backup_pop3 if endpoint.scheme.startswith("pop3") else backup_imap
+        reports = run(endpoint, store, password, options, progress)
     finally:
         store.close()
     return Summary(str(endpoint), store.url, tuple(reports), time.monotonic() - started)
