@@ -9,6 +9,7 @@ lets Dovecot index them once, then times in the same run, against the same
 account, each contender writing into a fresh directory under --dir:
 
   ref-A     imaplib, per folder one UID FETCH 1:* BODY.PEEK[], one file per message
+  ref-A2    the same, streamed literal by literal (informational)
   mbsync    isync pulling into a Maildir (its default: fsync per message)
   maildir / mbox / sqlite   ``mailbackup backup`` into that store
   maildir-incr              a second ``mailbackup backup`` into the maildir (nothing new)
@@ -47,6 +48,7 @@ from tests.servers.dovecot import Account, Dovecot  # noqa: E402
 import imap_fetch_files  # noqa: E402
 
 TIME = "/usr/bin/time"
+REF_A = "ref-A imaplib files"
 FOLDERS = [  # (name, share of the messages)
     ("INBOX", 0.45),
     ("Sent", 0.15),
@@ -319,12 +321,13 @@ class Bench:
             r.messages = json.loads(proc.stdout)["messages"]
         return self.record(r, n)
 
-    def ref_a(self, account: Account, n: int) -> Result:
+    def ref_a(self, account: Account, n: int, stock: bool = True) -> Result:
         out = self.fresh("ref-a")
         env = {**os.environ, "IMAP_PASSWORD": account.password}
         seconds, rss, proc = timed([sys.executable, str(HERE / "imap_fetch_files.py"), "127.0.0.1",
-                                    str(self.server.imap_port), account.user, str(out)], env)
-        r = Result("ref-A imaplib files", seconds, peak_rss_mb=rss)
+                                    str(self.server.imap_port), account.user, str(out),
+                                    *(["--stock"] if stock else [])], env)
+        r = Result(REF_A if stock else "ref-A2 imaplib streamed", seconds, peak_rss_mb=rss)
         if proc.returncode != 0:
             r.ok, r.error = False, proc.stderr.decode(errors="replace").strip()[-2000:]
         else:
@@ -388,7 +391,8 @@ class Bench:
 
     def contenders(self, account: Account, n: int) -> None:
         self.discard(account, n)
-        self.ref_a(account, n)
+        self.ref_a(account, n, stock=True)
+        self.ref_a(account, n, stock=False)
         self.mbsync(account, n)
         for store in self.args.stores:
             out = self.fresh(store)
@@ -440,7 +444,7 @@ class Bench:
                     or r.name == "maildir-incr"), default=None)
         ratios = {
             "maildir_vs_mbsync": ratio("maildir", "ref-B mbsync (fsync)"),
-            "maildir_vs_ref_a": ratio("maildir", "ref-A imaplib files"),
+            "maildir_vs_ref_a": ratio("maildir", REF_A),
             "sqlite_vs_mbsync": ratio("sqlite", "ref-B mbsync (fsync)"),
             "mailbackup_peak_rss_mb": round(peak, 1) if peak is not None else None,
         }

@@ -4,7 +4,12 @@ Per folder: EXAMINE, one ``UID FETCH 1:* (BODY.PEEK[])``, each message written t
 its own file (no fsync), streamed literal by literal so memory stays flat.
 
     IMAP_PASSWORD=... python benchmarks/imap_fetch_files.py HOST PORT USER OUTDIR
+    IMAP_PASSWORD=... python benchmarks/imap_fetch_files.py HOST PORT USER OUTDIR --stock
     IMAP_PASSWORD=... python benchmarks/imap_fetch_files.py HOST PORT USER --discard [ITEMS]
+
+--stock uses imaplib's own ``uid("FETCH", "1:*", "(BODY.PEEK[])")``, which holds a
+folder's whole response in memory before the files are written (the reference A of
+the targets); without it the response is streamed literal by literal.
 
 Prints one JSON line: {"messages": N, "bytes": B, "folders": F}.
 """
@@ -85,8 +90,31 @@ def fetch_folder(imap: imaplib.IMAP4, folder: bytes, outdir: str | None,
     return count, size
 
 
+def fetch_folder_stock(imap: imaplib.IMAP4, folder: bytes, outdir: str) -> tuple[int, int]:
+    """Plain imaplib: ``imap.uid("FETCH", "1:*", ...)`` buffers the folder's whole response."""
+    quoted = b'"' + folder.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    status, data = imap.select(quoted.decode("ascii"), readonly=True)
+    if status != "OK":
+        raise RuntimeError(f"EXAMINE {folder!r} failed: {data!r}")
+    if int(data[0]) == 0:
+        return 0, 0
+    status, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[])")
+    if status != "OK":
+        raise RuntimeError(f"FETCH failed: {data!r}")
+    count = size = 0
+    for item in data:
+        if isinstance(item, tuple):
+            uid = re.search(rb"UID (\d+)", item[0])
+            name = uid.group(1).decode() if uid else str(count + 1)
+            with open(os.path.join(outdir, name), "wb") as handle:
+                handle.write(item[1])
+            count += 1
+            size += len(item[1])
+    return count, size
+
+
 def run(host: str, port: int, user: str, password: str, outdir: str | None,
-        items: str = "BODY.PEEK[]") -> dict[str, int]:
+        items: str = "BODY.PEEK[]", stock: bool = False) -> dict[str, int]:
     imap = imaplib.IMAP4(host, port)
     imap.login(user, password)
     total = total_bytes = 0
@@ -98,7 +126,10 @@ def run(host: str, port: int, user: str, password: str, outdir: str | None,
             os.makedirs(target)
             with open(os.path.join(target, ".name"), "wb") as handle:
                 handle.write(folder)
-        count, size = fetch_folder(imap, folder, target, items)
+        if stock and target is not None:
+            count, size = fetch_folder_stock(imap, folder, target)
+        else:
+            count, size = fetch_folder(imap, folder, target, items)
         total += count
         total_bytes += size
     imap.logout()
@@ -115,7 +146,7 @@ def main(argv: list[str]) -> int:
         items = argv[4] if len(argv) > 4 else "BODY.PEEK[]"
         result = run(host, port, user, password, None, items)
     else:
-        result = run(host, port, user, password, out)
+        result = run(host, port, user, password, out, stock="--stock" in argv[4:])
     print(json.dumps(result))
     return 0
 
