@@ -228,7 +228,7 @@ class Catalog:
             messages.c.gone_at.is_(None),
         )
         with self.engine.connect() as conn:
-            return dict(conn.execute(query).tuples().all())
+            return {row[0]: row[1] for row in conn.execute(query)}
 
     def mark_gone_ids(self, folder_id: int, source_ids: Sequence[str]) -> None:
         when = now_iso()

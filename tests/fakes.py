@@ -133,3 +133,61 @@ def expand(uid_set: str, last: int) -> list[int]:
         end = start if not high else (last if high == "*" else int(high))
         out.extend(u for u in range(min(start, end), max(start, end) + 1) if 1 <= u <= last)
     return out
+
+
+@dataclass
+class FakePop3:
+    """A POP3 maildrop with a chosen capability list (no UIDL, no STLS, ...)."""
+
+    messages: list[bytes]
+    capabilities: tuple[str, ...] = ("USER", "TOP")
+    commands: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> FakePop3:
+        fake = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                fake.serve(self.rfile, self.wfile)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def url(self, user: str = "alice") -> str:
+        return f"pop3://{user}@127.0.0.1:{self.port}"
+
+    def serve(self, rfile, wfile) -> None:  # type: ignore[no-untyped-def]
+        wfile.write(b"+OK fake pop3\r\n")
+        while True:
+            line = rfile.readline()
+            if not line:
+                return
+            words = line.decode().split()
+            command = words[0].upper() if words else ""
+            self.commands.append(command)
+            if command == "CAPA":
+                wfile.write(b"+OK\r\n" + b"".join(c.encode() + b"\r\n" for c in self.capabilities) + b".\r\n")
+            elif command in ("USER", "PASS", "NOOP", "DELE", "RSET"):
+                wfile.write(b"+OK\r\n")
+            elif command == "LIST":
+                wfile.write(b"+OK\r\n" + b"".join(b"%d %d\r\n" % (i + 1, len(m)) for i, m in enumerate(self.messages)) + b".\r\n")
+            elif command == "UIDL" and "UIDL" in self.capabilities:
+                wfile.write(b"+OK\r\n" + b"".join(b"%d id%d\r\n" % (i + 1, i) for i in range(len(self.messages))) + b".\r\n")
+            elif command in ("RETR", "TOP"):
+                raw = self.messages[int(words[1]) - 1]
+                if command == "TOP":
+                    raw = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+                stuffed = re.sub(rb"(?m)^\.", b"..", raw)
+                wfile.write(b"+OK\r\n" + stuffed + (b"" if stuffed.endswith(b"\n") else b"\r\n") + b".\r\n")
+            elif command == "QUIT":
+                wfile.write(b"+OK bye\r\n")
+                return
+            else:
+                wfile.write(b"-ERR unknown\r\n")
