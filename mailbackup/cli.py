@@ -43,7 +43,7 @@ class Bars(Progress):
         self.total_messages = tqdm(desc="all folders", unit="msg", position=0, dynamic_ncols=True)
         self.total_bytes = tqdm(desc="all folders", unit="B", unit_scale=True, position=1, dynamic_ncols=True)
 
-    def folder_started(self, name: str, messages: int, size: int) -> None:
+    def folder_started(self, name: str, messages: int, size: int | None) -> None:
         if not self.enabled:
             return
         self.folder_messages = tqdm(total=messages, desc=name[:30], unit="msg", position=2, leave=False)

@@ -21,11 +21,14 @@ from .sources.pop3 import Listed, Pop3Source, message_date
 from .stores import Store, open_store
 
 
+SIZE_SLICE = 5000
+
+
 class Progress:
     """Receives progress; the CLI draws bars from it. Every method is optional."""
 
     def plan(self, folders: int) -> None: ...
-    def folder_started(self, name: str, messages: int, size: int) -> None: ...
+    def folder_started(self, name: str, messages: int, size: int | None) -> None: ...
     def stored(self, messages: int, size: int) -> None: ...
     def folder_done(self, report: FolderReport) -> None: ...
 
@@ -182,22 +185,24 @@ class FolderSync:
         self.tally.flags_updated += len(changes)
 
     def fetch_new(self, archived: ArchivedFolder, validity: int, new: Sequence[int], rescan: bool) -> None:
-        if not new:
-            return
-        sizes: dict[int, int] = {}
-        for part in chunks(new, 5000):
-            sizes.update(self.source.sizes(part))
-        self.progress.folder_started(self.folder.name, len(new), sum(sizes.values()))
-        for batch in batches(new, sizes, self.options.batch_messages, self.options.batch_bytes):
-            try:
-                messages, missing = self.source.fetch(batch)
-            except ServerError as exc:
-                self.tally.failed.extend(f"UID {uid}: {exc}" for uid in batch)
-                continue
-            # No body for a UID that was listed: expunged meanwhile, or the server refused it.
-            self.tally.failed.extend(f"UID {uid}: server sent no body" for uid in missing if uid in sizes)
-            self.store_batch(archived, validity, messages, rescan)
-            self.progress.stored(len(messages), sum(m.size for m in messages))
+        # Sizes are asked for a slice at a time, so memory stays flat however big the folder.
+        for start in range(0, len(new), SIZE_SLICE):
+            part = new[start : start + SIZE_SLICE]
+            sizes = self.source.sizes(part)
+            if start == 0:
+                whole = len(part) == len(new)
+                self.progress.folder_started(self.folder.name, len(new), sum(sizes.values()) if whole else None)
+            # A UID without a size was expunged since SEARCH: nothing to back up.
+            present = [uid for uid in part if uid in sizes]
+            for batch in batches(present, sizes, self.options.batch_messages, self.options.batch_bytes):
+                try:
+                    messages, missing = self.source.fetch(batch)
+                except ServerError as exc:
+                    self.tally.failed.extend(f"UID {uid}: {exc}" for uid in batch)
+                    continue
+                self.tally.failed.extend(f"UID {uid}: server sent no body" for uid in missing)
+                self.store_batch(archived, validity, messages, rescan)
+                self.progress.stored(len(messages), sum(m.size for m in messages))
 
     def store_batch(self, archived: ArchivedFolder, validity: int, messages: list[Message], rescan: bool) -> None:
         fresh = []
