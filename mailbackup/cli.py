@@ -6,13 +6,16 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 from tqdm import tqdm
 
-from .credentials import resolve_password
-from .errors import MailbackupError, UsageError
+from . import config
+from .accounts import backup_accounts
+from .credentials import resolve_password, run_command
+from .errors import ConfigError, MailbackupError, UsageError
 from .model import FolderReport, Summary
 from .pipeline import BackupOptions, Progress, archive_stats, backup
 
@@ -90,15 +93,20 @@ def print_summary(summary: Summary) -> None:
         click.echo(f"failed {folder}: {item}", err=True)
 
 
+def fail(error: MailbackupError, json_output: bool) -> NoReturn:
+    """A one-line message on stderr (and a JSON object with --json), then the error's exit code."""
+    if json_output:
+        click.echo(json.dumps({"ok": False, "error": str(error), "exit_code": error.exit_code}))
+    click.echo(f"mailbackup: error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
 def run(json_output: bool, action: Callable[[], Any]) -> Any:
     """Call the library; turn its errors into a one-line message and an exit code."""
     try:
         return action()
     except MailbackupError as exc:
-        if json_output:
-            click.echo(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
-        click.echo(f"mailbackup: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        fail(exc, json_output)
     except KeyboardInterrupt:
         click.echo("mailbackup: interrupted; rerun to finish", err=True)
         sys.exit(130)
@@ -120,41 +128,53 @@ def main() -> None:
 
 
 @main.command("backup")
-@click.argument("source")
-@click.argument("archive")
+@click.argument("source", required=False)
+@click.argument("archive", required=False)
 @click.option("--folder", "include", multiple=True, metavar="GLOB", help="Back up only matching folders (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip matching folders (repeatable).")
 @click.option("--password-file", type=click.Path(dir_okay=False), help="Read the password from this file.")
 @click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the password.")
+@click.option("--oauth2-token-command", metavar="CMD", help="Log in with OAuth2: CMD prints an access token.")
+@click.option("--oauth2-mechanism", type=click.Choice(["xoauth2", "oauthbearer"]), default="xoauth2", show_default=True)
 @click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM) for the server's certificate.")
 @click.option("--no-tls", is_flag=True, help="Allow cleartext on imap:// (no STARTTLS). Unsafe.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Network read timeout, seconds.")
 @click.option("--into", metavar="NAME", help="POP3: archive folder for the maildrop (default INBOX).")
 @click.option("--delete", is_flag=True, help="POP3: delete from the server what is safely archived.")
 @click.option("--delete-older-than", type=float, metavar="DAYS", help="POP3: delete archived messages first downloaded DAYS ago or more.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Config file (default ~/.config/mailbackup/config.toml).")
+@click.option("--account", "account_names", multiple=True, metavar="NAME", help="Back up this configured account (repeatable).")
+@click.option("--all", "all_accounts", is_flag=True, help="Back up every configured account.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Accounts backed up in parallel processes.")
 @click.option("--batch-messages", type=click.IntRange(1, 10000), default=200, hidden=True)
 @click.option("--json", "json_output", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary, errors only.")
 def backup_command(
-    source: str,
-    archive: str,
+    source: str | None,
+    archive: str | None,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     password_file: str | None,
     password_command: str | None,
+    oauth2_token_command: str | None,
+    oauth2_mechanism: str,
     ca_file: str | None,
     no_tls: bool,
     timeout: float,
     into: str | None,
     delete: bool,
     delete_older_than: float | None,
+    config_path: Path | None,
+    account_names: tuple[str, ...],
+    all_accounts: bool,
+    jobs: int,
     batch_messages: int,
     json_output: bool,
     verbose: int,
     quiet: bool,
 ) -> None:
-    """Back up SOURCE into ARCHIVE.
+    """Back up SOURCE into ARCHIVE, or configured accounts with --account/--all.
 
     SOURCE is imaps://user@host or imap://user@host (STARTTLS required), or
     pop3s://user@host or pop3://user@host (STLS required) for a POP3 maildrop,
@@ -164,6 +184,13 @@ def backup_command(
     SQLAlchemy URL such as postgresql://user@host/db.
     """
     setup_logging(verbose, quiet)
+    if account_names or all_accounts:
+        if source or archive:
+            fail(UsageError("give SOURCE ARCHIVE or --account/--all, not both"), json_output)
+        backup_configured(config_path, account_names, all_accounts, jobs, json_output, quiet)
+        return
+    if not (source and archive):
+        fail(UsageError("give SOURCE and ARCHIVE, or --account NAME / --all with a config file"), json_output)
     options = BackupOptions(
         include=include,
         exclude=exclude,
@@ -174,6 +201,7 @@ def backup_command(
         into=into,
         delete=delete,
         delete_older_than=delete_older_than,
+        auth=oauth2_mechanism if oauth2_token_command else "password",
     )
     bars = Bars(enabled=not quiet and not json_output and sys.stderr.isatty())
 
@@ -183,21 +211,55 @@ def backup_command(
         return str(click.prompt(f"Password for {source}", hide_input=True, err=True))
 
     def action() -> Summary:
-        password = resolve_password(file=password_file, command=password_command, prompt=prompt)
+        if oauth2_token_command:
+            secret = run_command(oauth2_token_command, "--oauth2-token-command")
+        else:
+            secret = resolve_password(file=password_file, command=password_command, prompt=prompt)
         try:
-            return backup(source, archive, password=password, options=options, progress=bars)
+            return backup(source, archive, password=secret, options=options, progress=bars)
         finally:
             bars.close()
 
     summary: Summary = run(json_output, action)
+    show_summary(summary, json_output, quiet)
+    sys.exit(0 if summary.ok else 1)
+
+
+def show_summary(summary: Summary, json_output: bool, quiet: bool) -> None:
     if json_output:
         click.echo(json.dumps(summary.as_dict()))
     elif not quiet:
         print_summary(summary)
-    elif summary.failed:
+    else:
         for folder, item in summary.failed:
             click.echo(f"failed {folder}: {item}", err=True)
-    sys.exit(0 if summary.ok else 1)
+
+
+def backup_configured(
+    config_path: Path | None, names: tuple[str, ...], every: bool, jobs: int, json_output: bool, quiet: bool
+) -> None:
+    accounts = run(json_output, lambda: config.load(config_path))
+    unknown = [n for n in names if n not in accounts]
+    if unknown:
+        fail(ConfigError(f"no account {', '.join(unknown)} in the config (have: {', '.join(accounts)})"), json_output)
+    chosen = list(accounts.values()) if every else [accounts[n] for n in names]
+    outcomes = run(json_output, lambda: backup_accounts(chosen, jobs))
+    codes = []
+    report: dict[str, object] = {}
+    for name, outcome in outcomes.items():
+        if isinstance(outcome, MailbackupError):
+            codes.append(outcome.exit_code)
+            report[name] = {"ok": False, "error": str(outcome), "exit_code": outcome.exit_code}
+            click.echo(f"mailbackup: {name}: error: {outcome}", err=True)
+            continue
+        codes.append(0 if outcome.ok else 1)
+        report[name] = outcome.as_dict()
+        if not json_output and not quiet:
+            click.echo(f"[{name}] ", nl=False)
+            print_summary(outcome)
+    if json_output:
+        click.echo(json.dumps({"ok": not any(codes), "accounts": report}))
+    sys.exit(max(codes, default=0))
 
 
 @main.command("ls")

@@ -53,5 +53,15 @@ class DiskFullError(StoreError):
     """The archive's disk is full (ENOSPC); free space and rerun."""
 
 
+class ArchiveLocked(MailbackupError):
+    """Another mailbackup run is writing this archive."""
+
+    exit_code = 4
+
+
 class ArchiveCorrupt(StoreError):
     """A stored message does not match its recorded SHA-256."""
+
+
+class VerifyFailed(MailbackupError):
+    """The archive does not match its catalog or the server; see the list above."""

@@ -39,6 +39,7 @@ class BackupOptions:
     exclude: tuple[str, ...] = ()
     no_tls: bool = False
     ca_file: str | None = None
+    auth: str = "password"  # or "xoauth2" / "oauthbearer": the secret is then an access token
     timeout: float = 120.0
     batch_messages: int = 200
     batch_bytes: int = 16 << 20
@@ -298,7 +299,7 @@ class Pop3Sync:
 
 def backup_imap(endpoint: Endpoint, store: Store, password: str, options: BackupOptions, progress: Progress) -> list[FolderReport]:
     reports: list[FolderReport] = []
-    source = ImapSource.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout)
+    source = ImapSource.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
     try:
         chosen = [f for f in source.folders() if wanted(f, options.include, options.exclude)]
         progress.plan(len(chosen))
@@ -318,7 +319,7 @@ def backup_imap(endpoint: Endpoint, store: Store, password: str, options: Backup
 
 
 def backup_pop3(endpoint: Endpoint, store: Store, password: str, options: BackupOptions, progress: Progress) -> list[FolderReport]:
-    source = Pop3Source.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout)
+    source = Pop3Source.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
     finished = False
     try:
         progress.plan(1)
@@ -359,7 +360,8 @@ def backup(
     store = open_store(archive)
     try:
         run = backup_pop3 if endpoint.scheme.startswith("pop3") else backup_imap
-        reports = run(endpoint, store, password, options, progress)
+        with store.lock():
+            reports = run(endpoint, store, password, options, progress)
     finally:
         store.close()
     return Summary(str(endpoint), store.url, tuple(reports), time.monotonic() - started)

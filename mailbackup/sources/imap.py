@@ -87,6 +87,18 @@ def parse_fetch(lines: list[object]) -> dict[int, dict[bytes, object]]:
     return out
 
 
+def login(client: imapclient.IMAPClient, endpoint: Endpoint, secret: str, auth: str) -> None:
+    """LOGIN with a password, or SASL XOAUTH2/OAUTHBEARER with an access token."""
+    if auth == "password":
+        client.login(endpoint.user, secret)
+    elif auth == "xoauth2":
+        client.oauth2_login(endpoint.user, secret, mech="XOAUTH2")
+    elif auth == "oauthbearer":
+        client.oauthbearer_login(endpoint.user, secret)
+    else:
+        raise ValueError(f"unknown auth {auth!r}")
+
+
 def lost(exc: BaseException) -> ConnectionLost:
     return ConnectionLost(f"connection to the IMAP server lost: {exc}; rerun to finish")
 
@@ -103,7 +115,13 @@ class ImapSource:
 
     @classmethod
     def connect(
-        cls, endpoint: Endpoint, password: str, *, ca_file: str | None = None, timeout: float = 120.0
+        cls,
+        endpoint: Endpoint,
+        password: str,
+        *,
+        ca_file: str | None = None,
+        timeout: float = 120.0,
+        auth: str = "password",
     ) -> ImapSource:
         context = tls_context(ca_file) if endpoint.tls != "none" else None
         warn_cleartext(endpoint)
@@ -125,7 +143,7 @@ class ImapSource:
                     )
                 client.starttls(context)
         try:
-            client.login(endpoint.user, password)
+            login(client, endpoint, password, auth)
         except imap_errors.LoginError as exc:
             client.shutdown()
             raise AuthError(f"login as {endpoint.user} at {endpoint.host} failed: {_text(exc)}") from exc

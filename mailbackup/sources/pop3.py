@@ -18,6 +18,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Iterator
 
+from ..credentials import oauthbearer, sasl_b64, xoauth2
 from ..errors import AuthError, ConnectionLost, ServerError, TLSError
 from ..net import Endpoint, connect_errors, tls_context, warn_cleartext
 
@@ -108,7 +109,15 @@ class Pop3Source:
         self.endpoint = endpoint
 
     @classmethod
-    def connect(cls, endpoint: Endpoint, password: str, *, ca_file: str | None = None, timeout: float = 120.0) -> Pop3Source:
+    def connect(
+        cls,
+        endpoint: Endpoint,
+        password: str,
+        *,
+        ca_file: str | None = None,
+        timeout: float = 120.0,
+        auth: str = "password",
+    ) -> Pop3Source:
         context = tls_context(ca_file) if endpoint.tls != "none" else None
         warn_cleartext(endpoint)
         with connect_errors(endpoint):
@@ -130,8 +139,7 @@ class Pop3Source:
                 conn.stls(context)
         try:
             with connect_errors(endpoint):
-                conn.user(endpoint.user)
-                conn.pass_(password)
+                login(conn, endpoint, password, auth)
         except poplib.error_proto as exc:
             conn.close()
             raise AuthError(f"login as {endpoint.user} at {endpoint.host} failed: {_reason(exc)}") from exc
@@ -178,6 +186,23 @@ class Pop3Source:
             self.conn._getresp()
             assert self.conn.file is not None
             return read_multiline(self.conn.file.readline, 2 * size + (1 << 20))
+
+
+def login(conn: poplib.POP3, endpoint: Endpoint, secret: str, auth: str) -> None:
+    """USER/PASS, or AUTH XOAUTH2/OAUTHBEARER (RFC 5034) with an access token."""
+    if auth == "password":
+        conn.user(endpoint.user)
+        conn.pass_(secret)
+        return
+    if auth == "xoauth2":
+        response = xoauth2(endpoint.user, secret)
+    elif auth == "oauthbearer":
+        response = oauthbearer(endpoint.user, secret, endpoint.host, endpoint.port)
+    else:
+        raise ValueError(f"unknown auth {auth!r}")
+    reply = conn._shortcmd(f"AUTH {auth.upper()} {sasl_b64(response)}")
+    if reply.startswith(b"+ "):  # a SASL error challenge: answer empty to get the final -ERR
+        conn._shortcmd("")
 
 
 def _reason(exc: poplib.error_proto) -> str:

@@ -6,6 +6,7 @@ Adding a store means adding one module with a class that fits `Store`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from ..catalog import Catalog
@@ -29,6 +30,9 @@ class Store(Protocol):
 
     def set_flags(self, location: str, flags: tuple[str, ...]) -> str:
         """Show new flags in the store where the format can; return the new location."""
+
+    def lock(self) -> AbstractContextManager[None]:
+        """Exclusive for one writing run; raises ArchiveLocked at once when taken."""
 
     def close(self) -> None: ...
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..catalog import Catalog, create_engine
-from ..errors import DiskFullError, StoreError, UsageError
+from ..errors import ArchiveLocked, DiskFullError, StoreError, UsageError
 from ..model import Folder
 
 CHUNK = 1 << 20
@@ -120,6 +121,21 @@ def store_errors(where: Path | str) -> Iterator[None]:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(f"disk full while writing {where}; free space and rerun") from exc
         raise StoreError(f"cannot write {where}: {exc.strerror or exc}") from exc
+
+
+@contextmanager
+def file_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on path; refuse at once if another process holds it."""
+    with store_errors(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArchiveLocked(f"another mailbackup run is writing {what}; try again when it ends") from None
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def open_catalog(root: Path, kind: str, create: bool) -> Catalog:

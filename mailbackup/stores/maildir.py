@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..errors import StoreError
 from ..model import ArchivedFolder, Folder, Message
 from .files import (
+    CATALOG_DIR,
+    file_lock,
     crlf_foldable,
     fsync_path,
     line_chunks,
@@ -118,6 +121,9 @@ class MaildirStore:
             with store_errors(path):
                 os.rename(path, new_path)
         return new_location
+
+    def lock(self) -> AbstractContextManager[None]:
+        return file_lock(self.root / CATALOG_DIR / "lock", self.url)
 
     def close(self) -> None:
         self.catalog.close()

@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..errors import StoreError
 from ..model import ArchivedFolder, Folder, Message
 from .files import (
+    CATALOG_DIR,
+    file_lock,
     crlf_foldable,
     line_chunks,
     make_dirs,
@@ -105,6 +108,9 @@ class MboxStore:
 
     def set_flags(self, location: str, flags: tuple[str, ...]) -> str:
         return location  # mbox bytes never change; flags live in the catalog
+
+    def lock(self) -> AbstractContextManager[None]:
+        return file_lock(self.root / CATALOG_DIR / "lock", self.url)
 
     def close(self) -> None:
         self.catalog.close()

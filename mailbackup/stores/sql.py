@@ -5,15 +5,19 @@ A message that sits in three folders is one blob and three catalog entries.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..catalog import Catalog, create_engine
-from ..errors import StoreError
+from ..errors import ArchiveLocked, StoreError
 from ..model import ArchivedFolder, Folder, Message
+from .files import file_lock
+
+LOCK_KEY = 0x6D61696C6261636B  # "mailback": one advisory lock per database
 
 blob_metadata = sa.MetaData()
 blobs = sa.Table(
@@ -73,6 +77,22 @@ class SqlStore:
 
     def set_flags(self, location: str, flags: tuple[str, ...]) -> str:
         return location
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        engine = self.catalog.engine
+        if engine.dialect.name == "sqlite":
+            with file_lock(Path(f"{engine.url.database}.lock"), self.url):
+                yield
+            return
+        # Elsewhere a session-level advisory lock, held by one connection for the run.
+        with engine.connect() as conn:
+            if not conn.scalar(sa.select(sa.func.pg_try_advisory_lock(LOCK_KEY))):
+                raise ArchiveLocked(f"another mailbackup run is writing {engine.url.render_as_string()}")
+            try:
+                yield
+            finally:
+                conn.scalar(sa.select(sa.func.pg_advisory_unlock(LOCK_KEY)))
 
     def close(self) -> None:
         self.catalog.close()

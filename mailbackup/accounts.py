@@ -1,0 +1,49 @@
+"""Run the backups of several configured accounts, one after another or in parallel processes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+from .config import Account
+from .errors import MailbackupError
+from .model import Summary
+from .pipeline import BackupOptions, Progress, backup
+
+Outcome = Summary | MailbackupError
+
+
+def options_for(account: Account) -> BackupOptions:
+    return BackupOptions(
+        include=account.folders,
+        exclude=account.exclude,
+        no_tls=account.no_tls,
+        ca_file=account.ca_file,
+        timeout=account.timeout,
+        auth=account.auth,
+        into=account.into,
+        delete=account.delete,
+        delete_older_than=account.delete_older_than,
+    )
+
+
+def backup_account(account: Account, progress: Progress | None = None) -> Summary:
+    return backup(
+        account.source, account.archive, password=account.credential(), options=options_for(account), progress=progress
+    )
+
+
+def _outcome(account: Account) -> Outcome:
+    try:
+        return backup_account(account)
+    except MailbackupError as exc:
+        return exc
+
+
+def backup_accounts(accounts: Sequence[Account], jobs: int = 1) -> dict[str, Outcome]:
+    """Each account's summary, or the error that stopped it; one failure never stops the others."""
+    if jobs <= 1 or len(accounts) <= 1:
+        return {a.name: _outcome(a) for a in accounts}
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        outcomes = list(pool.map(_outcome, accounts))
+    return {a.name: o for a, o in zip(accounts, outcomes)}
