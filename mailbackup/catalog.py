@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -386,3 +387,71 @@ class Catalog:
             location=row.location,
             gone=row.gone_at is not None,
         )
+
+    # reading and converting archives (verify, search, show, export)
+
+    def entry(self, entry_id: int) -> Entry | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(messages).where(messages.c.id == entry_id)).first()
+        return self._entry(row) if row else None
+
+    def entries_with_sha256_prefix(self, prefix: str, limit: int = 50) -> list[Entry]:
+        query = (
+            sa.select(messages)
+            .where(messages.c.sha256 >= prefix, messages.c.sha256 < prefix + "g")  # hex digits sort below 'g'
+            .order_by(messages.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [self._entry(r) for r in conn.execute(query)]
+
+    def has_location_prefix(self, folder_id: int, prefix: str) -> bool:
+        """True if an entry's location starts with prefix (an index range, not a scan)."""
+        query = sa.select(messages.c.id).where(
+            messages.c.folder_id == folder_id,
+            messages.c.location >= prefix,
+            messages.c.location < prefix + "\U0010ffff",
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
+    def locations(self, folder_id: int) -> Iterator[str]:
+        """Every location in a folder, ascending, streamed."""
+        query = sa.select(messages.c.location).where(messages.c.folder_id == folder_id).order_by(messages.c.location)
+        with self.engine.connect() as conn:
+            yield from conn.execution_options(yield_per=1000).execute(query).scalars()
+
+    def records(self, folder_id: int) -> Iterator[EntryRecord]:
+        """Every entry of a folder with all its metadata, streamed in id order."""
+        query = sa.select(messages).where(messages.c.folder_id == folder_id).order_by(messages.c.id)
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(yield_per=500).execute(query):
+                yield EntryRecord(**{name: getattr(row, name) for name in EntryRecord.__dataclass_fields__})
+
+    def import_records(self, folder_id: int, stored: Sequence[tuple[EntryRecord, str]]) -> None:
+        """Record entries copied from another archive, metadata as it was, in one transaction."""
+        if not stored:
+            return
+        rows = [{**asdict(record), "folder_id": folder_id, "location": location} for record, location in stored]
+        for row in rows:
+            del row["id"]
+        with self.engine.begin() as conn:
+            conn.execute(messages.insert(), rows)
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    """A catalog entry with every stored column, as export copies it."""
+
+    id: int
+    uid: int | None
+    uid_validity: int | None
+    source_id: str | None
+    sha256: str
+    size: int
+    flags: str
+    internal_date: str | None
+    date_source: str | None
+    fetched_at: str
+    location: str
+    gone_at: str | None

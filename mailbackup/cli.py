@@ -277,3 +277,81 @@ def ls_command(archive: str, json_output: bool) -> None:
     for folder, count, size, gone in rows:
         click.echo(f"{folder.name:<{width}}  {count:>8}  {human_bytes(size):>9}  {gone:>5}")
     click.echo(f"{'total':<{width}}  {sum(r[1] for r in rows):>8}  {human_bytes(sum(r[2] for r in rows)):>9}  {sum(r[3] for r in rows):>5}")
+
+
+# verify, search, reindex, show, export (issue 5)
+
+
+@main.command("verify")
+@click.argument("archive")
+@click.option("--against", "source", metavar="SOURCE", help="Also compare with the live IMAP server (imaps://user@host).")
+@click.option("--sample", type=click.FloatRange(0, 100, min_open=True), default=100.0, show_default=True, metavar="PERCENT",
+              help="With --against: compare the bytes of this share of the messages.")
+@click.option("--folder", "include", multiple=True, metavar="GLOB", help="With --against: only matching folders (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="With --against: skip matching folders (repeatable).")
+@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the password from this file.")
+@click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the password.")
+@click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM) for the server's certificate.")
+@click.option("--no-tls", is_flag=True, help="Allow cleartext on imap:// (no STARTTLS). Unsafe.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Network read timeout, seconds.")
+@click.option("--json", "json_output", is_flag=True, help="One JSON object per problem, then a summary object.")
+@click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only the problems, no summary.")
+def verify_command(
+    archive: str,
+    source: str | None,
+    sample: float,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    password_file: str | None,
+    password_command: str | None,
+    ca_file: str | None,
+    no_tls: bool,
+    timeout: float,
+    json_output: bool,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Re-hash every message in ARCHIVE against its catalog; list missing, corrupted and unrecorded ones.
+
+    With --against SOURCE, also compare each folder with the server: UIDVALIDITY,
+    UIDs both ways, and the SHA-256 of every message (or of a --sample). Exit code 1
+    when anything differs.
+    """
+    from .errors import VerifyFailed
+    from .verify import AgainstOptions, Problem, VerifySummary, verify
+
+    setup_logging(verbose, quiet)
+
+    def report(problem: Problem) -> None:
+        if json_output:
+            click.echo(json.dumps(problem.as_dict()))
+        else:
+            where = f"{problem.folder}: " if problem.folder else ""
+            ident = f" [id {problem.entry_id}]" if problem.entry_id is not None else ""
+            click.echo(f"{problem.kind:<13} {where}{problem.detail}{ident}")
+
+    def action() -> VerifySummary:
+        against = None
+        if source:
+            def prompt() -> str:
+                if not sys.stdin.isatty():
+                    raise UsageError("no password: use --password-file, --password-command or MAILBACKUP_PASSWORD")
+                return str(click.prompt(f"Password for {source}", hide_input=True, err=True))
+
+            password = resolve_password(file=password_file, command=password_command, prompt=prompt)
+            against = AgainstOptions(source, password, sample, include, exclude, no_tls, ca_file, timeout)
+        elif include or exclude or sample != 100.0:
+            raise UsageError("--sample, --folder and --exclude go with --against SOURCE")
+        return verify(archive, report=report, against=against)
+
+    summary: VerifySummary = run(json_output, action)
+    if json_output:
+        click.echo(json.dumps(summary.as_dict()))
+    elif not quiet:
+        compared = f", {summary.compared} compared with the server" if source else ""
+        click.echo(f"{summary.checked} messages ({human_bytes(summary.bytes)}) re-hashed{compared} in {summary.elapsed:.1f} s")
+    if not summary.ok:
+        counts = ", ".join(f"{count} {kind}" for kind, count in sorted(summary.problems.items()))
+        click.echo(f"mailbackup: error: {VerifyFailed(f'verify found problems: {counts}')}", err=True)
+        sys.exit(VerifyFailed.exit_code)

@@ -1,0 +1,325 @@
+"""Verification: every stored message re-hashes to its catalog SHA-256, nothing unrecorded
+lies in the store, and (optionally) the archive agrees with the live IMAP server.
+
+Problems are handed to a callback as they are found, so memory stays flat however
+many messages (or problems) the archive holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import time
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from .catalog import Catalog, messages
+from .errors import StoreError, UsageError
+from .model import ArchivedFolder, Entry, Folder
+from .net import parse_url
+from .pipeline import batches, diff_sorted, wanted
+from .sources.imap import ImapSource
+from .stores import Store, open_store
+from .stores.files import CATALOG_DIR
+from .stores.maildir import MaildirStore
+from .stores.mbox import MboxStore, parse_location
+from .stores.sql import SqlStore, blobs
+
+# Problem kinds, stable for --json.
+MISSING = "missing"  # the catalog has an entry whose bytes are not in the store
+CORRUPT = "corrupt"  # the stored bytes do not hash to the catalog's SHA-256
+UNRECORDED = "unrecorded"  # bytes in the store the catalog does not know
+NOT_ARCHIVED = "not-archived"  # on the server, not in the archive
+NOT_ON_SERVER = "not-on-server"  # live in the archive, gone from the server
+DIFFERS = "differs"  # the server's bytes hash differently from the archive's
+UID_VALIDITY = "uidvalidity"  # the server folder was reset since the last backup
+
+_FROM_LINE = re.compile(rb"From [^\n]*\n")
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    folder: str | None
+    detail: str
+    entry_id: int | None = None
+    uid: int | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"problem": self.kind, "folder": self.folder, "detail": self.detail, "id": self.entry_id, "uid": self.uid}
+
+
+@dataclass(frozen=True)
+class VerifySummary:
+    archive: str
+    checked: int  # stored messages re-hashed
+    bytes: int
+    compared: int  # server messages whose bytes were compared (with --against)
+    problems: dict[str, int] = field(default_factory=dict)  # kind -> count
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "archive": self.archive,
+            "ok": self.ok,
+            "checked": self.checked,
+            "bytes": self.bytes,
+            "compared": self.compared,
+            "problems": dict(self.problems),
+            "elapsed": round(self.elapsed, 3),
+        }
+
+
+@dataclass(frozen=True)
+class AgainstOptions:
+    """How to reach the server for --against; the same TLS options as backup."""
+
+    source: str
+    password: str
+    sample: float = 100.0  # percent of the messages present on both sides whose bytes are fetched
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    no_tls: bool = False
+    ca_file: str | None = None
+    timeout: float = 120.0
+    seed: int | None = None
+
+
+Report = Callable[[Problem], None]
+
+
+class _Counter:
+    """Counts problems by kind and passes each one on."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, problem: Problem) -> None:
+        self.counts[problem.kind] = self.counts.get(problem.kind, 0) + 1
+        self.report(problem)
+
+
+def verify(archive: str, *, report: Report = lambda problem: None, against: AgainstOptions | None = None) -> VerifySummary:
+    """Check ARCHIVE (and, with `against`, the server); every problem goes to `report`."""
+    started = time.monotonic()
+    endpoint = None
+    if against is not None:
+        endpoint = parse_url(against.source, no_tls=against.no_tls, schemes=("imap", "imaps"))
+        if not 0 < against.sample <= 100:
+            raise UsageError("--sample needs a percentage above 0 and at most 100")
+    store = open_store(archive, create=False)
+    counter = _Counter(report)
+    try:
+        folders = {f.id: f for f in store.catalog.folders()}
+        checked, size = check_stored(store, folders, counter)
+        check_unrecorded(store, list(folders.values()), counter)
+        compared = 0
+        if against is not None and endpoint is not None:
+            source = ImapSource.connect(endpoint, against.password, ca_file=against.ca_file, timeout=against.timeout)
+            try:
+                compared = compare_with_server(source, store, against, counter)
+            finally:
+                source.close()
+    finally:
+        store.close()
+    return VerifySummary(store.url, checked, size, compared, dict(counter.counts), time.monotonic() - started)
+
+
+def check_stored(store: Store, folders: dict[int, ArchivedFolder], report: Report) -> tuple[int, int]:
+    """Re-read every entry's bytes and compare their SHA-256 with the catalog's."""
+    checked = size = 0
+    for entry in store.catalog.entries():
+        name = folders[entry.folder_id].name
+        try:
+            raw = store.get(entry.location)
+        except StoreError as exc:
+            report(Problem(MISSING, name, str(exc), entry.id, entry.uid))
+            continue
+        digest = hashlib.sha256(raw).hexdigest()
+        checked += 1
+        size += len(raw)
+        if digest != entry.sha256:
+            report(
+                Problem(
+                    CORRUPT,
+                    name,
+                    f"{entry.location}: SHA-256 {digest[:16]}… instead of {entry.sha256[:16]}… ({len(raw)} bytes, {entry.size} recorded)",
+                    entry.id,
+                    entry.uid,
+                )
+            )
+    return checked, size
+
+
+def check_unrecorded(store: Store, folders: list[ArchivedFolder], report: Report) -> None:
+    if isinstance(store, MaildirStore):
+        _maildir_unrecorded(store, folders, report)
+    elif isinstance(store, MboxStore):
+        _mbox_unrecorded(store, folders, report)
+    elif isinstance(store, SqlStore):
+        _sql_unrecorded(store, report)
+
+
+def _maildir_unrecorded(store: MaildirStore, folders: list[ArchivedFolder], report: Report) -> None:
+    """Every file in a cur/, new/ or tmp/ must be a catalogued message file."""
+    by_path = {f.path: f for f in folders}
+    for directory, subdirs, files in os.walk(store.root):
+        here = Path(directory)
+        if here == store.root:
+            subdirs[:] = [d for d in subdirs if d != CATALOG_DIR]
+        if here.name not in ("cur", "new", "tmp") or here == store.root:
+            continue
+        path = here.parent.relative_to(store.root).as_posix()
+        folder = by_path.get(path)
+        for name in files:
+            relative = f"{path}/{here.name}/{name}"
+            unique = name.partition(":")[0]
+            # Only cur/ holds finished messages; the info after ':' may lag a flag rename.
+            known = (
+                folder is not None
+                and here.name == "cur"
+                and store.catalog.has_location_prefix(folder.id, f"{path}/cur/{unique}:")
+            )
+            if not known:
+                report(Problem(UNRECORDED, folder.name if folder else None, f"file the catalog does not know: {relative}"))
+
+
+def _mbox_unrecorded(store: MboxStore, folders: list[ArchivedFolder], report: Report) -> None:
+    """Between catalogued messages an mbox may hold only the separator and the next From line."""
+    known_paths = {f.path for f in folders}
+    for folder in folders:
+        path = store.root / folder.path
+        if not path.exists():
+            continue  # every entry of it was already reported missing
+        with open(path, "rb") as mbox:
+            end = 0  # where the last catalogued message ended
+            separator = b""  # what must follow it before the next From line
+            for location in store.catalog.locations(folder.id):
+                _, offset, length, _ = parse_location(location)
+                if offset < end:
+                    continue  # two entries for one location: checked once
+                gap = _read(mbox, end, offset - end)
+                if not (gap.startswith(separator) and _FROM_LINE.fullmatch(gap[len(separator) :])):
+                    report(
+                        Problem(UNRECORDED, folder.name, f"{folder.path}: {offset - end} unexpected bytes at offset {end}")
+                    )
+                end = offset + length
+                separator = b"\n" if length and _read(mbox, end - 1, 1) == b"\n" else b"\n\n"
+            size = mbox.seek(0, os.SEEK_END)
+            if size > end + len(separator) or (size > end and _read(mbox, end, size - end) != separator):
+                report(Problem(UNRECORDED, folder.name, f"{folder.path}: {size - end} bytes past the last message"))
+    for path in store.root.rglob("*.mbox"):
+        relative = path.relative_to(store.root).as_posix()
+        if relative not in known_paths and not relative.startswith(CATALOG_DIR + "/"):
+            report(Problem(UNRECORDED, None, f"mbox file the catalog does not know: {relative}"))
+
+
+def _read(mbox: object, offset: int, length: int) -> bytes:
+    # A long gap cannot be a separator; reading 4 KB of it is enough to say so.
+    mbox.seek(offset)  # type: ignore[attr-defined]
+    return mbox.read(min(length, 4096)) + (b"\0" if length > 4096 else b"")  # type: ignore[attr-defined,no-any-return]
+
+
+def _sql_unrecorded(store: SqlStore, report: Report) -> None:
+    """A blob no entry references is unrecorded."""
+    orphans = sa.select(blobs.c.sha256, blobs.c.size).where(
+        ~sa.exists().where(messages.c.sha256 == blobs.c.sha256)
+    )
+    with store.catalog.engine.connect() as conn:
+        for sha256, size in conn.execution_options(yield_per=1000).execute(orphans):
+            report(Problem(UNRECORDED, None, f"blob {sha256} ({size} bytes) that no entry references"))
+
+
+def compare_with_server(source: ImapSource, store: Store, options: AgainstOptions, report: Report) -> int:
+    """Folder by folder: UIDVALIDITY, UIDs both ways, and the bytes of a sample. Returns messages compared."""
+    catalog = store.catalog
+    chooser = random.Random(options.seed)
+    compared = 0
+    seen: set[str] = set()
+    for folder in source.folders():
+        if not folder.selectable or not wanted(folder, options.include, options.exclude):
+            continue
+        seen.add(folder.name)
+        state = source.examine(folder)
+        server = source.uids() if state.exists else []
+        archived = catalog.folder(folder.name)
+        if archived is None:
+            if server:
+                report(Problem(NOT_ARCHIVED, folder.name, f"folder with {len(server)} messages is not in the archive"))
+            continue
+        if archived.uid_validity is not None and archived.uid_validity != state.uid_validity:
+            report(
+                Problem(
+                    UID_VALIDITY,
+                    folder.name,
+                    f"UIDVALIDITY is {state.uid_validity} on the server, {archived.uid_validity} in the archive; "
+                    "a backup will match messages by SHA-256",
+                )
+            )
+            continue
+        known = catalog.live_uids(archived.id, state.uid_validity)
+        only_server, only_archive = diff_sorted(server, known)
+        for uid in only_server:
+            report(Problem(NOT_ARCHIVED, folder.name, f"UID {uid} is on the server but not in the archive", uid=uid))
+        for entry in _entries(catalog, archived.id, state.uid_validity, only_archive):
+            report(
+                Problem(NOT_ON_SERVER, folder.name, f"UID {entry.uid} is in the archive but gone from the server", entry.id, entry.uid)
+            )
+        absent = set(only_server)
+        both = array("q", (u for u in server if u not in absent and (options.sample >= 100 or chooser.random() * 100 < options.sample)))
+        compared += _compare_bytes(source, catalog, archived, state.uid_validity, both, report)
+    for archived in catalog.folders():
+        if archived.name in seen or not wanted_name(archived, options):
+            continue
+        live = catalog.live_uids(archived.id, archived.uid_validity) if archived.uid_validity is not None else []
+        if live:
+            report(Problem(NOT_ON_SERVER, archived.name, f"folder with {len(live)} live messages is not on the server"))
+    return compared
+
+
+def wanted_name(archived: ArchivedFolder, options: AgainstOptions) -> bool:
+    return wanted(Folder(archived.name, archived.delimiter, archived.attributes), options.include, options.exclude)
+
+
+def _entries(catalog: Catalog, folder_id: int, uid_validity: int, uids: Sequence[int]) -> Iterator[Entry]:
+    for start in range(0, len(uids), 500):
+        yield from sorted(catalog.entries_for_uids(folder_id, uid_validity, uids[start : start + 500]), key=lambda e: e.uid or 0)
+
+
+def _compare_bytes(
+    source: ImapSource, catalog: Catalog, archived: ArchivedFolder, uid_validity: int, uids: Sequence[int], report: Report
+) -> int:
+    compared = 0
+    for start in range(0, len(uids), 2000):
+        entries = {e.uid: e for e in catalog.entries_for_uids(archived.id, uid_validity, uids[start : start + 2000])}
+        sizes = {uid: entry.size for uid, entry in entries.items() if uid is not None}
+        for batch in batches(sorted(sizes), sizes, 200, 16 << 20):
+            fetched, missing = source.fetch(batch)
+            for uid in missing:
+                report(Problem(NOT_ARCHIVED, archived.name, f"UID {uid}: the server sent no body to compare", uid=uid))
+            for message in fetched:
+                entry = entries[message.uid or 0]
+                compared += 1
+                if message.sha256 != entry.sha256:
+                    report(
+                        Problem(
+                            DIFFERS,
+                            archived.name,
+                            f"UID {message.uid}: the server's bytes hash to {message.sha256[:16]}…, "
+                            f"the archive's to {entry.sha256[:16]}…",
+                            entry.id,
+                            message.uid,
+                        )
+                    )
+    return compared
