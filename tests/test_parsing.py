@@ -86,3 +86,44 @@ def test_no_tls_contradicts_implicit_tls() -> None:
     with pytest.raises(UsageError):
         parse_url("imaps://alice@host", no_tls=True)
     assert parse_url("imap://alice@host", no_tls=True).tls == "none"
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mailbackup.sources.imap import parse_fetch_fast, parse_fetch_general  # noqa: E402
+
+_flag = st.sampled_from([b"\\Seen", b"\\Answered", b"$Forwarded", b"Junk", b"\\Flagged", b"$Label_1"])
+_item = st.one_of(
+    st.integers(1, 2**32 - 1).map(lambda n: b"RFC822.SIZE %d" % n),
+    st.lists(_flag, max_size=4).map(lambda fs: b"FLAGS (" + b" ".join(fs) + b")"),
+    st.just(b'INTERNALDATE "06-May-2020 05:08:09 +0200"'),
+    st.integers(1, 2**40).map(lambda n: b"MODSEQ (%d)" % n),
+)
+
+
+@given(
+    st.integers(1, 10**6),
+    st.lists(_item, max_size=4),
+    st.lists(_item, max_size=2),
+    st.binary(max_size=50),
+    st.booleans(),
+)
+def test_fast_fetch_parser_agrees_with_imapclient(uid: int, before: list[bytes], after: list[bytes], body: bytes, with_body: bool) -> None:
+    items = b" ".join([b"UID %d" % uid, *before])
+    if with_body:
+        lines: list[object] = [
+            (b"7 (" + items + b" BODY[] {%d}" % len(body), body),
+            b" ".join([b"", *after]) + b")" if after else b")",
+        ]
+    else:
+        lines = [b"7 (" + items + b")"]
+    fast = parse_fetch_fast(lines)
+    assert fast is not None
+    general = parse_fetch_general(lines)
+    assert {k: {key: value for key, value in v.items() if key != b"SEQ"} for k, v in general.items()} == fast
+
+
+def test_fast_parser_declines_other_shapes() -> None:
+    assert parse_fetch_fast([b'7 (UID 1 X-GM-LABELS ("a b"))']) is None
+    assert parse_fetch_fast([(b"7 (UID 1 BODY[HEADER] {2}", b"ab"), b")"]) is None

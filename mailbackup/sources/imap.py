@@ -5,6 +5,7 @@ imapclient's dicts are turned into model records here and nowhere else.
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -65,12 +66,82 @@ def sequence_set(uids: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+# The common shapes of a FETCH reply, read with regexes instead of imapclient's
+# byte-by-byte lexer; anything else falls back to that lexer.
+_FAST_ITEM = re.compile(
+    rb' *(?:(UID|RFC822\.SIZE) (\d+)|FLAGS \(([^()"{}]*)\)|INTERNALDATE "([^"\\]*)"|MODSEQ \((\d+)\))',
+    re.IGNORECASE,
+)
+_FAST_WITH_BODY = re.compile(rb"\d+ \((.*)BODY\[\] \{(\d+)\}", re.DOTALL)
+_FAST_PLAIN = re.compile(rb"\d+ \((.*)\)", re.DOTALL)
+
+
+def _fast_items(text: bytes, data: dict[bytes, object]) -> bool:
+    text = text.rstrip(b" ")
+    pos = 0
+    while pos < len(text):
+        match = _FAST_ITEM.match(text, pos)
+        if not match or match.end() == pos:
+            return False
+        number_key, number, flags, date, modseq = match.groups()
+        if number_key is not None:
+            data[number_key.upper()] = int(number)
+        elif flags is not None:
+            data[b"FLAGS"] = tuple(flags.split())
+        elif date is not None:
+            data[b"INTERNALDATE"] = date
+        else:
+            data[b"MODSEQ"] = (int(modseq),)
+        pos = match.end()
+    return True
+
+
+def parse_fetch_fast(lines: list[object]) -> dict[int, dict[bytes, object]] | None:
+    """parse_fetch for replies made only of UID, RFC822.SIZE, FLAGS, INTERNALDATE,
+    MODSEQ and one BODY[] literal; None when the reply has any other shape."""
+    out: dict[int, dict[bytes, object]] = {}
+    items = iter(lines)
+    for item in items:
+        data: dict[bytes, object] = {}
+        if isinstance(item, tuple) and len(item) == 2:
+            head, literal = item
+            match = _FAST_WITH_BODY.fullmatch(head)
+            trailer = next(items, None)
+            if (
+                match is None
+                or int(match.group(2)) != len(literal)
+                or not isinstance(trailer, bytes)
+                or not trailer.endswith(b")")
+                or not _fast_items(match.group(1), data)
+                or not _fast_items(trailer[:-1], data)
+            ):
+                return None
+            data[b"BODY[]"] = literal
+        elif isinstance(item, bytes):
+            match = _FAST_PLAIN.fullmatch(item)
+            if match is None or not _fast_items(match.group(1), data):
+                return None
+        else:
+            return None
+        uid = data.get(b"UID")
+        if isinstance(uid, int):
+            out.setdefault(uid, {}).update(data)
+    return out
+
+
 def parse_fetch(lines: list[object]) -> dict[int, dict[bytes, object]]:
     """FETCH responses keyed by UID. Replies without a UID are unsolicited and dropped:
     keyed by sequence number they could be mistaken for another message's UID."""
     out: dict[int, dict[bytes, object]] = {}
     if lines == [None]:
         return out
+    fast = parse_fetch_fast(lines)
+    return fast if fast is not None else parse_fetch_general(lines)
+
+
+def parse_fetch_general(lines: list[object]) -> dict[int, dict[bytes, object]]:
+    """parse_fetch for any reply, through imapclient's lexer."""
+    out: dict[int, dict[bytes, object]] = {}
     parsed = gen_parsed_response(lines)
     for _seq in parsed:
         attributes = next(parsed, None)
@@ -134,6 +205,9 @@ class ImapSource:
                 timeout=imapclient.SocketTimeout(connect=30.0, read=timeout),
             )
             client.normalise_times = False
+            # imaplib at imapclient's debug level formats every literal with %r: slow,
+            # and it would put message bodies in a debug log.
+            client._imap.debug = 0
             if endpoint.tls == "starttls":
                 if not client.has_capability("STARTTLS"):
                     client.shutdown()
