@@ -9,9 +9,11 @@ from __future__ import annotations
 import fnmatch
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
+from typing import TypeVar
 
 from .errors import ServerError, UsageError
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
@@ -22,6 +24,8 @@ from .stores import Store, open_store
 
 
 SIZE_SLICE = 5000
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Progress:
@@ -92,6 +96,26 @@ def batches(uids: Sequence[int], sizes: dict[int, int], max_messages: int, max_b
         total += size
     if batch:
         yield batch
+
+
+def prefetched(items: Iterable[T], fetch: Callable[[T], R]) -> Iterator[tuple[T, Future[R]]]:
+    """Yield each item with its fetch, while the next item's fetch already runs.
+
+    The network then works while the store writes; the caller still handles
+    batches one at a time, in order. At most two batches are in memory.
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    try:
+        pending: tuple[T, Future[R]] | None = None
+        for item in items:
+            future = pool.submit(fetch, item)
+            if pending is not None:
+                yield pending
+            pending = (item, future)
+        if pending is not None:
+            yield pending
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
@@ -195,9 +219,10 @@ class FolderSync:
                 self.progress.folder_started(self.folder.name, len(new), sum(sizes.values()) if whole else None)
             # A UID without a size was expunged since SEARCH: nothing to back up.
             present = [uid for uid in part if uid in sizes]
-            for batch in batches(present, sizes, self.options.batch_messages, self.options.batch_bytes):
+            planned = batches(present, sizes, self.options.batch_messages, self.options.batch_bytes)
+            for batch, fetched in prefetched(planned, self.source.fetch):
                 try:
-                    messages, missing = self.source.fetch(batch)
+                    messages, missing = fetched.result()
                 except ServerError as exc:
                     self.tally.failed.extend(f"UID {uid}: {exc}" for uid in batch)
                     continue
