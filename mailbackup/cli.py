@@ -355,3 +355,106 @@ def verify_command(
         counts = ", ".join(f"{count} {kind}" for kind, count in sorted(summary.problems.items()))
         click.echo(f"mailbackup: error: {VerifyFailed(f'verify found problems: {counts}')}", err=True)
         sys.exit(VerifyFailed.exit_code)
+
+
+@main.command("search")
+@click.argument("archive")
+@click.argument("query", nargs=-1)
+@click.option("--from", "sender", metavar="TEXT", help="From: contains these words.")
+@click.option("--to", "recipient", metavar="TEXT", help="To:, Cc: or Bcc: contains these words.")
+@click.option("--subject", metavar="TEXT", help="Subject: contains these words.")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]), help="Sent on or after (UTC).")
+@click.option("--before", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]), help="Sent before (UTC).")
+@click.option("--folder", metavar="NAME", help="Only this folder (the server's name).")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many hits.")
+@click.option("--json", "json_output", is_flag=True, help="One JSON object per hit.")
+def search_command(
+    archive: str,
+    query: tuple[str, ...],
+    sender: str | None,
+    recipient: str | None,
+    subject: str | None,
+    since: Any,
+    before: Any,
+    folder: str | None,
+    limit: int | None,
+    json_output: bool,
+) -> None:
+    """Full-text search over headers and text bodies in ARCHIVE, newest first.
+
+    Every word of QUERY must match (a trailing * matches a prefix). Each hit prints
+    date, from, subject, folder and the id that 'mailbackup show' takes. Needs a
+    SQLite catalog (Maildir, mbox or .sqlite archives); see 'mailbackup reindex'.
+    """
+    from .search import Filters, search
+
+    filters = Filters(" ".join(query), sender, recipient, subject, since, before, folder, limit)
+
+    def action() -> None:
+        for hit in search(archive, filters):
+            if json_output:
+                click.echo(json.dumps(hit.as_dict()))
+            else:
+                date = (hit.date or "")[:16].replace("T", " ")
+                gone = " (gone)" if hit.gone else ""
+                click.echo(f"{date:<16}  {hit.sender[:30]:<30}  {hit.subject[:50]:<50}  {hit.folder}{gone}  {hit.id}")
+
+    run(json_output, action)
+
+
+@main.command("reindex")
+@click.argument("archive")
+@click.option("--rebuild", is_flag=True, help="Drop the search index and build it from scratch.")
+@click.option("--json", "json_output", is_flag=True, help="The summary as one JSON object.")
+def reindex_command(archive: str, rebuild: bool, json_output: bool) -> None:
+    """Build or catch up the search index of ARCHIVE."""
+    from .search import ReindexSummary, reindex
+
+    summary: ReindexSummary = run(json_output, lambda: reindex(archive, rebuild=rebuild))
+    if json_output:
+        click.echo(json.dumps({"archive": summary.archive, "indexed": summary.indexed,
+                               "failed": list(summary.failed), "elapsed": round(summary.elapsed, 3)}))
+    else:
+        click.echo(f"{summary.indexed} messages indexed in {summary.elapsed:.1f} s")
+        for item in summary.failed:
+            click.echo(f"failed {item}", err=True)
+    sys.exit(1 if summary.failed else 0)
+
+
+@main.command("show")
+@click.argument("archive")
+@click.argument("ident", metavar="ID")
+@click.option("--eml", type=click.Path(dir_okay=False), help="Write the message to this file (mode 0600) instead of stdout.")
+def show_command(archive: str, ident: str, eml: str | None) -> None:
+    """Print a message's original bytes: ID is an id from 'search' or a SHA-256 prefix."""
+    from .show import show, write_eml
+
+    shown = run(False, lambda: show(archive, ident))
+    if eml:
+        run(False, lambda: write_eml(eml, shown.raw))
+        click.echo(f"wrote {human_bytes(len(shown.raw))} from {shown.folder} to {eml}", err=True)
+        return
+    out = sys.stdout.buffer
+    out.write(shown.raw)
+    out.flush()
+
+
+@main.command("export")
+@click.argument("archive")
+@click.argument("destination")
+@click.option("--json", "json_output", is_flag=True, help="The summary as one JSON object.")
+def export_command(archive: str, destination: str, json_output: bool) -> None:
+    """Copy ARCHIVE into a new archive DESTINATION of any kind, catalog included.
+
+    DESTINATION is maildir:DIR, mbox:DIR, a .sqlite path or a SQLAlchemy URL. The
+    copy keeps UIDs, UIDVALIDITY, flags, dates and gone state, so a backup into it
+    fetches nothing it already holds.
+    """
+    from .export import ExportSummary, export
+
+    summary: ExportSummary = run(json_output, lambda: export(archive, destination))
+    if json_output:
+        click.echo(json.dumps(summary.as_dict()))
+    else:
+        click.echo(f"{summary.messages} messages ({human_bytes(summary.bytes)}) in {summary.folders} folders "
+                   f"copied to {summary.destination} in {summary.elapsed:.1f} s")

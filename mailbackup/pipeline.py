@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
+from . import search
 from .errors import ServerError, UsageError
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
 from .net import Endpoint, parse_url
@@ -151,6 +152,7 @@ def commit(store: Store, archived: ArchivedFolder, uid_validity: int | None, mes
     if messages:
         locations = store.put(archived, messages)
         store.catalog.add(archived.id, uid_validity, list(zip(messages, locations)))
+        search.index_committed(store, messages)  # never raises: a stale index only logs a warning
 
 
 class FolderSync:

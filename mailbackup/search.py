@@ -1,0 +1,427 @@
+"""Full-text search: an SQLite FTS5 index beside the catalog, keyed by content SHA-256.
+
+A message that sits in three folders is indexed once; hits are joined with the
+catalog's `messages` table for folder, date and id. The index holds headers and
+the decoded text of text/plain and text/html parts (HTML reduced to text), at most
+BODY_CAP characters per message. It is an aid, not part of the backup: backup
+indexes each committed batch and a failure only logs a warning (`reindex` catches up).
+
+PostgreSQL archives have no FTS5; search there raises a clear error instead of
+pretending, and backup skips indexing.
+"""
+
+from __future__ import annotations
+
+import email.header
+import email.utils
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email import policy
+from email.message import Message as EmailMessage
+from email.parser import BytesParser
+from html.parser import HTMLParser
+
+import sqlalchemy as sa
+
+from .catalog import folders, messages
+from .errors import StoreError, UsageError
+from .model import Message
+from .stores import Store, open_store
+
+log = logging.getLogger("mailbackup")
+
+BODY_CAP = 64 * 1024  # characters of body text indexed per message
+PART_CAP = 1 << 20  # bytes of one decoded text part read at most
+# Only the head of a big message is parsed: text parts come before attachments in
+# practice, and parsing a 20 MB attachment to skip it would cost more than the backup.
+PARSE_CAP = 512 * 1024
+_PARSER = BytesParser(policy=policy.compat32)  # compat32: no header objects, several times faster
+
+SCHEMA = (
+    # One row per distinct message content; its id is the FTS5 rowid.
+    """CREATE TABLE IF NOT EXISTS search_docs (
+        id INTEGER PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        sent_at TEXT,
+        sender TEXT NOT NULL,
+        subject TEXT NOT NULL
+    )""",
+    """CREATE VIRTUAL TABLE IF NOT EXISTS search_text USING fts5(
+        sender, recipients, subject, body, tokenize = 'unicode61 remove_diacritics 2'
+    )""",
+)
+
+
+@dataclass(frozen=True)
+class Document:
+    """What the index keeps of one message."""
+
+    sha256: str
+    sent_at: str | None  # UTC ISO 8601, from Date: or else INTERNALDATE
+    sender: str
+    recipients: str
+    subject: str
+    body: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    sha256: str
+    folder: str
+    date: str | None
+    sender: str
+    subject: str
+    uid: int | None
+    gone: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "sha256": self.sha256,
+            "folder": self.folder,
+            "date": self.date,
+            "from": self.sender,
+            "subject": self.subject,
+            "uid": self.uid,
+            "gone": self.gone,
+        }
+
+
+@dataclass(frozen=True)
+class Filters:
+    query: str = ""
+    sender: str | None = None
+    recipient: str | None = None
+    subject: str | None = None
+    since: datetime | None = None
+    before: datetime | None = None
+    folder: str | None = None
+    limit: int | None = None
+
+
+# extracting text
+
+
+class _HtmlText(HTMLParser):
+    """HTML reduced to its text: tags dropped, entities decoded, script and style skipped."""
+
+    SKIP = {"script", "style", "head", "title"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self.SKIP:
+            self.skipping += 1
+        elif tag in ("br", "p", "div", "tr", "li"):
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIP and self.skipping:
+            self.skipping -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def html_text(html: str) -> str:
+    parser = _HtmlText()
+    try:
+        parser.feed(html)
+        parser.close()
+    except Exception:  # html.parser is lenient, but a pathological document must not stop indexing
+        pass
+    return re.sub(r"[ \t\r\f\v]+", " ", "".join(parser.parts))
+
+
+def header_text(value: object) -> str:
+    """A header decoded from RFC 2047; raw 8-bit bytes read as UTF-8, else Latin-1."""
+    if value is None:
+        return ""
+    if isinstance(value, email.header.Header):  # compat32 wraps a header holding raw 8-bit bytes
+        text = "".join(_unescape(str(chunk)) for chunk, _ in value._chunks)
+    else:
+        text = _unescape(str(value))
+    try:
+        decoded = email.header.decode_header(text)
+    except Exception:
+        return text
+    out = []
+    for piece, charset in decoded:
+        if isinstance(piece, str):
+            out.append(piece)
+        elif charset is None:  # the unencoded stretches of a header with encoded words
+            out.append(piece.decode("raw-unicode-escape"))
+        else:
+            out.append(_decode(piece, charset))
+    return "".join(out)
+
+
+def _unescape(text: str) -> str:
+    """The parser keeps undecodable bytes as surrogates; SQLite cannot store those."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return text
+    return _decode(text.encode("utf-8", "surrogateescape"), None)
+
+
+def _decode(data: bytes, charset: str | None) -> str:
+    for candidate in (charset, "utf-8"):
+        if not candidate:
+            continue
+        try:
+            return data.decode(candidate)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return data.decode("latin-1")  # every byte maps, so nothing is lost to the tokenizer
+
+
+def body_text(parsed: EmailMessage) -> str:
+    """Decoded text of the text parts, HTML reduced to text, capped at BODY_CAP characters."""
+    pieces: list[str] = []
+    length = 0
+    for part in parsed.walk():
+        if part.is_multipart() or part.get_content_maintype() != "text":
+            continue
+        if part.get_content_disposition() == "attachment":
+            continue
+        try:
+            payload = part.get_payload(decode=True)
+            charset = part.get_content_charset()
+        except Exception:  # a malformed part loses its text, not the whole message's
+            continue
+        if not isinstance(payload, bytes):
+            continue
+        text = _decode(payload[:PART_CAP], charset)
+        if part.get_content_subtype() == "html":
+            text = html_text(text)
+        pieces.append(text[: BODY_CAP - length])
+        length += len(pieces[-1])
+        if length >= BODY_CAP:
+            break
+    return "\n".join(pieces)
+
+
+def document(raw: bytes, sha256: str, internal_date: datetime | None) -> Document:
+    parsed = _PARSER.parsebytes(raw[:PARSE_CAP])
+    sent_at = None
+    try:
+        when = email.utils.parsedate_to_datetime(header_text(parsed.get("Date")))
+        if when is not None and when.tzinfo is not None:
+            sent_at = when.astimezone(timezone.utc).isoformat(timespec="seconds")
+    except (TypeError, ValueError, IndexError, OverflowError):
+        pass
+    if sent_at is None and internal_date is not None and internal_date.tzinfo is not None:
+        sent_at = internal_date.astimezone(timezone.utc).isoformat(timespec="seconds")
+    recipients = " ".join(header_text(v) for name in ("To", "Cc", "Bcc") for v in parsed.get_all(name, []))
+    return Document(
+        sha256=sha256,
+        sent_at=sent_at,
+        sender=header_text(parsed.get("From")),
+        recipients=recipients,
+        subject=header_text(parsed.get("Subject")),
+        body=body_text(parsed),
+    )
+
+
+# writing the index
+
+
+def supported(store: Store) -> bool:
+    return store.catalog.engine.dialect.name == "sqlite"
+
+
+def _ensure_schema(conn: sa.Connection) -> None:
+    for statement in SCHEMA:
+        conn.exec_driver_sql(statement)
+
+
+def index_messages(store: Store, batch: Sequence[Message]) -> int:
+    """Index the messages of a committed batch not yet indexed; returns how many were added."""
+    if not batch or not supported(store):
+        return 0
+    with store.catalog.engine.begin() as conn:
+        _ensure_schema(conn)
+        added = 0
+        for message in batch:
+            if _indexed(conn, message.sha256):
+                continue
+            # One message parsed at a time; its parsed form is dropped before the next.
+            _insert(conn, document(message.raw, message.sha256, message.internal_date))
+            added += 1
+    return added
+
+
+def index_committed(store: Store, batch: Sequence[Message]) -> None:
+    """Backup's hook, called after a batch's catalog rows are committed: never fails the backup."""
+    try:
+        index_messages(store, batch)
+    except Exception as exc:  # the index is a convenience; the backup is what matters
+        log.warning("search index not updated (%s); run 'mailbackup reindex' to catch up", exc)
+
+
+def _indexed(conn: sa.Connection, sha256: str) -> bool:
+    return conn.exec_driver_sql("SELECT 1 FROM search_docs WHERE sha256 = ?", (sha256,)).first() is not None
+
+
+def _insert(conn: sa.Connection, doc: Document) -> None:
+    result = conn.exec_driver_sql(
+        "INSERT INTO search_docs (sha256, sent_at, sender, subject) VALUES (?, ?, ?, ?)",
+        (doc.sha256, doc.sent_at, doc.sender, doc.subject),
+    )
+    conn.exec_driver_sql(
+        "INSERT INTO search_text (rowid, sender, recipients, subject, body) VALUES (?, ?, ?, ?, ?)",
+        (result.lastrowid, doc.sender, doc.recipients, doc.subject, doc.body),
+    )
+
+
+@dataclass(frozen=True)
+class ReindexSummary:
+    archive: str
+    indexed: int
+    failed: tuple[str, ...]
+    elapsed: float
+
+
+def reindex(archive: str, *, rebuild: bool = False, batch_size: int = 200) -> ReindexSummary:
+    """Index every message content the catalog holds and the index lacks (all of it with rebuild)."""
+    started = time.monotonic()
+    store = open_store(archive, create=False)
+    try:
+        _require_sqlite(store)
+        engine = store.catalog.engine
+        with engine.begin() as conn:
+            if rebuild:
+                conn.exec_driver_sql("DROP TABLE IF EXISTS search_text")
+                conn.exec_driver_sql("DROP TABLE IF EXISTS search_docs")
+            _ensure_schema(conn)
+        indexed = 0
+        failed: list[str] = []
+        after = ""
+        while True:
+            # Keyset pages: no cursor stays open while the index is written.
+            page = _unindexed(engine, after, batch_size)
+            if not page:
+                break
+            after = page[-1][0]
+            with engine.begin() as conn:
+                for sha256, location, internal_date in page:
+                    try:
+                        raw = store.get(location)
+                        doc = document(raw, sha256, datetime.fromisoformat(internal_date) if internal_date else None)
+                    except (StoreError, ValueError) as exc:
+                        failed.append(f"{sha256}: {exc}")
+                        continue
+                    _insert(conn, doc)
+                    indexed += 1
+    finally:
+        store.close()
+    return ReindexSummary(store.url, indexed, tuple(failed), time.monotonic() - started)
+
+
+def _unindexed(engine: sa.Engine, after: str, limit: int) -> list[tuple[str, str, str | None]]:
+    query = """
+        SELECT m.sha256, MIN(m.location), MIN(m.internal_date) FROM messages m
+        WHERE m.sha256 > ? AND NOT EXISTS (SELECT 1 FROM search_docs d WHERE d.sha256 = m.sha256)
+        GROUP BY m.sha256 ORDER BY m.sha256 LIMIT ?
+    """
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.exec_driver_sql(query, (after, limit))]  # type: ignore[misc]
+
+
+# querying
+
+
+def _require_sqlite(store: Store) -> None:
+    if not supported(store):
+        raise UsageError(
+            f"search needs a SQLite catalog (SQLite FTS5); {store.url} keeps its catalog in "
+            f"{store.catalog.engine.dialect.name}. Export it to a .sqlite archive to search it."
+        )
+
+
+def phrase(text: str) -> str:
+    """Text as one FTS5 phrase: quoted, so punctuation is never query syntax."""
+    return '"' + text.replace('"', '""') + '"'
+
+
+def match_expression(filters: Filters) -> str:
+    """QUERY words ANDed (a trailing * makes a prefix), plus column filters."""
+    terms = []
+    for word in filters.query.split():
+        terms.append(phrase(word[:-1]) + "*" if word.endswith("*") and len(word) > 1 else phrase(word))
+    for column, value in (("sender", filters.sender), ("recipients", filters.recipient), ("subject", filters.subject)):
+        if value:
+            terms.append(f"{column} : {phrase(value)}")
+    return " AND ".join(terms)
+
+
+def search(archive: str, filters: Filters) -> Iterator[Hit]:
+    """Hits newest first, one per catalog entry (a message in three folders is three hits)."""
+    store = open_store(archive, create=False)
+    try:
+        _require_sqlite(store)
+        with store.catalog.engine.begin() as conn:
+            _ensure_schema(conn)
+        sql, params = _query(filters)
+        with store.catalog.engine.connect() as conn:
+            try:
+                result = conn.exec_driver_sql(sql, tuple(params))
+            except sa.exc.OperationalError as exc:
+                raise UsageError(f"bad search query: {exc.orig}") from exc
+            for row in result:
+                yield Hit(
+                    id=row.id,
+                    sha256=row.sha256,
+                    folder=row.folder,
+                    date=row.sent_at or row.internal_date,
+                    sender=row.sender,
+                    subject=row.subject,
+                    uid=row.uid,
+                    gone=row.gone_at is not None,
+                )
+    finally:
+        store.close()
+
+
+def _query(filters: Filters) -> tuple[str, list[object]]:
+    where: list[str] = []
+    params: list[object] = []
+    expression = match_expression(filters)
+    if expression:
+        where.append("d.id IN (SELECT rowid FROM search_text WHERE search_text MATCH ?)")
+        params.append(expression)
+    if filters.since is not None:
+        where.append("d.sent_at >= ?")
+        params.append(_utc(filters.since))
+    if filters.before is not None:
+        where.append("d.sent_at < ?")
+        params.append(_utc(filters.before))
+    if filters.folder is not None:
+        where.append("f.name = ?")
+        params.append(filters.folder)
+    sql = f"""
+        SELECT m.id, m.sha256, m.uid, m.internal_date, m.gone_at, f.name AS folder, d.sent_at, d.sender, d.subject
+        FROM search_docs d
+        JOIN {messages.name} m ON m.sha256 = d.sha256
+        JOIN {folders.name} f ON f.id = m.folder_id
+        {"WHERE " + " AND ".join(where) if where else ""}
+        ORDER BY d.sent_at DESC, m.id
+    """
+    if filters.limit is not None:
+        sql += " LIMIT ?"
+        params.append(filters.limit)
+    return sql, params
+
+
+def _utc(when: datetime) -> str:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,145 @@
+"""search: decoded bodies (base64, Latin-1, HTML) are found, filters narrow, reindex catches up."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mailbackup import BackupOptions, backup
+from mailbackup import search as search_module
+from mailbackup.cli import main
+from mailbackup.errors import UsageError
+from mailbackup.search import Filters, document, reindex, search
+
+LATIN1_B64 = (
+    b"From: =?iso-8859-1?q?J=F6rg_M=FCller?= <joerg@example.org>\r\n"
+    b"To: anna@example.net\r\n"
+    b"Subject: Angebot\r\n"
+    b"Date: Tue, 02 Mar 2021 10:00:00 +0100\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed; boundary=\"b1\"\r\n"
+    b"\r\n"
+    b"--b1\r\n"
+    b"Content-Type: text/plain; charset=iso-8859-1\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n"
+    + base64.encodebytes("Die Größenordnung ist Schlüsselwörterbuch.\n".encode("latin-1")).replace(b"\n", b"\r\n")
+    + b"--b1\r\n"
+    b"Content-Type: application/octet-stream; name=secret.bin\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n"
+    + base64.encodebytes(b"attachmentonlyword").replace(b"\n", b"\r\n")
+    + b"--b1--\r\n"
+)
+
+HTML_ONLY = (
+    b"From: Bob <bob@example.com>\r\n"
+    b"To: carol@example.com\r\n"
+    b"Subject: Newsletter\r\n"
+    b"Date: Mon, 10 Jan 2022 08:00:00 +0000\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: quoted-printable\r\n"
+    b"\r\n"
+    b"<html><head><style>.hiddenstyle{}</style></head><body><p>Visit <b>Zanzibar</b> =\r\n"
+    b"&amp; more &eacute;t=C3=A9</p></body></html>\r\n"
+)
+
+PLAIN = b"From: carol@example.com\r\nTo: bob@example.com\r\nSubject: lunch plans\r\nDate: Wed, 05 May 2021 12:00:00 +0000\r\n\r\nsee you at noon\r\n"
+
+
+def test_document_decodes_base64_latin1_and_reduces_html() -> None:
+    doc = document(LATIN1_B64, "x", None)
+    assert "Schlüsselwörterbuch" in doc.body and "attachmentonlyword" not in doc.body
+    assert doc.sender == "Jörg Müller <joerg@example.org>"
+    assert doc.sent_at == "2021-03-02T09:00:00+00:00"
+    html = document(HTML_ONLY, "y", None)
+    assert "Zanzibar & more été" in html.body
+    assert "<b>" not in html.body and "hiddenstyle" not in html.body
+
+
+def test_body_text_is_capped() -> None:
+    raw = b"Subject: big\r\n\r\n" + b"word " * 100_000
+    assert len(document(raw, "z", None).body) == search_module.BODY_CAP
+
+
+@pytest.fixture
+def archive(dovecot, account, tmp_path: Path) -> str:  # type: ignore[no-untyped-def]
+    dovecot.append(account, "INBOX", LATIN1_B64, (), datetime(2021, 3, 2, 9, tzinfo=timezone.utc))
+    dovecot.append(account, "INBOX", HTML_ONLY)
+    dovecot.append(account, "Archive", HTML_ONLY)  # the same bytes twice: indexed once, two hits
+    dovecot.append(account, "Sent", PLAIN)
+    url = f"maildir:{tmp_path / 'md'}"
+    assert backup(account.url("imap"), url, password=account.password, options=BackupOptions(no_tls=True)).new == 4
+    return url
+
+
+def hits(url: str, **filters: object) -> list[tuple[str, str]]:
+    return sorted((h.folder, h.subject) for h in search(url, Filters(**filters)))  # type: ignore[arg-type]
+
+
+def test_backup_indexes_and_search_finds_decoded_words(archive: str, tmp_path: Path) -> None:
+    assert hits(archive, query="schlüsselwörterbuch") == [("INBOX", "Angebot")]
+    assert hits(archive, query="Schlusselworterbuch") == [("INBOX", "Angebot")]  # diacritics folded
+    assert hits(archive, query="attachmentonlyword") == []
+    assert hits(archive, query="zanzibar") == [("Archive", "Newsletter"), ("INBOX", "Newsletter")]
+    assert hits(archive, query="hiddenstyle") == []
+    assert hits(archive, query="zanz*") == [("Archive", "Newsletter"), ("INBOX", "Newsletter")]
+    with sqlite3.connect(tmp_path / "md" / ".mailbackup" / "catalog.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM search_docs").fetchone() == (3,)
+
+
+def test_filters_narrow_the_hits(archive: str) -> None:
+    assert hits(archive, sender="Jörg") == [("INBOX", "Angebot")]
+    assert hits(archive, sender="joerg@example.org") == [("INBOX", "Angebot")]
+    assert hits(archive, recipient="carol@example.com") == [("Archive", "Newsletter"), ("INBOX", "Newsletter")]
+    assert hits(archive, subject="lunch") == [("Sent", "lunch plans")]
+    assert hits(archive, query="zanzibar", folder="Archive") == [("Archive", "Newsletter")]
+    assert hits(archive, since=datetime(2021, 4, 1), before=datetime(2021, 12, 31)) == [("Sent", "lunch plans")]
+    assert hits(archive, before=datetime(2021, 4, 1)) == [("INBOX", "Angebot")]
+    assert hits(archive, query='odd"quote (syntax') == []  # punctuation is never FTS5 syntax
+
+
+def test_reindex_builds_an_index_that_backup_could_not_write(dovecot, account, tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    def broken(store, batch):  # type: ignore[no-untyped-def]
+        raise RuntimeError("index is broken")
+
+    monkeypatch.setattr(search_module, "index_messages", broken)
+    dovecot.append(account, "INBOX", LATIN1_B64)
+    dovecot.append(account, "INBOX", PLAIN)
+    url = str(tmp_path / "a.sqlite")
+    summary = backup(account.url("imap"), url, password=account.password, options=BackupOptions(no_tls=True))
+    assert summary.ok and summary.new == 2  # the backup itself is untouched
+    assert "reindex" in caplog.text
+    monkeypatch.undo()
+    assert hits(url, query="schlüsselwörterbuch") == []
+    assert reindex(url).indexed == 2
+    assert hits(url, query="schlüsselwörterbuch") == [("INBOX", "Angebot")]
+    assert reindex(url).indexed == 0  # caught up
+    assert reindex(url, rebuild=True).indexed == 2
+
+
+def test_cli_prints_one_line_per_hit_and_json(archive: str) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["search", archive, "zanzibar"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 2 and all("Newsletter" in line and "Bob <bob@example.com>" in line for line in lines)
+    as_json = runner.invoke(main, ["search", archive, "--from", "carol", "--json"])
+    [hit] = [json.loads(line) for line in as_json.output.splitlines()]
+    assert (hit["folder"], hit["subject"], hit["date"]) == ("Sent", "lunch plans", "2021-05-05T12:00:00+00:00")
+    shown = runner.invoke(main, ["show", archive, str(hit["id"])])
+    assert shown.stdout_bytes == PLAIN
+
+
+def test_postgresql_archive_says_search_needs_sqlite(dovecot, account, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    dovecot.append(account, "INBOX", PLAIN)
+    assert backup(account.url("imap"), pg_url, password=account.password, options=BackupOptions(no_tls=True)).new == 1
+    with pytest.raises(UsageError, match="SQLite"):
+        list(search(pg_url, Filters(query="noon")))
