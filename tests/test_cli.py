@@ -150,3 +150,10 @@ def test_hostile_folder_names_cannot_escape_the_archive(tmp_path: Path, kind: st
     view = archived(f"{kind}:{root / 'archive'}")
     assert sorted(view) == sorted(names)
     assert all(len(view[name]) == 1 for name in names)
+
+
+def test_verbose_output_shows_no_password_or_body(mailbox_with_mail, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = invoke("backup", mailbox_with_mail.url("imap"), str(tmp_path / "a.db"), "--no-tls", "-vv", password=mailbox_with_mail.password)
+    assert result.exit_code == 0
+    assert mailbox_with_mail.password not in result.output
+    assert "body" not in result.output

@@ -113,7 +113,7 @@ class Dovecot:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self, directory: str | os.PathLike[str], separator: str = "/",
-              tls: bool = True) -> Dovecot:
+              tls: bool = True, oauth2_url: str | None = None) -> Dovecot:
         """Start on fresh free ports; raises RuntimeError with the log tail on failure."""
         self.directory = Path(directory).absolute()
         self.separator = separator
@@ -123,7 +123,8 @@ class Dovecot:
         ports = [self.imap_port, self.pop3_port, self.imaps_port or 0, self.pop3s_port or 0]
         proc = subprocess.run(
             ["bash", str(SCRIPT), "start", str(self.directory), *map(str, ports)],
-            env={**os.environ, "SEPARATOR": separator}, capture_output=True, text=True)
+            env={**os.environ, "SEPARATOR": separator, "OAUTH2_URL": oauth2_url or ""},
+            capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"dovecot failed to start in {self.directory}:\n"
                                f"{proc.stdout}{proc.stderr}{self.log_tail()}")
