@@ -18,6 +18,7 @@ from .credentials import resolve_password, run_command
 from .errors import ConfigError, MailbackupError, UsageError
 from .model import FolderReport, Summary
 from .pipeline import BackupOptions, Progress, archive_stats, backup
+from .prune import PruneReport, parse_age, prune_server
 
 log = logging.getLogger("mailbackup")
 
@@ -260,6 +261,76 @@ def backup_configured(
     if json_output:
         click.echo(json.dumps({"ok": not any(codes), "accounts": report}))
     sys.exit(max(codes, default=0))
+
+
+@main.command("prune-server")
+@click.argument("source")
+@click.argument("archive")
+@click.option("--older-than", "older_than", required=True, metavar="AGE", help="Only messages older than AGE: 365d, 52w, 1y.")
+@click.option("--yes", is_flag=True, help="Really delete. Without it, only show what would go.")
+@click.option("--folder", "include", multiple=True, metavar="GLOB", help="IMAP: only matching folders (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="IMAP: skip matching folders (repeatable).")
+@click.option("--into", metavar="NAME", help="POP3: the archive folder holding the maildrop (default INBOX).")
+@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the password from this file.")
+@click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the password.")
+@click.option("--oauth2-token-command", metavar="CMD", help="Log in with OAuth2: CMD prints an access token.")
+@click.option("--oauth2-mechanism", type=click.Choice(["xoauth2", "oauthbearer"]), default="xoauth2", show_default=True)
+@click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM) for the server's certificate.")
+@click.option("--no-tls", is_flag=True, help="Allow cleartext (no STARTTLS). Unsafe.")
+@click.option("--json", "json_output", is_flag=True, help="Print the report as one JSON object on stdout.")
+def prune_server_command(
+    source: str,
+    archive: str,
+    older_than: str,
+    yes: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    into: str | None,
+    password_file: str | None,
+    password_command: str | None,
+    oauth2_token_command: str | None,
+    oauth2_mechanism: str,
+    ca_file: str | None,
+    no_tls: bool,
+    json_output: bool,
+) -> None:
+    """Delete from SOURCE the old messages that ARCHIVE holds and verifies.
+
+    A dry run unless --yes. Each candidate must be in the archive with bytes
+    that re-hash to its recorded SHA-256; one failed check and nothing in that
+    folder is deleted. Messages the archive lacks are never touched.
+    """
+    setup_logging(0, False)
+    options = BackupOptions(
+        include=include, exclude=exclude, into=into, no_tls=no_tls, ca_file=ca_file,
+        auth=oauth2_mechanism if oauth2_token_command else "password",
+    )
+
+    def action() -> PruneReport:
+        days = parse_age(older_than)
+        if oauth2_token_command:
+            secret = run_command(oauth2_token_command, "--oauth2-token-command")
+        else:
+            secret = resolve_password(file=password_file, command=password_command)
+        return prune_server(source, archive, password=secret, older_than_days=days, act=yes, options=options)
+
+    report: PruneReport = run(json_output, action)
+    if json_output:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        verb = "would delete" if report.dry_run else "deleted"
+        for f in report.folders:
+            if f.refused:
+                click.echo(f"{f.name}: nothing deleted: {f.refused}", err=True)
+                continue
+            count = f.candidates if report.dry_run else f.deleted
+            line = f"{f.name}: {verb} {count} messages ({human_bytes(f.bytes)}) older than {report.cutoff[:10]}"
+            if f.not_archived:
+                line += f"; {f.not_archived} old messages are not in the archive and stay"
+            click.echo(line)
+        if report.dry_run:
+            click.echo("dry run: nothing was deleted; add --yes to delete")
+    sys.exit(0 if report.ok else 1)
 
 
 @main.command("ls")

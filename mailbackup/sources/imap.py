@@ -239,9 +239,10 @@ class ImapSource:
             listed = self.client.list_folders()
         return [as_folder(*item) for item in listed]
 
-    def examine(self, folder: Folder) -> FolderState:
+    def examine(self, folder: Folder, *, writable: bool = False) -> FolderState:
+        """EXAMINE (read-only); SELECT only for the one command that deletes, prune-server."""
         with command_errors():
-            response = self.client.select_folder(folder.name, readonly=True)
+            response = self.client.select_folder(folder.name, readonly=not writable)
         if b"UIDVALIDITY" not in response:
             raise ServerError(f"{folder.name}: server sent no UIDVALIDITY")
         return FolderState(
@@ -251,11 +252,31 @@ class ImapSource:
             highest_modseq=response.get(b"HIGHESTMODSEQ") if self.condstore else None,
         )
 
-    def uids(self) -> array[int]:
-        """Every UID in the selected folder, ascending."""
+    def uids(self, criteria: str | list[str] = "ALL") -> array[int]:
+        """The UIDs in the selected folder that match, ascending."""
         with command_errors():
-            found = self.client.search("ALL")
+            found = self.client.search(criteria)
         return array("q", sorted(int(u) for u in found))
+
+    def expunge(self, uids: Sequence[int]) -> None:
+        """Mark uids \\Deleted and expunge exactly them.
+
+        Without UIDPLUS a plain EXPUNGE would also remove messages the user had
+        marked \\Deleted, so it is only sent when none but ours are marked.
+        """
+        with command_errors():
+            self.client.add_flags(list(uids), [b"\\Deleted"], silent=True)
+            if self.client.has_capability("UIDPLUS"):
+                self.client.uid_expunge(list(uids))
+                return
+            marked = set(self.client.search("DELETED"))
+            if marked != set(uids):
+                self.client.remove_flags(list(uids), [b"\\Deleted"], silent=True)
+                raise ServerError(
+                    "server lacks UIDPLUS and other messages are marked \\Deleted; "
+                    "expunging would remove them too, so nothing was deleted"
+                )
+            self.client.expunge()
 
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:
         response = self._fetch(sequence_set(uids), ["RFC822.SIZE"])
