@@ -38,7 +38,7 @@ BODY_CAP = 64 * 1024  # characters of body text indexed per message
 PART_CAP = 1 << 20  # bytes of one decoded text part read at most
 # Only the head of a big message is parsed: text parts come before attachments in
 # practice, and parsing a 20 MB attachment to skip it would cost more than the backup.
-PARSE_CAP = 512 * 1024
+PARSE_CAP = 128 * 1024
 _PARSER = BytesParser(policy=policy.compat32)  # compat32: no header objects, several times faster
 
 SCHEMA = (
@@ -183,14 +183,29 @@ def _decode(data: bytes, charset: str | None) -> str:
     return data.decode("latin-1")  # every byte maps, so nothing is lost to the tokenizer
 
 
+def text_parts(part: EmailMessage, depth: int = 0) -> Iterator[EmailMessage]:
+    """The leaf parts worth indexing; of a multipart/alternative only its text/plain if it has one."""
+    if not part.is_multipart():
+        yield part
+        return
+    if depth > 20:  # hostile nesting: the text of sane mail is far shallower
+        return
+    children = part.get_payload()
+    if not isinstance(children, list):
+        return
+    if part.get_content_type() == "multipart/alternative":
+        plain = [c for c in children if c.get_content_type() == "text/plain"]
+        children = plain[:1] or children  # the HTML twin says the same at several times the cost
+    for child in children:
+        yield from text_parts(child, depth + 1)
+
+
 def body_text(parsed: EmailMessage) -> str:
     """Decoded text of the text parts, HTML reduced to text, capped at BODY_CAP characters."""
     pieces: list[str] = []
     length = 0
-    for part in parsed.walk():
-        if part.is_multipart() or part.get_content_maintype() != "text":
-            continue
-        if part.get_content_disposition() == "attachment":
+    for part in text_parts(parsed):
+        if part.get_content_maintype() != "text" or part.get_content_disposition() == "attachment":
             continue
         try:
             payload = part.get_payload(decode=True)
