@@ -119,7 +119,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("mailbackup: %(levelname)s: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)
-    log.propagate = False  # imapclient's own debug log would show LOGIN arguments
+    # imapclient logs under its own name, which has no handler: LOGIN arguments never show.
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
