@@ -529,3 +529,249 @@ def export_command(archive: str, destination: str, json_output: bool) -> None:
     else:
         click.echo(f"{summary.messages} messages ({human_bytes(summary.bytes)}) in {summary.folders} folders "
                    f"copied to {summary.destination} in {summary.elapsed:.1f} s")
+
+
+# restore and migrate
+
+RATE_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(text: str | None) -> float | None:
+    """'30/min' -> messages per minute; also N/s and N/h."""
+    if text is None:
+        return None
+    count, _, unit = text.partition("/")
+    try:
+        value = float(count)
+    except ValueError:
+        raise UsageError(f"--rate {text!r}: write N/min, N/s or N/h") from None
+    if unit.strip().lower() not in RATE_UNITS or value <= 0:
+        raise UsageError(f"--rate {text!r}: write N/min, N/s or N/h with N > 0")
+    return value * 60.0 / RATE_UNITS[unit.strip().lower()]
+
+
+def check_address(address: str, option: str) -> str:
+    if any(c in address for c in "\r\n\0"):
+        raise UsageError(f"{option} {address!r}: an address may not contain CR, LF or NUL")
+    if not address.strip():
+        raise UsageError(f"{option}: empty address")
+    return address.strip()
+
+
+def password_prompt(url: str) -> Callable[[], str]:
+    def prompt() -> str:
+        if not sys.stdin.isatty():
+            raise UsageError(f"no password for {url}: use a password file, a password command or the environment")
+        return str(click.prompt(f"Password for {url}", hide_input=True, err=True))
+
+    return prompt
+
+
+def print_transfer(summary: Any, verb: str) -> None:
+    info = summary.as_dict()
+    if summary.dry_run:
+        click.echo(f"dry run: nothing {verb}; the plan:")
+        for report in summary.folders:
+            note = f" (skipped: {report.skipped})" if report.skipped else ""
+            click.echo(
+                f"  {report.source} -> {report.target}: {report.planned} messages, {human_bytes(report.planned_bytes)}"
+                f"{f', {report.done_before} done before' if report.done_before else ''}{note}"
+            )
+        click.echo(f"total: {info['planned']} messages, {human_bytes(info['planned_bytes'])}")
+        return
+    click.echo(
+        f"{summary.sent} messages {verb} ({human_bytes(summary.bytes)}) from {len(summary.folders)} folders "
+        f"in {summary.elapsed:.1f} s; {info['found']} already on the target, {info['done_before']} done by an "
+        f"earlier run, {info['recovered']} recovered after an interruption, {info['flags_updated']} flag updates"
+    )
+    for report in summary.folders:
+        if report.skipped:
+            click.echo(f"skipped {report.source}: {report.skipped}")
+    for folder, item in summary.failed:
+        click.echo(f"failed {folder}: {item}", err=True)
+
+
+def finish_transfer(summary: Any, verb: str, json_output: bool, quiet: bool) -> None:
+    if json_output:
+        click.echo(json.dumps(summary.as_dict()))
+    elif not quiet:
+        print_transfer(summary, verb)
+    else:
+        for folder, item in summary.failed:
+            click.echo(f"failed {folder}: {item}", err=True)
+    sys.exit(0 if summary.ok else 1)
+
+
+def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by restore and migrate."""
+    for option in reversed(
+        [
+            click.option("--folder", "include", multiple=True, metavar="GLOB", help="Only matching folders (repeatable)."),
+            click.option("--exclude", multiple=True, metavar="GLOB", help="Skip matching folders (repeatable)."),
+            click.option("--into", metavar="PREFIX", help="Put everything under this folder ('/'-separated)."),
+            click.option("--no-automap", is_flag=True, help="Keep literal names; don't map \\Sent, \\Trash... by role."),
+            click.option("--dry-run", is_flag=True, help="Print the plan and change nothing."),
+            click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM)."),
+            click.option("--no-tls", is_flag=True, help="Allow cleartext on imap:// or smtp:// (no STARTTLS). Unsafe."),
+            click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Network read timeout, seconds."),
+            click.option("--batch-messages", type=click.IntRange(1, 10000), default=100, hidden=True),
+            click.option("--json", "json_output", is_flag=True, help="Print the summary as one JSON object on stdout."),
+            click.option("-v", "--verbose", count=True, help="More detail (-vv for debug)."),
+            click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary, errors only."),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+@main.command("restore")
+@click.argument("archive")
+@click.argument("target")
+@transfer_options
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), help="Only messages dated on or after YYYY-MM-DD.")
+@click.option("--before", type=click.DateTime(formats=["%Y-%m-%d"]), help="Only messages dated before YYYY-MM-DD.")
+@click.option("--include-gone", is_flag=True, help="Also restore messages that were gone from the server at backup time.")
+@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the target's password from this file.")
+@click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the target's password.")
+@click.option("--to", "recipients", multiple=True, metavar="ADDRESS", help="SMTP: a recipient (required, repeatable).")
+@click.option("--from", "sender", metavar="ADDRESS", help="SMTP: the envelope sender (default: the login if it is an address).")
+@click.option("--resent", is_flag=True, help="SMTP: add Resent-From/To/Date/Message-ID headers.")
+@click.option("--rate", metavar="N/min", help="SMTP: send at most N messages per minute (or N/s, N/h).")
+def restore_command(
+    archive: str,
+    target: str,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    into: str | None,
+    no_automap: bool,
+    dry_run: bool,
+    ca_file: str | None,
+    no_tls: bool,
+    timeout: float,
+    batch_messages: int,
+    json_output: bool,
+    verbose: int,
+    quiet: bool,
+    since: Any,
+    before: Any,
+    include_gone: bool,
+    password_file: str | None,
+    password_command: str | None,
+    recipients: tuple[str, ...],
+    sender: str | None,
+    resent: bool,
+    rate: str | None,
+) -> None:
+    """Put the messages of ARCHIVE back on TARGET.
+
+    TARGET is imaps://user@host or imap://user@host (APPEND, flags, dates and
+    folders kept), or smtps://user@host[:465] or smtp://user@host[:587] (resend
+    to the --to addresses, bytes as archived). Reruns resume; nothing is sent twice.
+    """
+    setup_logging(verbose, quiet)
+    from .restore import RestoreOptions, restore
+
+    bars = Bars(enabled=not quiet and not json_output and not dry_run and sys.stderr.isatty())
+
+    def action() -> Any:
+        options = RestoreOptions(
+            include=include,
+            exclude=exclude,
+            since=since.date() if since else None,
+            before=before.date() if before else None,
+            include_gone=include_gone,
+            into=into,
+            automap=not no_automap,
+            dry_run=dry_run,
+            no_tls=no_tls,
+            ca_file=ca_file,
+            timeout=timeout,
+            batch_messages=batch_messages,
+            recipients=tuple(check_address(a, "--to") for a in recipients),
+            sender=check_address(sender, "--from") if sender is not None else None,
+            resent=resent,
+            rate_per_minute=parse_rate(rate),
+        )
+        password = resolve_password(
+            file=password_file, command=password_command, prompt=password_prompt(target), what="the target"
+        )
+        try:
+            return restore(archive, target, password=password, options=options, progress=bars)
+        finally:
+            bars.close()
+
+    summary = run(json_output, action)
+    finish_transfer(summary, "sent" if target.lower().startswith("smtp") else "restored", json_output, quiet)
+
+
+@main.command("migrate")
+@click.argument("source")
+@click.argument("target")
+@transfer_options
+@click.option("--state", type=click.Path(dir_okay=False), help="State database (default: $XDG_STATE_HOME/mailbackup/migrate.sqlite).")
+@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the source's password from this file.")
+@click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the source's password.")
+@click.option("--target-password-file", type=click.Path(dir_okay=False), help="Read the target's password from this file.")
+@click.option("--target-password-command", metavar="CMD", help="Run CMD and use its output as the target's password.")
+def migrate_command(
+    source: str,
+    target: str,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    into: str | None,
+    no_automap: bool,
+    dry_run: bool,
+    ca_file: str | None,
+    no_tls: bool,
+    timeout: float,
+    batch_messages: int,
+    json_output: bool,
+    verbose: int,
+    quiet: bool,
+    state: str | None,
+    password_file: str | None,
+    password_command: str | None,
+    target_password_file: str | None,
+    target_password_command: str | None,
+) -> None:
+    """Copy the IMAP account SOURCE to the IMAP account TARGET, folder by folder.
+
+    Incremental: a rerun copies only new messages and carries flag changes over.
+    The source password comes from --password-file, --password-command or
+    MAILBACKUP_PASSWORD; the target's from --target-password-file,
+    --target-password-command or MAILBACKUP_TARGET_PASSWORD.
+    """
+    setup_logging(verbose, quiet)
+    from .restore import RestoreOptions, migrate
+
+    bars = Bars(enabled=not quiet and not json_output and not dry_run and sys.stderr.isatty())
+
+    def action() -> Any:
+        options = RestoreOptions(
+            include=include,
+            exclude=exclude,
+            into=into,
+            automap=not no_automap,
+            dry_run=dry_run,
+            no_tls=no_tls,
+            ca_file=ca_file,
+            timeout=timeout,
+            batch_messages=batch_messages,
+        )
+        password = resolve_password(file=password_file, command=password_command, prompt=password_prompt(source))
+        target_password = resolve_password(
+            file=target_password_file,
+            command=target_password_command,
+            env="MAILBACKUP_TARGET_PASSWORD",
+            prompt=password_prompt(target),
+            what="the target",
+        )
+        try:
+            return migrate(
+                source, target, password=password, target_password=target_password, state=state, options=options, progress=bars
+            )
+        finally:
+            bars.close()
+
+    summary = run(json_output, action)
+    finish_transfer(summary, "copied", json_output, quiet)

@@ -1,0 +1,198 @@
+"""SMTP target: resend archived messages, bytes as archived, to fixed recipients (smtplib).
+
+Every folder goes to the same `--to` addresses. 4xx replies and dropped connections
+are retried with exponential backoff; a 5xx reply fails that message only.
+Sending is paced to at most `rate_per_minute` messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from email.utils import format_datetime, make_msgid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from ..errors import AuthError, TLSError, UsageError
+from ..net import Endpoint, connect_errors, tls_context, warn_cleartext
+from . import Delivered, Destination, Outgoing
+
+if TYPE_CHECKING:
+    from ..restore import RestoreOptions
+
+log = logging.getLogger("mailbackup")
+
+
+def resent_headers(sender: str, recipients: Sequence[str], when: datetime, msgid: str) -> bytes:
+    """Resent-* fields to prepend (RFC 5322 3.6.6): the message itself stays as archived."""
+    lines = [
+        f"Resent-Date: {format_datetime(when)}",
+        f"Resent-From: <{sender}>",
+        f"Resent-To: {', '.join(f'<{r}>' for r in recipients)}",
+        f"Resent-Message-ID: {msgid}",
+    ]
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+class SmtpTarget:
+    """One SMTP session, reopened when the server drops it."""
+
+    window = 1
+
+    def __init__(
+        self, endpoint: Endpoint, password: str, options: RestoreOptions, *, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        if not options.recipients:
+            raise UsageError("restore over SMTP needs at least one --to address")
+        sender = options.sender or (endpoint.user if "@" in endpoint.user else None)
+        if not sender:
+            raise UsageError(f"the login {endpoint.user!r} is not an address: give the envelope sender with --from")
+        self.endpoint = endpoint
+        self.password = password
+        self.options = options
+        self.sender = sender
+        self.recipients = tuple(options.recipients)
+        self.identity = f"smtp://{endpoint.user}@{endpoint.host}:{endpoint.port} to {','.join(sorted(self.recipients))}"
+        self.interval = 60.0 / options.rate_per_minute if options.rate_per_minute else 0.0
+        self.sleep = sleep
+        self.session: smtplib.SMTP | None = None
+        self._next_start = 0.0
+        self._done: deque[list[Delivered]] = deque()
+
+    @classmethod
+    def connect(cls, endpoint: Endpoint, password: str, options: RestoreOptions) -> SmtpTarget:
+        target = cls(endpoint, password, options)
+        if not options.dry_run:
+            target._open()
+        return target
+
+    def _open(self) -> smtplib.SMTP:
+        if self.session is not None:
+            return self.session
+        endpoint = self.endpoint
+        context = tls_context(self.options.ca_file) if endpoint.tls != "none" else None
+        warn_cleartext(endpoint)
+        with connect_errors(endpoint):
+            if endpoint.tls == "implicit":
+                session: smtplib.SMTP = smtplib.SMTP_SSL(
+                    endpoint.host, endpoint.port, timeout=self.options.timeout, context=context
+                )
+            else:
+                session = smtplib.SMTP(endpoint.host, endpoint.port, timeout=self.options.timeout)
+            session.ehlo()
+            if endpoint.tls == "starttls":
+                if not session.has_extn("starttls"):
+                    session.close()
+                    raise TLSError(
+                        f"{endpoint.host} does not offer STARTTLS; no credentials were sent "
+                        "(use smtps://, or --no-tls to allow cleartext)"
+                    )
+                session.starttls(context=context)
+                session.ehlo()
+            if session.has_extn("auth"):
+                try:
+                    session.login(endpoint.user, self.password)
+                except smtplib.SMTPAuthenticationError as exc:
+                    session.close()
+                    raise AuthError(f"login as {endpoint.user} at {endpoint.host} failed: {_reply(exc)}") from exc
+            else:
+                log.info("%s offers no AUTH; sending without logging in", endpoint.host)
+        self.session = session
+        return session
+
+    def _drop(self) -> None:
+        if self.session is not None:
+            try:
+                self.session.close()
+            except Exception:  # already gone
+                pass
+        self.session = None
+
+    def close(self) -> None:
+        if self.session is not None:
+            try:
+                self.session.quit()
+            except Exception:  # already gone
+                pass
+        self._drop()
+
+    def destination(self, source_name: str, delimiter: str | None, attributes: frozenset[str]) -> str:
+        return "to " + ", ".join(self.recipients)
+
+    def open(self, name: str, *, create: bool = True) -> Destination:
+        return Destination(name=name)
+
+    def copies(self, destination: Destination, size: int, sha256: str) -> int:
+        return 0  # a mail server cannot be asked what it delivered
+
+    @property
+    def pending(self) -> int:
+        return len(self._done)
+
+    @property
+    def full(self) -> bool:
+        return len(self._done) >= self.window
+
+    def send(self, destination: Destination, batch: Sequence[Outgoing]) -> None:
+        self._done.append([self._deliver(message) for message in batch])
+
+    def collect(self) -> list[Delivered]:
+        return self._done.popleft()
+
+    def _deliver(self, message: Outgoing) -> Delivered:
+        raw = message.raw
+        if self.options.resent:
+            raw = resent_headers(self.sender, self.recipients, datetime.now(timezone.utc), make_msgid()) + raw
+        last = "no attempt"
+        for attempt in range(self.options.retries + 1):
+            if attempt:
+                self.sleep(self.options.backoff * 2 ** (attempt - 1))
+            wait = self._next_start - time.monotonic()
+            if wait > 0:
+                self.sleep(wait)
+            self._next_start = time.monotonic() + self.interval
+            try:
+                session = self._open()
+                refused = session.sendmail(self.sender, list(self.recipients), raw, self._mail_options(session, raw))
+            except smtplib.SMTPRecipientsRefused as exc:
+                codes = [code for code, _ in exc.recipients.values()]
+                last = "; ".join(f"{rcpt}: {_reply_text(code, text)}" for rcpt, (code, text) in exc.recipients.items())
+                if all(400 <= code < 500 for code in codes):
+                    continue
+                return Delivered(message.item, ok=False, detail=last)
+            except smtplib.SMTPResponseException as exc:
+                last = _reply(exc)
+                if 400 <= exc.smtp_code < 500:
+                    continue
+                return Delivered(message.item, ok=False, detail=last)
+            except (smtplib.SMTPServerDisconnected, OSError) as exc:
+                last = f"connection lost: {exc}"
+                self._drop()
+                continue
+            except smtplib.SMTPException as exc:
+                return Delivered(message.item, ok=False, detail=str(exc))
+            if refused:
+                detail = "; ".join(f"{rcpt}: {_reply_text(code, text)}" for rcpt, (code, text) in refused.items())
+                return Delivered(message.item, ok=True, detail=f"delivered, but refused for {detail}")
+            return Delivered(message.item, ok=True)
+        return Delivered(message.item, ok=False, detail=f"gave up after {self.options.retries + 1} attempts: {last}")
+
+    def _mail_options(self, session: smtplib.SMTP, raw: bytes) -> list[str]:
+        options = []
+        if not raw.isascii() and session.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if not all(a.isascii() for a in (self.sender, *self.recipients)) and session.has_extn("smtputf8"):
+            options.append("SMTPUTF8")
+        return options
+
+
+def _reply_text(code: int, text: bytes | str) -> str:
+    value = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    return f"{code} {value}".strip()
+
+
+def _reply(exc: smtplib.SMTPResponseException) -> str:
+    return _reply_text(exc.smtp_code, exc.smtp_error)
