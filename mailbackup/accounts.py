@@ -24,6 +24,7 @@ def options_for(account: Account) -> BackupOptions:
         into=account.into,
         delete=account.delete,
         delete_older_than=account.delete_older_than,
+        index=account.index,
     )
 
 

@@ -147,6 +147,7 @@ def main() -> None:
 @click.option("--account", "account_names", multiple=True, metavar="NAME", help="Back up this configured account (repeatable).")
 @click.option("--all", "all_accounts", is_flag=True, help="Back up every configured account.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Accounts backed up in parallel processes.")
+@click.option("--no-index", is_flag=True, help="Do not update the search index (mailbackup reindex catches up).")
 @click.option("--batch-messages", type=click.IntRange(1, 10000), default=200, hidden=True)
 @click.option("--json", "json_output", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
@@ -170,6 +171,7 @@ def backup_command(
     account_names: tuple[str, ...],
     all_accounts: bool,
     jobs: int,
+    no_index: bool,
     batch_messages: int,
     json_output: bool,
     verbose: int,
@@ -203,6 +205,7 @@ def backup_command(
         delete=delete,
         delete_older_than=delete_older_than,
         auth=oauth2_mechanism if oauth2_token_command else "password",
+        index=not no_index,
     )
     bars = Bars(enabled=not quiet and not json_output and sys.stderr.isatty())
 

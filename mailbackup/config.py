@@ -27,6 +27,7 @@ KNOWN_KEYS = {
     "delete",
     "delete_older_than",
     "oauth2_mechanism",
+    "index",
     *SECRET_KEYS,
 }
 
@@ -51,6 +52,7 @@ class Account:
     delete_older_than: float | None = None
     secret: dict[str, Any] = field(default_factory=dict, compare=False)
     oauth2_mechanism: str = "xoauth2"
+    index: bool = True
 
     @property
     def auth(self) -> str:
@@ -142,6 +144,7 @@ def account(name: str, table: Any, path: Path) -> Account:
             delete_older_than=float(table["delete_older_than"]) if "delete_older_than" in table else None,
             secret=secrets,
             oauth2_mechanism=str(table.get("oauth2_mechanism", "xoauth2")).lower(),
+            index=bool(table.get("index", True)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
-from . import search
 from .errors import ServerError, UsageError
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
 from .net import Endpoint, parse_url
+from .search import Indexer
 from .sources.imap import ImapSource
 from .sources.pop3 import Listed, Pop3Source, message_date
 from .stores import Store, open_store
@@ -45,6 +45,7 @@ class BackupOptions:
     no_tls: bool = False
     ca_file: str | None = None
     auth: str = "password"  # or "xoauth2" / "oauthbearer": the secret is then an access token
+    index: bool = True  # keep the full-text search index up to date
     timeout: float = 120.0
     batch_messages: int = 200
     batch_bytes: int = 16 << 20
@@ -147,20 +148,32 @@ class _Tally:
         )
 
 
-def commit(store: Store, archived: ArchivedFolder, uid_validity: int | None, messages: list[Message]) -> None:
+def commit(
+    store: Store, archived: ArchivedFolder, uid_validity: int | None, messages: list[Message], indexer: Indexer | None
+) -> None:
     """The one write path: bytes durable in the store first, then their catalog rows."""
     if messages:
         locations = store.put(archived, messages)
         store.catalog.add(archived.id, uid_validity, list(zip(messages, locations)))
-        search.index_committed(store, messages)  # never raises: a stale index only logs a warning
+        if indexer is not None:
+            indexer.add(messages)  # never raises: a stale index only logs a warning
 
 
 class FolderSync:
     """Bring one archived folder up to date with the selected server folder."""
 
-    def __init__(self, source: ImapSource, store: Store, folder: Folder, options: BackupOptions, progress: Progress):
+    def __init__(
+        self,
+        source: ImapSource,
+        store: Store,
+        folder: Folder,
+        options: BackupOptions,
+        progress: Progress,
+        indexer: Indexer | None = None,
+    ):
         self.source = source
         self.store = store
+        self.indexer = indexer
         self.catalog = store.catalog
         self.folder = folder
         self.options = options
@@ -242,7 +255,7 @@ class FolderSync:
             location = self.store.set_flags(stale.location, message.flags)
             self.catalog.rekey(stale.id, message, validity, location)
             self.tally.adopted += 1
-        commit(self.store, archived, validity, fresh)
+        commit(self.store, archived, validity, fresh, self.indexer)
         self.tally.new += len(fresh)
         self.tally.bytes += sum(m.size for m in fresh)
 
@@ -250,9 +263,12 @@ class FolderSync:
 class Pop3Sync:
     """Copy a POP3 maildrop into one archive folder; DELE only what is committed."""
 
-    def __init__(self, source: Pop3Source, store: Store, options: BackupOptions, progress: Progress):
+    def __init__(
+        self, source: Pop3Source, store: Store, options: BackupOptions, progress: Progress, indexer: Indexer | None = None
+    ):
         self.source = source
         self.store = store
+        self.indexer = indexer
         self.catalog = store.catalog
         self.options = options
         self.progress = progress
@@ -287,7 +303,7 @@ class Pop3Sync:
                     Message(raw=raw, internal_date=when or datetime.now(timezone.utc), source_id=listed.uidl, date_source=how)
                 )
                 stored.append(number)
-            commit(self.store, archived, None, messages)
+            commit(self.store, archived, None, messages, self.indexer)
             self.tally.new += len(messages)
             self.tally.bytes += sum(m.size for m in messages)
             self.progress.stored(len(messages), sum(m.size for m in messages))
@@ -324,7 +340,9 @@ class Pop3Sync:
         self.tally.deleted += len(numbers)
 
 
-def backup_imap(endpoint: Endpoint, store: Store, password: str, options: BackupOptions, progress: Progress) -> list[FolderReport]:
+def backup_imap(
+    endpoint: Endpoint, store: Store, password: str, options: BackupOptions, progress: Progress, indexer: Indexer | None
+) -> list[FolderReport]:
     reports: list[FolderReport] = []
     source = ImapSource.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
     try:
@@ -335,7 +353,7 @@ def backup_imap(endpoint: Endpoint, store: Store, password: str, options: Backup
                 report = FolderReport(name=folder.name, skipped="not selectable")
             else:
                 try:
-                    report = FolderSync(source, store, folder, options, progress).run()
+                    report = FolderSync(source, store, folder, options, progress, indexer).run()
                 except ServerError as exc:
                     report = FolderReport(name=folder.name, failed=(str(exc),))
             reports.append(report)
@@ -345,12 +363,14 @@ def backup_imap(endpoint: Endpoint, store: Store, password: str, options: Backup
     return reports
 
 
-def backup_pop3(endpoint: Endpoint, store: Store, password: str, options: BackupOptions, progress: Progress) -> list[FolderReport]:
+def backup_pop3(
+    endpoint: Endpoint, store: Store, password: str, options: BackupOptions, progress: Progress, indexer: Indexer | None
+) -> list[FolderReport]:
     source = Pop3Source.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
     finished = False
     try:
         progress.plan(1)
-        report = Pop3Sync(source, store, options, progress).run()
+        report = Pop3Sync(source, store, options, progress, indexer).run()
         progress.folder_done(report)
         finished = True
     finally:
@@ -388,7 +408,12 @@ def backup(
     try:
         run = backup_pop3 if endpoint.scheme.startswith("pop3") else backup_imap
         with store.lock():
-            reports = run(endpoint, store, password, options, progress)
+            indexer = Indexer(store) if options.index else None
+            try:
+                reports = run(endpoint, store, password, options, progress, indexer)
+            finally:
+                if indexer is not None:
+                    indexer.close()
     finally:
         store.close()
     return Summary(str(endpoint), store.url, tuple(reports), time.monotonic() - started)

@@ -15,7 +15,11 @@ from __future__ import annotations
 import email.header
 import email.utils
 import logging
+import pickle
 import re
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from email import policy
 from email.message import Message as EmailMessage
 from email.parser import BytesParser
 from html.parser import HTMLParser
+from typing import Any, BinaryIO
 
 import sqlalchemy as sa
 
@@ -275,11 +280,113 @@ def index_messages(store: Store, batch: Sequence[Message]) -> int:
 
 
 def index_committed(store: Store, batch: Sequence[Message]) -> None:
-    """Backup's hook, called after a batch's catalog rows are committed: never fails the backup."""
+    """Index a committed batch now; never fails the caller (export uses this)."""
     try:
         index_messages(store, batch)
     except Exception as exc:  # the index is a convenience; the backup is what matters
         log.warning("search index not updated (%s); run 'mailbackup reindex' to catch up", exc)
+
+
+def documents(items: Sequence[tuple[bytes, str, datetime | None]]) -> list[Document]:
+    """The text of each (raw head, sha256, date)."""
+    return [document(raw, sha256, when) for raw, sha256, when in items]
+
+
+def _send(stream: BinaryIO, obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("!Q", len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream: BinaryIO) -> Any:
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError("indexer process ended")
+    return pickle.loads(stream.read(struct.unpack("!Q", head)[0]))
+
+
+def serve() -> None:
+    """The indexer process: read batches on stdin, answer documents on stdout, until EOF."""
+    while True:
+        try:
+            items = _receive(sys.stdin.buffer)
+        except EOFError:
+            return
+        _send(sys.stdout.buffer, documents(items))
+
+
+class Indexer:
+    """Keeps the index up to date during backup without making backup wait for MIME parsing.
+
+    Parsing runs in a helper process one batch behind the backup (a plain child
+    process, so nothing of this one's threads or sockets is copied into it); this
+    process only writes finished documents. A failure leaves messages unindexed,
+    never the backup undone: `mailbackup reindex` catches up.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.enabled = supported(store)
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.waiting = False
+
+    def add(self, batch: Sequence[Message]) -> None:
+        if not self.enabled or not batch:
+            return
+        try:
+            self._collect()
+            if self.worker is None:
+                code = "from mailbackup.search import serve; serve()"
+                self.worker = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert self.worker.stdin is not None
+            _send(self.worker.stdin, [(m.raw[:PARSE_CAP], m.sha256, m.internal_date) for m in batch])
+            self.waiting = True
+        except Exception as exc:
+            self._give_up(exc)
+
+    def close(self) -> None:
+        try:
+            if self.enabled:
+                self._collect()
+        except Exception as exc:
+            self._give_up(exc)
+        finally:
+            self._stop()
+
+    def _collect(self) -> None:
+        if self.waiting and self.worker is not None:
+            assert self.worker.stdout is not None
+            self.waiting = False
+            self._write(_receive(self.worker.stdout))
+
+    def _stop(self) -> None:
+        if self.worker is not None:
+            worker, self.worker = self.worker, None
+            for stream in (worker.stdin, worker.stdout):
+                if stream is not None:
+                    stream.close()
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+    def _write(self, docs: list[Document]) -> None:
+        with self.store.catalog.engine.begin() as conn:
+            # No fsync of its own: the next catalog commit makes it durable, and a
+            # lost index row only means reindex has work to do.
+            conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+            _ensure_schema(conn)
+            for doc in docs:
+                if not _indexed(conn, doc.sha256):
+                    _insert(conn, doc)
+        with self.store.catalog.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA synchronous=FULL")
+
+    def _give_up(self, exc: Exception) -> None:
+        log.warning("search index not updated (%s); run 'mailbackup reindex' to catch up", exc)
+        self.enabled = False
+        self._stop()
 
 
 def _indexed(conn: sa.Connection, sha256: str) -> bool:

@@ -107,10 +107,10 @@ def test_filters_narrow_the_hits(archive: str) -> None:
 
 
 def test_reindex_builds_an_index_that_backup_could_not_write(dovecot, account, tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
-    def broken(store, batch):  # type: ignore[no-untyped-def]
+    def broken(self, docs):  # type: ignore[no-untyped-def]
         raise RuntimeError("index is broken")
 
-    monkeypatch.setattr(search_module, "index_messages", broken)
+    monkeypatch.setattr(search_module.Indexer, "_write", broken)
     dovecot.append(account, "INBOX", LATIN1_B64)
     dovecot.append(account, "INBOX", PLAIN)
     url = str(tmp_path / "a.sqlite")
