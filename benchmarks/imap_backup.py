@@ -363,10 +363,10 @@ class Bench:
                 "sqlite": str(out / "archive.sqlite")}[store]
 
     def run_mailbackup(self, name: str, account: Account, archive: str, expected_new: int,
-                       expected_total: int) -> Result:
+                       expected_total: int, extra: tuple[str, ...] = ()) -> Result:
         env = {**os.environ, "MAILBACKUP_PASSWORD": account.password}
         cmd = [*self.mailbackup, "backup", f"imap://{account.user}@127.0.0.1:{self.server.imap_port}",
-               "--no-tls", archive, "--json", "-q"]
+               "--no-tls", archive, "--json", "-q", *extra]
         seconds, rss, proc = timed(cmd, env)
         r = Result(name, seconds, peak_rss_mb=rss, bytes=self.sizes[account.user] if expected_new else 0)
         out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
@@ -401,6 +401,10 @@ class Bench:
             if store == "maildir":
                 self.run_mailbackup("maildir-incr", account, archive, 0, n)
             if not self.args.keep:
+                shutil.rmtree(out, ignore_errors=True)
+            if store in ("maildir", "sqlite"):  # the same without the search index
+                out = self.fresh(store + "-noindex")
+                self.run_mailbackup(f"{store} --no-index", account, self.archive_spec(store, out), n, n, ("--no-index",))
                 shutil.rmtree(out, ignore_errors=True)
 
     def scale(self, n: int) -> dict:
@@ -440,12 +444,15 @@ class Bench:
             x, y = rate(a), rate(b)
             return round(x / y, 2) if x and y else None
 
-        peak = max((r.peak_rss_mb for r in self.results if r.name in self.args.stores
+        peak = max((r.peak_rss_mb for r in self.results if r.name.split()[0] in self.args.stores
                     or r.name == "maildir-incr"), default=None)
         ratios = {
             "maildir_vs_mbsync": ratio("maildir", "ref-B mbsync (fsync)"),
             "maildir_vs_ref_a": ratio("maildir", REF_A),
             "sqlite_vs_mbsync": ratio("sqlite", "ref-B mbsync (fsync)"),
+            "maildir_no_index_vs_mbsync": ratio("maildir --no-index", "ref-B mbsync (fsync)"),
+            "maildir_no_index_vs_ref_a": ratio("maildir --no-index", REF_A),
+            "sqlite_no_index_vs_mbsync": ratio("sqlite --no-index", "ref-B mbsync (fsync)"),
             "mailbackup_peak_rss_mb": round(peak, 1) if peak is not None else None,
         }
         checks = {
@@ -500,6 +507,11 @@ def print_table(report: dict) -> None:
     print(f"Maildir vs mbsync : {fmt(r['maildir_vs_mbsync']):>7}  (target >= {t['maildir_vs_mbsync']}x)  {mark(ok['maildir_vs_mbsync'])}")
     print(f"Maildir vs ref-A  : {fmt(r['maildir_vs_ref_a']):>7}  (target >= {t['maildir_vs_ref_a']}x)  {mark(ok['maildir_vs_ref_a'])}")
     print(f"SQLite vs mbsync  : {fmt(r['sqlite_vs_mbsync']):>7}  (target >= {t['sqlite_vs_mbsync']}x)  {mark(ok['sqlite_vs_mbsync'])}")
+    for key, label in (("maildir_no_index_vs_mbsync", "Maildir --no-index vs mbsync"),
+                       ("maildir_no_index_vs_ref_a", "Maildir --no-index vs ref-A"),
+                       ("sqlite_no_index_vs_mbsync", "SQLite --no-index vs mbsync")):
+        if r.get(key) is not None:
+            print(f"{label:<29}: {fmt(r[key]):>7}")
     peak = r["mailbackup_peak_rss_mb"]
     print(f"mailbackup peak RSS: {'n/a' if peak is None else f'{peak:.1f} MB'}  (target < {t['peak_rss_mb_max']:.0f} MB)  "
           f"{mark(ok['peak_rss_under_100mb'])}")
