@@ -392,14 +392,9 @@ def index_messages(store: Store, batch: Sequence[Message]) -> int:
         return 0
     with store.catalog.engine.begin() as conn:
         _ensure_schema(conn)
-        added = 0
-        for message in batch:
-            if _indexed(conn, message.sha256):
-                continue
-            # One message parsed at a time; its parsed form is dropped before the next.
-            _insert(conn, document(message.raw, message.sha256, message.internal_date))
-            added += 1
-    return added
+        fresh = _not_indexed(conn, [m.sha256 for m in batch])
+        # One message parsed at a time; its parsed form is dropped before the next.
+        return _insert_many(conn, [document(m.raw, m.sha256, m.internal_date) for m in batch if m.sha256 in fresh])
 
 
 def index_committed(store: Store, batch: Sequence[Message]) -> None:
@@ -452,6 +447,7 @@ class Indexer:
         self.enabled = supported(store)
         self.worker: subprocess.Popen[bytes] | None = None
         self.waiting = False
+        self.schema_ready = False
 
     def add(self, batch: Sequence[Message]) -> None:
         if not self.enabled or not batch:
@@ -495,16 +491,21 @@ class Indexer:
                 worker.wait()
 
     def _write(self, docs: list[Document]) -> None:
-        with self.store.catalog.engine.begin() as conn:
-            # No fsync of its own: the next catalog commit makes it durable, and a
-            # lost index row only means reindex has work to do.
-            conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
-            _ensure_schema(conn)
-            for doc in docs:
-                if not _indexed(conn, doc.sha256):
-                    _insert(conn, doc)
         with self.store.catalog.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA synchronous=FULL")
+            # No fsync of its own: the next catalog commit makes it durable, and a
+            # lost index row only means reindex has work to do. The same pooled
+            # connection goes back to FULL before anyone else can use it.
+            try:
+                with conn.begin():
+                    conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+                    if not self.schema_ready:
+                        _ensure_schema(conn)
+                        self.schema_ready = True
+                    fresh = _not_indexed(conn, [d.sha256 for d in docs])
+                    _insert_many(conn, [d for d in docs if d.sha256 in fresh])
+            finally:
+                conn.exec_driver_sql("PRAGMA synchronous=FULL")
+                conn.commit()
 
     def _give_up(self, exc: Exception) -> None:
         log.warning("search index not updated (%s); run 'mailbackup reindex' to catch up", exc)
@@ -512,19 +513,32 @@ class Indexer:
         self._stop()
 
 
-def _indexed(conn: sa.Connection, sha256: str) -> bool:
-    return conn.exec_driver_sql("SELECT 1 FROM search_docs WHERE sha256 = ?", (sha256,)).first() is not None
+def _not_indexed(conn: sa.Connection, hashes: Sequence[str]) -> set[str]:
+    wanted = set(hashes)
+    for start in range(0, len(hashes), 500):
+        part = list(hashes[start : start + 500])
+        marks = ",".join("?" * len(part))
+        found = conn.exec_driver_sql(f"SELECT sha256 FROM search_docs WHERE sha256 IN ({marks})", tuple(part))
+        wanted.difference_update(row[0] for row in found)
+    return wanted
 
 
-def _insert(conn: sa.Connection, doc: Document) -> None:
-    result = conn.exec_driver_sql(
-        "INSERT INTO search_docs (sha256, sent_at, sender, subject) VALUES (?, ?, ?, ?)",
-        (doc.sha256, doc.sent_at, doc.sender, doc.subject),
+def _insert_many(conn: sa.Connection, docs: Sequence[Document]) -> int:
+    """Insert documents with two executemany calls; ids are taken inside this write transaction."""
+    unique = list({d.sha256: d for d in docs}.values())
+    if not unique:
+        return 0
+    first = (conn.exec_driver_sql("SELECT coalesce(max(id), 0) FROM search_docs").scalar() or 0) + 1
+    ids = range(first, first + len(unique))
+    conn.exec_driver_sql(
+        "INSERT INTO search_docs (id, sha256, sent_at, sender, subject) VALUES (?, ?, ?, ?, ?)",
+        [(i, d.sha256, d.sent_at, d.sender, d.subject) for i, d in zip(ids, unique)],
     )
     conn.exec_driver_sql(
         "INSERT INTO search_text (rowid, sender, recipients, subject, body) VALUES (?, ?, ?, ?, ?)",
-        (result.lastrowid, doc.sender, doc.recipients, doc.subject, doc.body),
+        [(i, d.sender, d.recipients, d.subject, d.body) for i, d in zip(ids, unique)],
     )
+    return len(unique)
 
 
 @dataclass(frozen=True)
@@ -556,16 +570,15 @@ def reindex(archive: str, *, rebuild: bool = False, batch_size: int = 200) -> Re
             if not page:
                 break
             after = page[-1][0]
+            docs = []
+            for sha256, location, internal_date in page:
+                try:
+                    raw = store.get(location)
+                    docs.append(document(raw, sha256, datetime.fromisoformat(internal_date) if internal_date else None))
+                except (StoreError, ValueError) as exc:
+                    failed.append(f"{sha256}: {exc}")
             with engine.begin() as conn:
-                for sha256, location, internal_date in page:
-                    try:
-                        raw = store.get(location)
-                        doc = document(raw, sha256, datetime.fromisoformat(internal_date) if internal_date else None)
-                    except (StoreError, ValueError) as exc:
-                        failed.append(f"{sha256}: {exc}")
-                        continue
-                    _insert(conn, doc)
-                    indexed += 1
+                indexed += _insert_many(conn, docs)
     finally:
         store.close()
     return ReindexSummary(store.url, indexed, tuple(failed), time.monotonic() - started)

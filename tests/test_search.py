@@ -169,3 +169,17 @@ def test_fast_reader_indexes_the_corpus_like_the_email_package() -> None:
             # Where the email package reads a malformed boundary line as text, the fast reader does not.
             assert mine == slow or (mine[1:] == slow[1:] and slow[0].startswith(mine[0])), raw[:200]
     assert fast > len(raws) // 2  # most real mail takes the fast path; the rest falls back
+
+
+def test_indexing_leaves_the_catalog_connection_fully_synchronous(tmp_path: Path) -> None:
+    from mailbackup.model import Message
+    from mailbackup.stores import open_store
+
+    store = open_store(str(tmp_path / "a.sqlite"))
+    indexer = search_module.Indexer(store)
+    indexer.add([Message(raw=b"Subject: durable\r\n\r\nbody words\r\n")])
+    indexer.close()
+    with store.catalog.engine.connect() as conn:  # the pool hands back the connection just used
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: POP3 DELE relies on it
+        assert conn.exec_driver_sql("SELECT count(*) FROM search_docs").scalar() == 1
+    store.close()
