@@ -10,17 +10,19 @@ message left in flight by a crash is looked up on the target before it is sent a
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from pathlib import Path
 
 from .catalog import create_engine
 from .errors import ServerError, StoreError, UsageError
 from .journal import DONE, FAILED, FOUND, IN_FLIGHT, Journal, Record
-from .model import Entry, Folder, FolderReport
+from .model import Entry, Folder, FolderReport, Message
 from .net import Endpoint, parse_url
 from .pipeline import Progress, batches, chunks, wanted
 from .sources.imap import ImapSource
@@ -496,12 +498,11 @@ def _migrate_folder(
     )
     progress.folder_started(folder.name, len(todo), base.planned_bytes)
     failed = []
-    for batch in batches(todo, sizes, options.batch_messages, options.batch_bytes):
-        try:
-            messages, missing = source.fetch(batch)
-        except ServerError as exc:
-            failed.extend(f"UID {uid}: {exc}" for uid in batch)
+    for batch, fetched in prefetch(source, batches(todo, sizes, options.batch_messages, options.batch_bytes)):
+        if isinstance(fetched, ServerError):
+            failed.extend(f"UID {uid}: {fetched}" for uid in batch)
             continue
+        messages, missing = fetched
         failed.extend(f"UID {uid}: source sent no body" for uid in missing)
         for message in messages:
             transfer.offer(item(message.uid or 0), message.raw, message.flags, message.internal_date, message.sha256)
@@ -515,6 +516,46 @@ def _migrate_folder(
         flags_updated=flags_updated,
         failed=tuple(failed + transfer.failed),
     )
+
+
+def prefetch(
+    source: ImapSource, work: Iterator[list[int]], depth: int = 2
+) -> Iterator[tuple[list[int], tuple[list[Message], list[int]] | ServerError]]:
+    """Fetch batches on a reader thread while the caller appends: the source and the
+    target then work at the same time. The thread owns the source connection until
+    the iterator is exhausted; any other failure is re-raised in the caller."""
+    slots: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for batch in work:
+                if stop.is_set():
+                    return
+                try:
+                    slots.put((batch, source.fetch(batch)))
+                except ServerError as exc:
+                    slots.put((batch, exc))
+        except BaseException as exc:  # handed to the caller
+            slots.put(exc)
+            return
+        slots.put(None)
+
+    reader = threading.Thread(target=read, name="mailbackup-prefetch", daemon=True)
+    reader.start()
+    try:
+        while (item := slots.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting for a free slot
+            try:
+                slots.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        reader.join()
 
 
 def _propagate_flags(
