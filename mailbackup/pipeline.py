@@ -291,18 +291,15 @@ class Pop3Sync:
         by_number = {m.number: m for m in new}
         for batch in batches([m.number for m in new], sizes, self.options.batch_messages, self.options.batch_bytes):
             messages, stored = [], []
-            for number in batch:
-                listed = by_number[number]
-                try:
-                    raw = self.source.retrieve(listed)
-                except ServerError as exc:
-                    self.tally.failed.append(f"message {number} ({listed.uidl}): {exc}")
+            for listed, outcome in self.source.retrieve_batch([by_number[n] for n in batch]):
+                if isinstance(outcome, ServerError):
+                    self.tally.failed.append(f"message {listed.number} ({listed.uidl}): {outcome}")
                     continue
-                when, how = message_date(raw)
+                when, how = message_date(outcome)
                 messages.append(
-                    Message(raw=raw, internal_date=when or datetime.now(timezone.utc), source_id=listed.uidl, date_source=how)
+                    Message(raw=outcome, internal_date=when or datetime.now(timezone.utc), source_id=listed.uidl, date_source=how)
                 )
-                stored.append(number)
+                stored.append(listed.number)
             commit(self.store, archived, None, messages, self.indexer)
             self.tally.new += len(messages)
             self.tally.bytes += sum(m.size for m in messages)

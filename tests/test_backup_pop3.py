@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import os
 import poplib
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailbackup import BackupOptions, backup
 from mailbackup.catalog import Catalog
-from mailbackup.errors import ConnectionLost, StoreError, TLSError
+from mailbackup.errors import ConnectionLost, ServerError, StoreError, TLSError
 from mailbackup.sources import pop3 as pop3_source
 from mailbackup.sources.pop3 import message_date, read_multiline
 from tests.archive_view import archived
@@ -69,14 +73,12 @@ def test_one_new_message_is_one_retr(dovecot, account, tmp_path: Path) -> None: 
 
 def test_delete_removes_exactly_what_was_archived(dovecot, account, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     seed(dovecot, account, 6)
-    original = pop3_source.Pop3Source.retrieve
+    original = pop3_source.Pop3Source.retrieve_batch
 
-    def refuse_third(self, listed):  # type: ignore[no-untyped-def]
-        if listed.number == 3:
-            raise pop3_source.ServerError("RETR refused")
-        return original(self, listed)
+    def refuse_third(self, batch):  # type: ignore[no-untyped-def]
+        return [(m, pop3_source.ServerError("RETR refused") if m.number == 3 else raw) for m, raw in original(self, batch)]
 
-    monkeypatch.setattr(pop3_source.Pop3Source, "retrieve", refuse_third)
+    monkeypatch.setattr(pop3_source.Pop3Source, "retrieve_batch", refuse_third)
     url = archive_url("maildir", tmp_path)
     summary = pop_backup(account, url, delete=True)
     assert not summary.ok and summary.new == 5 and summary.folders[0].deleted == 5
@@ -189,13 +191,28 @@ def test_server_without_uidl_uses_header_hash_fallback(tmp_path: Path) -> None:
     assert sorted(m.raw for m in archived(url)["INBOX"]) == sorted(messages)
 
 
+def wire(data: bytes, buffer_size: int) -> io.BufferedReader:
+    return io.BufferedReader(io.BytesIO(data), buffer_size=buffer_size)
+
+
 def test_read_multiline_undoes_dot_stuffing_and_keeps_line_endings() -> None:
-    wire = [b"Subject: x\r\n", b"\r\n", b"..\r\n", b"..leading\n", b"x" * 10 + b"\r\n", b".\r\n", b"next"]
-    lines = iter(wire)
-    assert read_multiline(lambda _limit: next(lines), 1000) == b"Subject: x\r\n\r\n.\r\n.leading\nxxxxxxxxxx\r\n"
-    cut = iter([b"a\r\n", b""])
+    stream = wire(b"Subject: x\r\n\r\n..\r\n..leading\nxxxxxxxxxx\r\n.\r\n+OK next", 7)
+    assert read_multiline(stream, 1000) == b"Subject: x\r\n\r\n.\r\n.leading\nxxxxxxxxxx\r\n"
+    assert stream.read() == b"+OK next"  # a pipelined reply behind it is left alone
+    assert read_multiline(wire(b".\r\n", 1), 10) == b""
     with pytest.raises(ConnectionLost):
-        read_multiline(lambda _limit: next(cut), 1000)
+        read_multiline(wire(b"a\r\nb", 4), 1000)
+    with pytest.raises(ServerError):
+        read_multiline(wire(b"x" * 5000 + b"\r\n.\r\n", 64), 1000)
+
+
+@given(st.lists(st.sampled_from([b".", b"..", b"a", b"\r\n", b"\n", b"From ", b".\r\n"]), max_size=40), st.integers(1, 20))
+def test_read_multiline_reverses_dot_stuffing(pieces: list[bytes], buffer_size: int) -> None:
+    body = b"".join(pieces)
+    if body and not body.endswith(b"\n"):
+        body += b"\r\n"  # POP3 cannot carry a body without a final newline
+    stuffed = re.sub(rb"(?m)^\.", b"..", body)
+    assert read_multiline(wire(stuffed + b".\r\n+OK", buffer_size), 10**6) == body
 
 
 def test_message_date_prefers_newest_received_then_date() -> None:

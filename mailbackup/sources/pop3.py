@@ -10,13 +10,11 @@ import email.utils
 import hashlib
 import poplib
 import re
-from collections.abc import Callable
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from email.parser import BytesHeaderParser
-from email.policy import compat32
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from ..credentials import oauthbearer, sasl_b64, xoauth2
 from ..errors import AuthError, ConnectionLost, ServerError, TLSError
@@ -24,6 +22,8 @@ from ..net import Endpoint, connect_errors, tls_context, warn_cleartext
 
 LINE_LIMIT = 1 << 16
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_RECEIVED = re.compile(rb"^Received:(.*(?:\r?\n[ \t].*)*)", re.MULTILINE | re.IGNORECASE)
+_DATE = re.compile(rb"^Date:(.*(?:\r?\n[ \t].*)*)", re.MULTILINE | re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -35,24 +35,30 @@ class Listed:
     uidl: str | None
 
 
-def read_multiline(readline: Callable[[int], bytes], limit: int) -> bytes:
-    """Read a dot-terminated POP3 body, undoing dot-stuffing and keeping line endings as sent."""
-    parts: list[bytes] = []
-    total = 0
-    at_line_start = True
+_END_LINE = re.compile(rb"\n\.\r?\n")
+_STUFFED = re.compile(rb"^\.", re.MULTILINE)
+
+
+def read_multiline(stream: BinaryIO, limit: int) -> bytes:
+    """Read a dot-terminated POP3 body, undo dot-stuffing and keep line endings as sent.
+
+    Reads block-wise with peek(), and consumes exactly up to the terminating
+    '.' line, so a pipelined reply right behind it stays in the buffer.
+    """
+    data = bytearray()
     while True:
-        piece = readline(LINE_LIMIT)
-        if not piece:
+        chunk = stream.peek(1 << 16)
+        if not chunk:
             raise ConnectionLost("connection closed in the middle of a message; rerun to finish")
-        if at_line_start:
-            if piece in (b".\r\n", b".\n"):
-                return b"".join(parts)
-            if piece.startswith(b"."):
-                piece = piece[1:]
-        at_line_start = piece.endswith(b"\n")
-        parts.append(piece)
-        total += len(piece)
-        if total > limit:
+        # The body starts a line, as if a LF came before it: that finds an empty body too.
+        context = bytes(data[-4:]) if len(data) >= 4 else b"\n" + bytes(data)
+        found = _END_LINE.search(context + chunk)
+        if found:
+            data += stream.read(found.end() - len(context))
+            del data[len(data) - (found.end() - found.start()) + 1 :]  # keep the LF that ends the last line
+            return _STUFFED.sub(b"", data)
+        data += stream.read(len(chunk))
+        if len(data) > limit:
             raise ServerError(f"message is larger than the {limit} bytes the server announced")
 
 
@@ -72,14 +78,19 @@ def message_date(raw: bytes) -> tuple[datetime | None, str]:
     """The date to restore with: the newest Received header's, else Date's. Says which."""
     match = _BLANK_LINE.search(raw)
     head = raw[: match.start()] if match else raw
-    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
-    for received in headers.get_all("Received") or []:
-        when = _parse_date(str(received).rpartition(";")[2])
+    # Only the newest (topmost) Received tells when this maildrop got the message.
+    received = _RECEIVED.search(head)
+    if received:
+        when = _parse_date(_unfold(received.group(1)).rpartition(";")[2])
         if when is not None:
             return when, "received"
-        break  # only the newest hop tells when this maildrop got it
-    when = _parse_date(str(headers.get("Date", "")))
+    date = _DATE.search(head)
+    when = _parse_date(_unfold(date.group(1))) if date else None
     return (when, "date") if when is not None else (None, "download")
+
+
+def _unfold(value: bytes) -> str:
+    return re.sub(rb"\r?\n[ \t]", b" ", value).decode("latin-1")
 
 
 def _parse_date(text: str) -> datetime | None:
@@ -107,6 +118,10 @@ class Pop3Source:
     def __init__(self, conn: poplib.POP3, endpoint: Endpoint) -> None:
         self.conn = conn
         self.endpoint = endpoint
+        try:  # capabilities may change at login (RFC 2449), so ask after it
+            self.pipelining = "PIPELINING" in conn.capa()
+        except (poplib.error_proto, OSError):
+            self.pipelining = False
 
     @classmethod
     def connect(
@@ -166,6 +181,35 @@ class Pop3Source:
     def retrieve(self, listed: Listed) -> bytes:
         return self._multiline(f"RETR {listed.number}", listed.size)
 
+    def retrieve_batch(self, batch: Sequence[Listed]) -> list[tuple[Listed, bytes | ServerError]]:
+        """RETR each message; with PIPELINING all commands go out at once, saving a round trip each.
+
+        A message the server refuses comes back as its ServerError; a broken line raises.
+        """
+        if not self.pipelining:
+            out: list[tuple[Listed, bytes | ServerError]] = []
+            for listed in batch:
+                try:
+                    out.append((listed, self.retrieve(listed)))
+                except ServerError as exc:
+                    out.append((listed, exc))
+            return out
+        with command_errors():
+            assert self.conn.sock is not None and self.conn.file is not None
+            self.conn.sock.sendall(b"".join(b"RETR %d\r\n" % m.number for m in batch))
+            return [(listed, self._reply(listed)) for listed in batch]
+
+    def _reply(self, listed: Listed) -> bytes | ServerError:
+        assert self.conn.file is not None
+        status = self.conn.file.readline(LINE_LIMIT)
+        if status.startswith(b"+OK"):
+            return read_multiline(self.conn.file, 2 * listed.size + (1 << 20))
+        if status.startswith(b"-ERR"):
+            return ServerError(f"POP3 server refused message {listed.number}: {status.decode('utf-8', 'replace').strip()}")
+        if not status:
+            raise ConnectionLost("the POP3 server closed the connection; rerun to finish")
+        raise ServerError(f"unexpected POP3 reply: {status[:60]!r}")
+
     def delete(self, number: int) -> None:
         with command_errors():
             self.conn.dele(number)
@@ -185,7 +229,7 @@ class Pop3Source:
             self.conn._putcmd(command)
             self.conn._getresp()
             assert self.conn.file is not None
-            return read_multiline(self.conn.file.readline, 2 * size + (1 << 20))
+            return read_multiline(self.conn.file, 2 * size + (1 << 20))
 
 
 def login(conn: poplib.POP3, endpoint: Endpoint, secret: str, auth: str) -> None:
