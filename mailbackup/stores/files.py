@@ -168,9 +168,10 @@ _QUOTED_FROM_LINE = re.compile(rb"^>(>*From )", re.MULTILINE)
 
 def quote_from(data: bytes) -> bytes:
     """mboxrd: add one '>' to every line that matches ^>*From ."""
-    return _FROM_LINE.sub(rb">\1", data)
+    # A (?m)^ regex tries every offset; most messages have no such line at all.
+    return _FROM_LINE.sub(rb">\1", data) if b"From " in data else data
 
 
 def unquote_from(data: bytes) -> bytes:
     """mboxrd: remove one '>' from every line that matches ^>+From ."""
-    return _QUOTED_FROM_LINE.sub(rb"\1", data)
+    return _QUOTED_FROM_LINE.sub(rb"\1", data) if b"From " in data else data
