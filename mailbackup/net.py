@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 from urllib.parse import unquote
 
-from .errors import ConnectError, TLSError, UsageError
+from .errors import AuthError, ConnectError, TLSError, UsageError
 
 log = logging.getLogger("mailbackup")
 
@@ -104,3 +105,21 @@ def connect_errors(endpoint: Endpoint) -> Iterator[None]:
         raise ConnectError(f"timed out connecting to {where}") from exc
     except OSError as exc:
         raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+
+
+T = TypeVar("T")
+# IMAP [UNAVAILABLE] (RFC 5530), POP3 [SYS/TEMP] and [IN-USE] (RFC 3206): try again later.
+TEMPORARY = ("[UNAVAILABLE]", "[SYS/TEMP]", "[IN-USE]", "Temporary authentication failure")
+
+
+def retry_temporary(connect: Callable[[], T], attempts: int = 3, delay: float = 2.0) -> T:
+    """Log in again after a failure the server calls temporary; a wrong password fails at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return connect()
+        except AuthError as exc:
+            if attempt == attempts or not any(marker in str(exc) for marker in TEMPORARY):
+                raise
+            log.warning("%s; trying again in %.0f s", exc, delay * attempt)
+            time.sleep(delay * attempt)
+    raise AssertionError("unreachable")

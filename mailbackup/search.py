@@ -12,40 +12,23 @@ pretending, and backup skips indexing.
 
 from __future__ import annotations
 
-import binascii
-import email.header
-import email.utils
 import logging
-import pickle
-import re
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from email import policy
-from email.message import Message as EmailMessage
-from email.parser import BytesParser
-from html.parser import HTMLParser
-from typing import Any, BinaryIO
 
 import sqlalchemy as sa
 
 from .catalog import folders, messages
 from .errors import StoreError, UsageError
+from .mime import PARSE_CAP, Document, _receive, _send, document
 from .model import Message
 from .stores import Store, open_store
 
 log = logging.getLogger("mailbackup")
-
-BODY_CAP = 64 * 1024  # characters of body text indexed per message
-PART_CAP = 1 << 20  # bytes of one decoded text part read at most
-# Only the head of a big message is parsed: text parts come before attachments in
-# practice, and parsing a 20 MB attachment to skip it would cost more than the backup.
-PARSE_CAP = 128 * 1024
-_PARSER = BytesParser(policy=policy.compat32)  # compat32: no header objects, several times faster
 
 SCHEMA = (
     # One row per distinct message content; its id is the FTS5 rowid.
@@ -60,18 +43,6 @@ SCHEMA = (
         sender, recipients, subject, body, tokenize = 'unicode61 remove_diacritics 2'
     )""",
 )
-
-
-@dataclass(frozen=True)
-class Document:
-    """What the index keeps of one message."""
-
-    sha256: str
-    sent_at: str | None  # UTC ISO 8601, from Date: or else INTERNALDATE
-    sender: str
-    recipients: str
-    subject: str
-    body: str
 
 
 @dataclass(frozen=True)
@@ -110,270 +81,6 @@ class Filters:
     limit: int | None = None
 
 
-# extracting text
-
-
-class _HtmlText(HTMLParser):
-    """HTML reduced to its text: tags dropped, entities decoded, script and style skipped."""
-
-    SKIP = {"script", "style", "head", "title"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.skipping = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self.SKIP:
-            self.skipping += 1
-        elif tag in ("br", "p", "div", "tr", "li"):
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self.SKIP and self.skipping:
-            self.skipping -= 1
-
-    def handle_data(self, data: str) -> None:
-        if not self.skipping:
-            self.parts.append(data)
-
-
-def html_text(html: str) -> str:
-    parser = _HtmlText()
-    try:
-        parser.feed(html)
-        parser.close()
-    except Exception:  # html.parser is lenient, but a pathological document must not stop indexing
-        pass
-    return re.sub(r"[ \t\r\f\v]+", " ", "".join(parser.parts))
-
-
-def header_text(value: object) -> str:
-    """A header decoded from RFC 2047; raw 8-bit bytes read as UTF-8, else Latin-1."""
-    if value is None:
-        return ""
-    if isinstance(value, email.header.Header):  # compat32 wraps a header holding raw 8-bit bytes
-        text = "".join(_unescape(str(chunk)) for chunk, _ in value._chunks)
-    else:
-        text = _unescape(str(value))
-    try:
-        decoded = email.header.decode_header(text)
-    except Exception:
-        return text
-    out = []
-    for piece, charset in decoded:
-        if isinstance(piece, str):
-            out.append(piece)
-        elif charset is None:  # the unencoded stretches of a header with encoded words
-            out.append(piece.decode("raw-unicode-escape"))
-        else:
-            out.append(_decode(piece, charset))
-    return "".join(out)
-
-
-def _unescape(text: str) -> str:
-    """The parser keeps undecodable bytes as surrogates; SQLite cannot store those."""
-    if not any("\udc80" <= ch <= "\udcff" for ch in text):
-        return text
-    return _decode(text.encode("utf-8", "surrogateescape"), None)
-
-
-def _decode(data: bytes, charset: str | None) -> str:
-    for candidate in (charset, "utf-8"):
-        if not candidate:
-            continue
-        try:
-            return data.decode(candidate)
-        except (LookupError, UnicodeDecodeError):
-            continue
-    return data.decode("latin-1")  # every byte maps, so nothing is lost to the tokenizer
-
-
-def text_parts(part: EmailMessage, depth: int = 0) -> Iterator[EmailMessage]:
-    """The leaf parts worth indexing; of a multipart/alternative only its text/plain if it has one."""
-    if not part.is_multipart():
-        yield part
-        return
-    if depth > 20:  # hostile nesting: the text of sane mail is far shallower
-        return
-    children = part.get_payload()
-    if not isinstance(children, list):
-        return
-    if part.get_content_type() == "multipart/alternative":
-        plain = [c for c in children if c.get_content_type() == "text/plain"]
-        children = plain[:1] or children  # the HTML twin says the same at several times the cost
-    for child in children:
-        yield from text_parts(child, depth + 1)
-
-
-def body_text(parsed: EmailMessage) -> str:
-    """Decoded text of the text parts, HTML reduced to text, capped at BODY_CAP characters."""
-    pieces: list[str] = []
-    length = 0
-    for part in text_parts(parsed):
-        if part.get_content_maintype() != "text" or part.get_content_disposition() == "attachment":
-            continue
-        try:
-            payload = part.get_payload(decode=True)
-            charset = part.get_content_charset()
-        except Exception:  # a malformed part loses its text, not the whole message's
-            continue
-        if not isinstance(payload, bytes):
-            continue
-        text = _decode(payload[:PART_CAP], charset)
-        if part.get_content_subtype() == "html":
-            text = html_text(text)
-        pieces.append(text[: BODY_CAP - length])
-        length += len(pieces[-1])
-        if length >= BODY_CAP:
-            break
-    return "\n".join(pieces)
-
-
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-_HEADER = re.compile(rb"^([^\s:]+)[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.MULTILINE)
-# Every line a "Name: value" header or a folded continuation of one.
-_WELL_FORMED_HEAD = re.compile(rb"[^\s:]+[ \t]*:.*(?:\r?\n(?:[^\s:]+[ \t]*:|[ \t]).*)*")
-_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
-
-
-class FastPart:
-    """Just enough of email.message.Message for text_parts() and body_text(), read with
-    regexes instead of the email package's line-by-line feed parser (several times
-    faster). It raises ValueError on anything unusual; parse() then uses the email package."""
-
-    def __init__(self, data: bytes) -> None:
-        if data.startswith((b"\r\n", b"\n")):
-            head, self.body = b"", data[2 if data.startswith(b"\r\n") else 1 :]
-        else:
-            end = _HEAD_END.search(data)
-            head, self.body = (data[: end.start()], data[end.end() :]) if end else (data, b"")
-        if head and not _WELL_FORMED_HEAD.fullmatch(head):
-            raise ValueError("header block the email package reads differently")
-        self.headers: list[tuple[str, str]] = [
-            (name.decode("ascii", "surrogateescape").lower(), value.decode("ascii", "surrogateescape").rstrip("\r"))
-            for name, value in _HEADER.findall(head)
-        ]
-        kind, _, params = (self.get("content-type") or "").partition(";")
-        kind = kind.strip().lower()
-        self.content_type = kind if kind.count("/") == 1 else "text/plain"
-        if self.content_type.startswith("message/") or self.content_type == "multipart/digest":
-            raise ValueError("nested message")
-        self.params = {}
-        for key, value in _PARAM.findall(";" + params):
-            if key.endswith("*"):  # RFC 2231 continuations: leave those to the email package
-                raise ValueError("RFC 2231 parameter")
-            self.params[key.lower()] = re.sub(r"\\(.)", r"\1", value[1:-1]) if value.startswith('"') else value.strip()
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        name = name.lower()
-        return next((v for k, v in self.headers if k == name), default)
-
-    def get_all(self, name: str, default: list[str] | None = None) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.headers if k == name] or (default if default is not None else [])
-
-    def get_content_type(self) -> str:
-        return self.content_type
-
-    def get_content_maintype(self) -> str:
-        return self.content_type.split("/")[0]
-
-    def get_content_subtype(self) -> str:
-        return self.content_type.split("/")[1]
-
-    def get_content_charset(self) -> str | None:
-        charset = self.params.get("charset")
-        return charset.lower() if charset else None
-
-    def get_content_disposition(self) -> str | None:
-        value = self.get("content-disposition")
-        return value.split(";")[0].strip().lower() or None if value else None
-
-    def is_multipart(self) -> bool:
-        return self.content_type.startswith("multipart/") and "boundary" in self.params
-
-    def get_payload(self, decode: bool = False) -> list[FastPart] | bytes:
-        if self.is_multipart():
-            return [FastPart(piece) for piece in split_multipart(self.body, self.params["boundary"].encode("latin-1"))]
-        encoding = (self.get("content-transfer-encoding") or "").strip().lower()
-        if encoding == "base64":
-            return binascii.a2b_base64(re.sub(rb"[^A-Za-z0-9+/]", b"", self.body) + b"==")
-        if encoding == "quoted-printable":
-            return binascii.a2b_qp(self.body)
-        if encoding in ("", "7bit", "8bit", "binary"):
-            return self.body
-        raise ValueError(f"transfer encoding {encoding}")  # odd or misspelt: the email package
-
-
-def split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
-    """The parts between '--boundary' lines, up to the closing '--boundary--'."""
-    marker = b"--" + boundary
-    parts: list[bytes] = []
-    start: int | None = None
-    found = body.find(marker)
-    while found >= 0:
-        line_end = body.find(b"\n", found)
-        line_end = len(body) if line_end < 0 else line_end
-        rest = body[found + len(marker) : line_end]
-        closing = rest.startswith(b"--")
-        # A delimiter starts a line and holds nothing but optional "--" and blanks.
-        if (found == 0 or body[found - 1] == 0x0A) and not (rest[2:] if closing else rest).strip(b" \t\r"):
-            if start is not None:
-                end = found - 1 if found > 0 else 0
-                parts.append(body[start : end - 1 if end > 0 and body[end - 1] == 0x0D else end])
-            if closing:
-                break
-            start = line_end + 1
-        found = body.find(marker, found + 1)
-    return parts
-
-
-def _check(part: FastPart, depth: int = 0) -> None:
-    """Walk and decode every text part, raising where the fast reading is not sure."""
-    if depth > 20:
-        raise ValueError("deep nesting")
-    if part.content_type.startswith("multipart/"):
-        children = part.get_payload()
-        if not part.is_multipart() or not children:
-            raise ValueError("multipart without parts")
-        for child in children:
-            _check(child, depth + 1)  # type: ignore[arg-type]
-    elif part.get_content_maintype() == "text":
-        part.get_payload(decode=True)
-
-
-def parse(raw: bytes) -> FastPart | EmailMessage:
-    try:
-        part = FastPart(raw)
-        _check(part)
-        return part
-    except (ValueError, binascii.Error, UnicodeError):
-        return _PARSER.parsebytes(raw)
-
-
-def document(raw: bytes, sha256: str, internal_date: datetime | None) -> Document:
-    parsed = parse(raw[:PARSE_CAP])
-    sent_at = None
-    try:
-        when = email.utils.parsedate_to_datetime(header_text(parsed.get("Date")))
-        if when is not None and when.tzinfo is not None:
-            sent_at = when.astimezone(timezone.utc).isoformat(timespec="seconds")
-    except (TypeError, ValueError, IndexError, OverflowError):
-        pass
-    if sent_at is None and internal_date is not None and internal_date.tzinfo is not None:
-        sent_at = internal_date.astimezone(timezone.utc).isoformat(timespec="seconds")
-    recipients = " ".join(header_text(v) for name in ("To", "Cc", "Bcc") for v in parsed.get_all(name, []))
-    return Document(
-        sha256=sha256,
-        sent_at=sent_at,
-        sender=header_text(parsed.get("From")),
-        recipients=recipients,
-        subject=header_text(parsed.get("Subject")),
-        body=body_text(parsed),
-    )
-
-
 # writing the index
 
 
@@ -405,34 +112,6 @@ def index_committed(store: Store, batch: Sequence[Message]) -> None:
         log.warning("search index not updated (%s); run 'mailbackup reindex' to catch up", exc)
 
 
-def documents(items: Sequence[tuple[bytes, str, datetime | None]]) -> list[Document]:
-    """The text of each (raw head, sha256, date)."""
-    return [document(raw, sha256, when) for raw, sha256, when in items]
-
-
-def _send(stream: BinaryIO, obj: object) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("!Q", len(data)) + data)
-    stream.flush()
-
-
-def _receive(stream: BinaryIO) -> Any:
-    head = stream.read(8)
-    if len(head) < 8:
-        raise EOFError("indexer process ended")
-    return pickle.loads(stream.read(struct.unpack("!Q", head)[0]))
-
-
-def serve() -> None:
-    """The indexer process: read batches on stdin, answer documents on stdout, until EOF."""
-    while True:
-        try:
-            items = _receive(sys.stdin.buffer)
-        except EOFError:
-            return
-        _send(sys.stdout.buffer, documents(items))
-
-
 class Indexer:
     """Keeps the index up to date during backup without making backup wait for MIME parsing.
 
@@ -455,7 +134,7 @@ class Indexer:
         try:
             self._collect()
             if self.worker is None:
-                code = "from mailbackup.search import serve; serve()"
+                code = "from mailbackup.mime import serve; serve()"
                 self.worker = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             assert self.worker.stdin is not None
             _send(self.worker.stdin, [(m.raw[:PARSE_CAP], m.sha256, m.internal_date) for m in batch])

@@ -127,3 +127,27 @@ def test_fast_fetch_parser_agrees_with_imapclient(uid: int, before: list[bytes],
 def test_fast_parser_declines_other_shapes() -> None:
     assert parse_fetch_fast([b'7 (UID 1 X-GM-LABELS ("a b"))']) is None
     assert parse_fetch_fast([(b"7 (UID 1 BODY[HEADER] {2}", b"ab"), b")"]) is None
+
+
+def test_temporary_login_failures_are_tried_again_and_wrong_passwords_are_not() -> None:
+    from mailbackup.errors import AuthError
+    from mailbackup.net import retry_temporary
+
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise AuthError("login failed: [UNAVAILABLE] Temporary authentication failure.")
+        return "session"
+
+    assert retry_temporary(flaky, delay=0.01) == "session" and len(calls) == 2
+
+    def wrong() -> str:
+        calls.append(1)
+        raise AuthError("login failed: [AUTHENTICATIONFAILED] Authentication failed.")
+
+    calls.clear()
+    with pytest.raises(AuthError):
+        retry_temporary(wrong, delay=0.01)
+    assert len(calls) == 1

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mailbackup import BackupOptions, backup
+from mailbackup import BackupOptions, backup, mime
 from mailbackup import search as search_module
 from mailbackup.cli import main
 from mailbackup.errors import UsageError
-from mailbackup.search import Filters, document, reindex, search
+from mailbackup.mime import document
+from mailbackup.search import Filters, reindex, search
 
 LATIN1_B64 = (
     b"From: =?iso-8859-1?q?J=F6rg_M=FCller?= <joerg@example.org>\r\n"
@@ -66,7 +67,7 @@ def test_document_decodes_base64_latin1_and_reduces_html() -> None:
 
 def test_body_text_is_capped() -> None:
     raw = b"Subject: big\r\n\r\n" + b"word " * 100_000
-    assert len(document(raw, "z", None).body) == search_module.BODY_CAP
+    assert len(document(raw, "z", None).body) == mime.BODY_CAP
 
 
 @pytest.fixture
@@ -155,16 +156,16 @@ def test_fast_reader_indexes_the_corpus_like_the_email_package() -> None:
     raws += list(tricky_messages().values())
 
     def words(part) -> list[str]:  # type: ignore[no-untyped-def]
-        texts = [search_module.body_text(part), search_module.header_text(part.get("Subject")), search_module.header_text(part.get("From"))]
+        texts = [mime.body_text(part), mime.header_text(part.get("Subject")), mime.header_text(part.get("From"))]
         return [" ".join(regex.findall(r"\w+", t.lower())) for t in texts]
 
     fast = 0
     for raw in raws:
-        head = raw[: search_module.PARSE_CAP]
-        parsed = search_module.parse(head)
-        if isinstance(parsed, search_module.FastPart):
+        head = raw[: mime.PARSE_CAP]
+        parsed = mime.parse(head)
+        if isinstance(parsed, mime.FastPart):
             fast += 1
-            slow = words(search_module._PARSER.parsebytes(head))
+            slow = words(mime._PARSER.parsebytes(head))
             mine = words(parsed)
             # Where the email package reads a malformed boundary line as text, the fast reader does not.
             assert mine == slow or (mine[1:] == slow[1:] and slow[0].startswith(mine[0])), raw[:200]

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
+from typing import Any
+
 import imapclient
 from imapclient import exceptions as imap_errors
 from imapclient.datetime_util import parse_to_datetime
@@ -18,7 +20,7 @@ from imapclient.response_parser import gen_parsed_response
 
 from ..errors import AuthError, ConnectionLost, ServerError, TLSError
 from ..model import Folder, FolderState, Message
-from ..net import Endpoint, connect_errors, tls_context, warn_cleartext
+from ..net import Endpoint, connect_errors, retry_temporary, tls_context, warn_cleartext
 
 FETCH_ITEMS = ["BODY.PEEK[]", "FLAGS", "INTERNALDATE", "RFC822.SIZE"]
 # \Recent belongs to a session and cannot be set again on restore.
@@ -185,7 +187,12 @@ class ImapSource:
             client.enable("CONDSTORE")
 
     @classmethod
-    def connect(
+    def connect(cls, endpoint: Endpoint, password: str, **options: Any) -> ImapSource:
+        """Connect and log in; a login the server calls temporarily unavailable is tried again."""
+        return retry_temporary(lambda: cls._connect(endpoint, password, **options))
+
+    @classmethod
+    def _connect(
         cls,
         endpoint: Endpoint,
         password: str,

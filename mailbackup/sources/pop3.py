@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from ..credentials import oauthbearer, sasl_b64, xoauth2
 from ..errors import AuthError, ConnectionLost, ServerError, TLSError
-from ..net import Endpoint, connect_errors, tls_context, warn_cleartext
+from ..net import Endpoint, connect_errors, retry_temporary, tls_context, warn_cleartext
 
 LINE_LIMIT = 1 << 16
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
@@ -129,7 +129,12 @@ class Pop3Source:
             self.pipelining = False
 
     @classmethod
-    def connect(
+    def connect(cls, endpoint: Endpoint, password: str, **options: Any) -> Pop3Source:
+        """Connect and log in; a login the server calls temporarily unavailable is tried again."""
+        return retry_temporary(lambda: cls._connect(endpoint, password, **options))
+
+    @classmethod
+    def _connect(
         cls,
         endpoint: Endpoint,
         password: str,
