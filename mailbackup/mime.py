@@ -11,7 +11,6 @@ import email.header
 import email.utils
 import pickle
 import re
-import struct
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -315,16 +314,14 @@ def documents(items: Sequence[tuple[bytes, str, datetime | None]]) -> list[Docum
 
 
 def _send(stream: BinaryIO, obj: object) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("!Q", len(data)) + data)
+    # pickle.dump writes frame by frame: no second copy of a whole batch in memory.
+    pickle.dump(obj, stream, protocol=pickle.HIGHEST_PROTOCOL)
     stream.flush()
 
 
 def _receive(stream: BinaryIO) -> Any:
-    head = stream.read(8)
-    if len(head) < 8:
-        raise EOFError("indexer process ended")
-    return pickle.loads(stream.read(struct.unpack("!Q", head)[0]))
+    """One pickled object; pickle's own framing says where it ends. EOFError at the end."""
+    return pickle.load(stream)
 
 
 def serve() -> None:

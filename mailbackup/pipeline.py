@@ -48,7 +48,7 @@ class BackupOptions:
     index: bool = True  # keep the full-text search index up to date
     timeout: float = 120.0
     batch_messages: int = 200
-    batch_bytes: int = 16 << 20
+    batch_bytes: int = 12 << 20  # up to three batches are in memory at once (prefetch)
     flag_chunk: int = 2000
     # POP3 only
     into: str | None = None
