@@ -148,6 +148,7 @@ def main() -> None:
 @click.option("--all", "all_accounts", is_flag=True, help="Back up every configured account.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Accounts backed up in parallel processes.")
 @click.option("--no-index", is_flag=True, help="Do not update the search index (mailbackup reindex catches up).")
+@click.option("--retries", type=click.IntRange(0, 100), default=3, show_default=True, help="Reconnect this often after a dropped connection.")
 @click.option("--batch-messages", type=click.IntRange(1, 10000), default=200, hidden=True)
 @click.option("--json", "json_output", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
@@ -172,6 +173,7 @@ def backup_command(
     all_accounts: bool,
     jobs: int,
     no_index: bool,
+    retries: int,
     batch_messages: int,
     json_output: bool,
     verbose: int,
@@ -206,6 +208,7 @@ def backup_command(
         delete_older_than=delete_older_than,
         auth=oauth2_mechanism if oauth2_token_command else "password",
         index=not no_index,
+        retries=retries,
     )
     bars = Bars(enabled=not quiet and not json_output and sys.stderr.isatty())
 

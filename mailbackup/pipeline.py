@@ -7,6 +7,7 @@ rows. The folder's checkpoint (UIDVALIDITY, HIGHESTMODSEQ) moves last.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
-from .errors import ServerError, UsageError
+from .errors import ConnectionLost, ServerError, UsageError
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
 from .net import Endpoint, parse_url
 from .search import Indexer
@@ -23,6 +24,8 @@ from .sources.imap import ImapSource
 from .sources.pop3 import Listed, Pop3Source, message_date
 from .stores import Store, open_store
 
+
+log = logging.getLogger("mailbackup")
 
 SIZE_SLICE = 5000
 T = TypeVar("T")
@@ -47,6 +50,8 @@ class BackupOptions:
     auth: str = "password"  # or "xoauth2" / "oauthbearer": the secret is then an access token
     index: bool = True  # keep the full-text search index up to date
     timeout: float = 120.0
+    retries: int = 3  # reconnects after a dropped connection, with backoff
+    retry_delay: float = 2.0
     batch_messages: int = 200
     batch_bytes: int = 12 << 20  # up to three batches are in memory at once (prefetch)
     flag_chunk: int = 2000
@@ -338,9 +343,15 @@ class Pop3Sync:
 
 
 def backup_imap(
-    endpoint: Endpoint, store: Store, password: str, options: BackupOptions, progress: Progress, indexer: Indexer | None
-) -> list[FolderReport]:
-    reports: list[FolderReport] = []
+    endpoint: Endpoint,
+    store: Store,
+    password: str,
+    options: BackupOptions,
+    progress: Progress,
+    indexer: Indexer | None,
+    reports: list[FolderReport],
+) -> None:
+    """Sync every wanted folder, appending a report per folder (a partial one if the line drops)."""
     source = ImapSource.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
     try:
         chosen = [f for f in source.folders() if wanted(f, options.include, options.exclude)]
@@ -349,31 +360,82 @@ def backup_imap(
             if not folder.selectable:
                 report = FolderReport(name=folder.name, skipped="not selectable")
             else:
+                sync = FolderSync(source, store, folder, options, progress, indexer)
                 try:
-                    report = FolderSync(source, store, folder, options, progress, indexer).run()
+                    report = sync.run()
                 except ServerError as exc:
                     report = FolderReport(name=folder.name, failed=(str(exc),))
+                except ConnectionLost:
+                    reports.append(sync.tally.report(folder.name))  # what it committed still counts
+                    raise
             reports.append(report)
             progress.folder_done(report)
     finally:
         source.close()
-    return reports
 
 
 def backup_pop3(
-    endpoint: Endpoint, store: Store, password: str, options: BackupOptions, progress: Progress, indexer: Indexer | None
-) -> list[FolderReport]:
+    endpoint: Endpoint,
+    store: Store,
+    password: str,
+    options: BackupOptions,
+    progress: Progress,
+    indexer: Indexer | None,
+    reports: list[FolderReport],
+) -> None:
     source = Pop3Source.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
     finished = False
+    sync = Pop3Sync(source, store, options, progress, indexer)
     try:
         progress.plan(1)
-        report = Pop3Sync(source, store, options, progress, indexer).run()
+        report = sync.run()
         progress.folder_done(report)
         finished = True
+    except ConnectionLost:
+        # Committed messages count; DELEs do not: without QUIT the server keeps them.
+        reports.append(replace(sync.tally.report(options.into or "INBOX"), deleted=0))
+        raise
     finally:
         # QUIT is what makes DELE happen: after any failure, hang up instead.
         source.close(commit=finished)
-    return [report]
+    reports.append(report)
+
+
+def merged(reports: Sequence[FolderReport]) -> tuple[FolderReport, ...]:
+    """One report per folder from the attempts of a run: counts add up, the last word stands."""
+    out: dict[str, FolderReport] = {}
+    for report in reports:
+        before = out.get(report.name)
+        if before is not None:
+            report = replace(
+                report,
+                new=before.new + report.new,
+                bytes=before.bytes + report.bytes,
+                flags_updated=before.flags_updated + report.flags_updated,
+                gone=before.gone + report.gone,
+                adopted=before.adopted + report.adopted,
+                deleted=before.deleted + report.deleted,
+            )
+        out[report.name] = report
+    return tuple(out.values())
+
+
+def with_retries(attempt: Callable[[], None], retries: int, delay: float) -> None:
+    """Run attempt again after a dropped connection, waiting delay, 2*delay, 4*delay...
+
+    Safe because a run is incremental: committed messages are not fetched again,
+    and a POP3 run that failed never QUIT, so it deleted nothing.
+    """
+    for number in range(retries + 1):
+        try:
+            attempt()
+            return
+        except ConnectionLost as exc:
+            if number == retries:
+                raise
+            wait = delay * 2**number
+            log.warning("%s; reconnecting in %.0f s (retry %d of %d)", exc, wait, number + 1, retries)
+            time.sleep(wait)
 
 
 def check_options(endpoint: Endpoint, options: BackupOptions) -> None:
@@ -404,16 +466,21 @@ def backup(
     store = open_store(archive)
     try:
         run = backup_pop3 if endpoint.scheme.startswith("pop3") else backup_imap
+        reports: list[FolderReport] = []
         with store.lock():
             indexer = Indexer(store) if options.index else None
             try:
-                reports = run(endpoint, store, password, options, progress, indexer)
+                with_retries(
+                    lambda: run(endpoint, store, password, options, progress, indexer, reports),
+                    options.retries,
+                    options.retry_delay,
+                )
             finally:
                 if indexer is not None:
                     indexer.close()
     finally:
         store.close()
-    return Summary(str(endpoint), store.url, tuple(reports), time.monotonic() - started)
+    return Summary(str(endpoint), store.url, merged(reports), time.monotonic() - started)
 
 
 def archive_stats(archive: str) -> list[tuple[ArchivedFolder, int, int, int]]:

@@ -301,3 +301,21 @@ def test_dot_delimiter_maps_to_nested_directories(dovecot_dot, account_dot, tmp_
     assert mailbox.Maildir(tmp_path / "md" / "INBOX" / "Archive" / "2024", create=False).keys()
     assert mailbox.Maildir(tmp_path / "md" / "INBOX" / "Entwürfe", create=False).keys()
     assert archived(url)["INBOX.Archive.2024"][0].raw == b"Subject: nested\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_connection_cut_mid_fetch_reconnects_and_finishes(dovecot, account, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    from tests.proxy import CutProxy
+
+    raws = [b"Subject: %d\r\nMessage-ID: <%d@cut>\r\n\r\n%s\r\n" % (i, i, b"c" * 9000) for i in range(30)]
+    dovecot.seed_maildir(account, "INBOX", ((raw, "S", 1.6e9 + i) for i, raw in enumerate(raws)))
+    url = archive_url(kind, tmp_path)
+    with CutProxy(dovecot.imap_port, cut_after=120000) as proxy:
+        summary = backup(
+            f"imap://{account.user}@127.0.0.1:{proxy.port}", url, password=account.password,
+            options=BackupOptions(no_tls=True, batch_messages=4, retry_delay=0.01),
+        )
+        assert proxy.cuts == 1
+    assert summary.ok and summary.new == 30
+    view = archived(url)["INBOX"]
+    assert sorted(m.raw for m in view) == sorted(raws)

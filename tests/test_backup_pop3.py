@@ -120,7 +120,7 @@ def test_connection_cut_mid_retr_stores_no_partial_message(dovecot, account, tmp
     url = archive_url(kind, tmp_path)
     with CutProxy(dovecot.pop3_port, cut_after=55000) as proxy:
         with pytest.raises(ConnectionLost):
-            pop_backup(account, url, port=proxy.port, delete=True, batch_messages=2)
+            pop_backup(account, url, port=proxy.port, delete=True, batch_messages=2, retries=0)
         assert proxy.cuts == 1
         assert len(on_server(dovecot, account)) == 10
         partial = archived(url)["INBOX"]
@@ -225,3 +225,15 @@ def test_message_date_prefers_newest_received_then_date() -> None:
     when, how = message_date(b"Date: Sun, 31 Dec 2023 08:00:00 -0500\r\n\r\nbody")
     assert how == "date" and when is not None and when.utcoffset() == timedelta(hours=-5)
     assert message_date(b"Subject: none\r\n\r\n") == (None, "download")
+
+
+def test_a_dropped_line_is_retried_within_the_run(dovecot, account, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    seed(dovecot, account, 12, size=10000)
+    url = archive_url("maildir", tmp_path)
+    with CutProxy(dovecot.pop3_port, cut_after=60000) as proxy:
+        summary = pop_backup(account, url, port=proxy.port, delete=True, batch_messages=3, retry_delay=0.01)
+        assert proxy.cuts == 1
+    assert summary.ok and summary.new == 12
+    assert summary.folders[0].deleted == 12  # the DELEs of the cut attempt never counted: no QUIT
+    assert on_server(dovecot, account) == []
+    assert len(archived(url, include_gone=True)["INBOX"]) == 12
