@@ -45,6 +45,10 @@ class ServerError(MailbackupError):
     """The server sent a reply mailbackup cannot use."""
 
 
+class HostileServer(MailbackupError):
+    """The server broke the protocol in a way that is not safe to read on; the run stops."""
+
+
 class StoreError(MailbackupError):
     """The archive could not be written or read."""
 

@@ -22,6 +22,11 @@ class FakeImap:
     capabilities: tuple[str, ...] = ("IMAP4rev1", "AUTH=PLAIN")
     uid_validity: int = 7
     commands: list[str] = field(default_factory=list)
+    # Faults a real server will not produce on demand:
+    announce: dict[int, int] = field(default_factory=dict)  # UID -> literal size to claim for BODY[]
+    rotate_uid_validity: bool = False  # a new UIDVALIDITY on every SELECT/EXAMINE
+    stall_on_body: bool = False  # never answer a UID FETCH of BODY[]
+    malformed_body: bool = False  # answer BODY[] fetches with broken syntax
 
     def __enter__(self) -> FakeImap:
         fake = self
@@ -74,6 +79,8 @@ class FakeImap:
             elif command in ("EXAMINE", "SELECT"):
                 name = imap_utf7.decode(parse_string(rest[len(command) + 1 :]))
                 selected = self.folders.get(name, [])
+                if self.rotate_uid_validity:
+                    self.uid_validity += 1
                 wfile.write(
                     b"* %d EXISTS\r\n* OK [UIDVALIDITY %d] ok\r\n* OK [UIDNEXT %d] ok\r\n"
                     % (len(selected), self.uid_validity, len(selected) + 1)
@@ -83,11 +90,23 @@ class FakeImap:
                 wfile.write(b"* SEARCH " + b" ".join(b"%d" % (i + 1) for i in range(len(selected))) + b"\r\n" + ok)
             elif command == "UID" and words[1].upper() == b"FETCH":
                 uid_set, _, items = words[2].partition(b" ")
+                body = b"BODY" in items.upper()
+                if body and self.stall_on_body:
+                    rfile.read()  # say nothing until the client gives up
+                    return
                 for uid in expand(uid_set.decode(), len(selected)):
                     raw = selected[uid - 1]
                     head = b"* %d FETCH (UID %d RFC822.SIZE %d FLAGS (\\Seen)" % (uid, uid, len(raw))
-                    if b"BODY" in items.upper():
-                        head += b' INTERNALDATE "01-Jan-2024 10:00:00 +0100" BODY[] {%d}\r\n' % len(raw) + raw
+                    if body and self.malformed_body:
+                        head += b' BODY[] "unterminated'
+                    elif body:
+                        size = self.announce.get(uid, len(raw))
+                        head += b' INTERNALDATE "01-Jan-2024 10:00:00 +0100" BODY[] {%d}\r\n' % size + raw
+                        if size != len(raw):
+                            wfile.write(head)
+                            wfile.flush()
+                            rfile.read()  # a client that believed the size would wait here forever
+                            return
                     wfile.write(head + b")\r\n")
                 wfile.write(ok)
             elif command == "LOGOUT":

@@ -18,11 +18,13 @@ from imapclient import exceptions as imap_errors
 from imapclient.datetime_util import parse_to_datetime
 from imapclient.response_parser import gen_parsed_response
 
-from ..errors import AuthError, ConnectionLost, ServerError, TLSError
+from ..errors import AuthError, ConnectionLost, HostileServer, ServerError, TLSError
 from ..model import Folder, FolderState, Message
 from ..net import Endpoint, connect_errors, retry_temporary, tls_context, warn_cleartext
 
 FETCH_ITEMS = ["BODY.PEEK[]", "FLAGS", "INTERNALDATE", "RFC822.SIZE"]
+SMALL_LITERAL = 1 << 20  # folder names and the like
+BIG_LITERAL = 1 << 30  # a message whose size the server never told
 # \Recent belongs to a session and cannot be set again on restore.
 SESSION_FLAGS = {"\\recent"}
 
@@ -182,6 +184,10 @@ class ImapSource:
     def __init__(self, client: imapclient.IMAPClient, endpoint: Endpoint) -> None:
         self.client = client
         self.endpoint = endpoint
+        self.broken = False
+        self.literal_limit = SMALL_LITERAL
+        self.known_sizes: dict[int, int] = {}  # RFC822.SIZE of the last slice asked for
+        self._guard_literals()
         self.condstore = client.has_capability("CONDSTORE")
         if self.condstore and client.has_capability("ENABLE"):
             client.enable("CONDSTORE")
@@ -232,7 +238,29 @@ class ImapSource:
             raise lost(exc) from exc
         return cls(client, endpoint)
 
+    def _guard_literals(self) -> None:
+        """Refuse a literal bigger than the reply can hold, before anything is allocated for it.
+
+        imaplib reads a literal with one read(size), and a buffered read allocates
+        size bytes up front: a server announcing {999999999999} must not get that far.
+        """
+        plain_read = self.client._imap.read
+
+        def read(size: int) -> bytes:
+            if size > self.literal_limit:
+                self.broken = True
+                raise HostileServer(
+                    f"the server announced a {size}-byte literal where at most {self.literal_limit} "
+                    "could be meant; refusing it (broken or hostile server)"
+                )
+            return plain_read(size)
+
+        self.client._imap.read = read
+
     def close(self) -> None:
+        if self.broken:  # mid-literal: a LOGOUT would read garbage
+            self.client.shutdown()
+            return
         try:
             self.client.logout()
         except Exception:  # the connection may be gone already; nothing to save
@@ -287,7 +315,8 @@ class ImapSource:
 
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:
         response = self._fetch(sequence_set(uids), ["RFC822.SIZE"])
-        return {uid: int(data.get(b"RFC822.SIZE", 0)) for uid, data in response.items()}  # type: ignore[call-overload]
+        self.known_sizes = {uid: int(data.get(b"RFC822.SIZE", 0)) for uid, data in response.items()}  # type: ignore[call-overload]
+        return self.known_sizes
 
     def flags(self, uids: Sequence[int]) -> dict[int, tuple[str, ...]]:
         response = self._fetch(sequence_set(uids), ["FLAGS"])
@@ -300,7 +329,13 @@ class ImapSource:
 
     def fetch(self, uids: Sequence[int]) -> tuple[list[Message], list[int]]:
         """Fetch a batch; returns the messages and the UIDs the server sent no body for."""
-        response = self._fetch(sequence_set(uids), FETCH_ITEMS)
+        sizes = [self.known_sizes.get(uid) for uid in uids]
+        # Room for a server whose RFC822.SIZE is a little off, not for one that lies wildly.
+        self.literal_limit = 2 * max(sizes) + (1 << 20) if None not in sizes else BIG_LITERAL  # type: ignore[operator,type-var]
+        try:
+            response = self._fetch(sequence_set(uids), FETCH_ITEMS)
+        finally:
+            self.literal_limit = SMALL_LITERAL
         messages, missing = [], []
         for uid in uids:
             data = response.get(uid, {})
