@@ -1,26 +1,49 @@
-"""A loopback TCP proxy that cuts a connection after a chosen number of bytes.
+"""A loopback TCP proxy that cuts a connection at a chosen byte offset, in either direction.
 
-It forwards to a real server, counts what the server sends back, and closes both
-sides once that count passes `cut_after`: a dropped line at a chosen point.
+`FaultProxy` forwards to a real server and counts the bytes of each connection both
+ways. Once the watched direction ("down": server -> client, as in FETCH or RETR;
+"up": client -> server, as in APPEND or SMTP DATA) has carried `cut_at` bytes, it
+forwards exactly up to that offset and closes both sides: a dropped line at a
+chosen point. Only the first `connections_to_cut` connections are cut, so a retry
+or a rerun through the same proxy gets a clean line.
+
+`CutProxy(port, cut_after=N)` is the original server -> client form.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+from dataclasses import dataclass
+
+DIRECTIONS = ("down", "up")
 
 
-class CutProxy:
-    def __init__(self, target_port: int, cut_after: int | None = None, connections_to_cut: int = 1) -> None:
+@dataclass
+class Traffic:
+    """Bytes one connection carried: down (server -> client) and up (client -> server)."""
+
+    down: int = 0
+    up: int = 0
+
+
+class FaultProxy:
+    def __init__(
+        self, target_port: int, cut_at: int | None = None, direction: str = "down", connections_to_cut: int = 1
+    ) -> None:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
         self.target_port = target_port
-        self.cut_after = cut_after
+        self.cut_at = cut_at
+        self.direction = direction
         self.connections_to_cut = connections_to_cut
         self.cuts = 0
+        self.connections: list[Traffic] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._stop = threading.Event()
 
-    def __enter__(self) -> CutProxy:
+    def __enter__(self) -> FaultProxy:
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
@@ -34,12 +57,20 @@ class CutProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            limit = self.cut_after if self.cuts < self.connections_to_cut else None
-            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, limit), daemon=True).start()
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            limit = self.cut_at if len(self.connections) < self.connections_to_cut else None
+            traffic = Traffic()
+            self.connections.append(traffic)
+            down = limit if self.direction == "down" else None
+            up = limit if self.direction == "up" else None
+            threading.Thread(target=self._pipe, args=(client, server, up, traffic, "up"), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, down, traffic, "down"), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None, traffic: Traffic, way: str) -> None:
         sent = 0
         try:
             while True:
@@ -48,10 +79,12 @@ class CutProxy:
                     break
                 if limit is not None and sent + len(data) >= limit:
                     sink.sendall(data[: limit - sent])
+                    setattr(traffic, way, sent + limit - sent)
                     self.cuts += 1
                     break
                 sink.sendall(data)
                 sent += len(data)
+                setattr(traffic, way, sent)
         except OSError:
             pass
         finally:
@@ -61,3 +94,14 @@ class CutProxy:
                 except OSError:
                     pass
                 sock.close()
+
+
+class CutProxy(FaultProxy):
+    """Cut the server -> client stream after `cut_after` bytes (first connection only)."""
+
+    def __init__(self, target_port: int, cut_after: int | None = None, connections_to_cut: int = 1) -> None:
+        super().__init__(target_port, cut_after, "down", connections_to_cut)
+
+    @property
+    def cut_after(self) -> int | None:
+        return self.cut_at
