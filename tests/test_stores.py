@@ -141,3 +141,16 @@ def test_wrong_kind_of_archive_is_refused(tmp_path: Path) -> None:
         open_store(f"maildir:{tmp_path / 'other'}")
     with pytest.raises(UsageError):
         open_store(str(tmp_path / "archive.txt"))
+
+
+def test_sqlite_streams_a_big_message_and_still_stores_it_once(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    store = open_store(str(tmp_path / "a.sqlite"))
+    raw = b"Subject: big\r\n\r\n" + bytes(range(256)) * 12000 + b"\r\n"  # about 3 MB, every byte value
+    locations = put_all(store, Folder("INBOX"), [raw, raw])
+    locations += put_all(store, Folder("Archive"), [raw])
+    assert [store.get(loc) for loc in locations] == [raw, raw, raw]
+    with store.catalog.engine.connect() as conn:
+        assert conn.scalar(sa.text("select count(*) from blobs")) == 1
+    store.close()

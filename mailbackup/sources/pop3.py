@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import io
 import poplib
 import re
 from collections.abc import Sequence
@@ -48,22 +49,31 @@ def read_multiline(stream: BinaryIO, limit: int) -> bytes:
     """Read a dot-terminated POP3 body, undo dot-stuffing and keep line endings as sent.
 
     Reads block-wise with peek(), and consumes exactly up to the terminating
-    '.' line, so a pipelined reply right behind it stays in the buffer.
+    '.' line, so a pipelined reply right behind it stays in the buffer. The body
+    grows in a BytesIO, whose getvalue() hands its buffer over without a copy:
+    a 50 MB message costs about 50 MB, not twice that.
     """
-    data = bytearray()
+    body = io.BytesIO()
+    tail = b"\n"  # the body starts a line, as if a LF came before it: that finds an empty body too
     while True:
         chunk = stream.peek(1 << 16)
         if not chunk:
             raise ConnectionLost("connection closed in the middle of a message; rerun to finish")
-        # The body starts a line, as if a LF came before it: that finds an empty body too.
-        context = bytes(data[-4:]) if len(data) >= 4 else b"\n" + bytes(data)
-        found = _END_LINE.search(context + chunk)
+        window = tail + chunk
+        found = _END_LINE.search(window)
         if found:
-            data += stream.read(found.end() - len(context))
-            del data[len(data) - (found.end() - found.start()) + 1 :]  # keep the LF that ends the last line
-            return unstuff(bytes(data))
-        data += stream.read(len(chunk))
-        if len(data) > limit:
+            piece = stream.read(found.end() - len(tail))
+            keep = found.start() + 1 - len(tail)  # up to and with the LF that ends the last line
+            if keep >= 0:
+                body.write(piece[:keep])
+            else:  # that LF and a bit more were written already
+                body.seek(keep, io.SEEK_END)
+                body.truncate()
+            return unstuff(body.getvalue())
+        piece = stream.read(len(chunk))
+        body.write(piece)
+        tail = (tail + piece)[-4:]
+        if body.tell() > limit:
             raise ServerError(f"message is larger than the {limit} bytes the server announced")
 
 

@@ -18,6 +18,7 @@ from ..model import ArchivedFolder, Folder, Message
 from .files import file_lock
 
 LOCK_KEY = 0x6D61696C6261636B  # "mailback": one advisory lock per database
+BIG = 1 << 20
 
 blob_metadata = sa.MetaData()
 blobs = sa.Table(
@@ -59,14 +60,37 @@ class SqlStore:
         return folder.name
 
     def put(self, folder: ArchivedFolder, messages: Sequence[Message]) -> list[str]:
-        rows = {m.sha256: {"sha256": m.sha256, "size": m.size, "raw": m.raw} for m in messages}
+        unique = {m.sha256: m for m in messages}
+        # SQLite copies a bound blob twice on its way into a row: a big one is streamed instead.
+        stream = self.catalog.engine.dialect.name == "sqlite"
+        rows = [{"sha256": m.sha256, "size": m.size, "raw": m.raw} for m in unique.values() if not stream or m.size < BIG]
+        big = [m for m in unique.values() if stream and m.size >= BIG]
         statement = self._insert(blobs).on_conflict_do_nothing(index_elements=["sha256"])
         try:
             with self.catalog.engine.begin() as conn:
-                conn.execute(statement, list(rows.values()))
+                if rows:
+                    conn.execute(statement, rows)
+                for message in big:
+                    self._stream_blob(conn, message)
         except sa.exc.OperationalError as exc:
             raise StoreError(f"cannot write to {self.url}: {exc.orig}") from exc
         return [m.sha256 for m in messages]
+
+    @staticmethod
+    def _stream_blob(conn: sa.Connection, message: Message) -> None:
+        """Insert a zeroblob, then write the bytes into it a megabyte at a time."""
+        cursor = conn.exec_driver_sql(
+            "INSERT INTO blobs (sha256, size, raw) VALUES (?, ?, zeroblob(?)) ON CONFLICT (sha256) DO NOTHING",
+            (message.sha256, message.size, message.size),
+        )
+        if cursor.rowcount != 1:
+            return  # already stored: content-addressed
+        raw_connection = conn.connection.driver_connection
+        rowid = conn.exec_driver_sql("SELECT rowid FROM blobs WHERE sha256 = ?", (message.sha256,)).scalar()
+        view = memoryview(message.raw)
+        with raw_connection.blobopen("blobs", "raw", rowid) as blob:  # type: ignore[union-attr]
+            for start in range(0, len(view), BIG):
+                blob.write(view[start : start + BIG])
 
     def get(self, location: str) -> bytes:
         with self.catalog.engine.connect() as conn:
