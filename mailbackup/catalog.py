@@ -16,7 +16,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from .errors import StoreError
+from .errors import DiskFullError, StoreError
 from .model import ArchivedFolder, Entry, Folder, Message
 
 SCHEMA_VERSION = "1"
@@ -87,6 +87,11 @@ def engine_url(url: str) -> str:
     return url
 
 
+def disk_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full") or PostgreSQL's disk_full (53100)."""
+    return getattr(exc, "sqlite_errorcode", None) == 13 or getattr(exc, "sqlstate", None) == "53100"
+
+
 def create_engine(url: str) -> sa.Engine:
     url = engine_url(url)
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
@@ -98,6 +103,14 @@ def create_engine(url: str) -> sa.Engine:
         engine = sa.create_engine(url)
     except (ImportError, sa.exc.ArgumentError) as exc:
         raise StoreError(f"cannot open database {url!r}: {exc}") from exc
+    where = engine.url.database if engine.dialect.name == "sqlite" else engine.url.render_as_string()
+
+    @event.listens_for(engine, "handle_error")
+    def _disk_full(context):  # type: ignore[no-untyped-def]
+        # One error for a full disk wherever it strikes: store, catalog, journal, index.
+        if disk_full(context.original_exception):
+            raise DiskFullError(f"disk full while writing {where}; free space and rerun") from context.original_exception
+
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")

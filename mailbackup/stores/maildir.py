@@ -79,13 +79,20 @@ class MaildirStore:
                 pending[name] = message
             if not pending:
                 return locations
-            # Creating a file is a slow, latency-bound syscall on many filesystems; a few
-            # threads overlap them. The batch as a whole still goes write -> sync -> rename.
-            list(self._pool.map(lambda item: self._write(base / "tmp" / item[0], item[1]), pending.items()))
-            # One flush for the batch instead of one fsync per file.
-            if not syncfs(base):
+            try:
+                # Creating a file is a slow, latency-bound syscall on many filesystems; a few
+                # threads overlap them. The batch as a whole still goes write -> sync -> rename.
+                list(self._pool.map(lambda item: self._write(base / "tmp" / item[0], item[1]), pending.items()))
+                # One flush for the batch instead of one fsync per file.
+                if not syncfs(base):
+                    for name in pending:
+                        fsync_path(base / "tmp" / name)
+            except OSError:
+                # A full disk: take back the batch's partial files, so the space is free
+                # again and the archive holds nothing the catalog does not know.
                 for name in pending:
-                    fsync_path(base / "tmp" / name)
+                    (base / "tmp" / name).unlink(missing_ok=True)
+                raise
             for name in pending:
                 os.rename(base / "tmp" / name, base / "cur" / name)
             fsync_path(base / "cur")

@@ -65,33 +65,54 @@ class MboxStore:
 
     def put(self, folder: ArchivedFolder, messages: Sequence[Message]) -> list[str]:
         path = self.root / folder.path
-        locations = []
+        locations: list[str] = []
         with store_errors(path):
             make_dirs(path.parent)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "r+b") as out:
+            try:
                 if folder.id not in self._ends:
                     # Cut off whatever a crashed run wrote past the last catalogued message.
                     self._ends[folder.id] = self._committed_end(folder, path)
                 end = self._ends[folder.id]
-                out.truncate(end)
-                out.seek(end)
-                for message in messages:
-                    fold = crlf_foldable(message.raw)
-                    out.write(from_line(message))
-                    offset = out.tell()
-                    last = b""
-                    for chunk in line_chunks(message.raw):
-                        piece = quote_from(chunk.replace(b"\r\n", b"\n") if fold else chunk)
-                        out.write(piece)
-                        last = piece[-1:] or last
-                    length = out.tell() - offset
-                    out.write(b"\n" if last == b"\n" else b"\n\n")
-                    locations.append(f"{folder.path}:{offset:015d}:{length}:{'lf' if fold else 'raw'}")
-                out.flush()
-                os.fsync(out.fileno())
-                self._ends[folder.id] = out.tell()
+                os.ftruncate(fd, end)
+                try:
+                    self._ends[folder.id] = self._append(fd, end, folder, messages, locations)
+                except OSError:
+                    # A full disk: cut the batch off again, so the file ends at the last
+                    # catalogued message and the space is free for the rerun. Unbuffered
+                    # writes, so no buffer can land past the cut when the file closes.
+                    os.ftruncate(fd, end)
+                    raise
+            finally:
+                os.close(fd)
         return locations
+
+    @staticmethod
+    def _append(fd: int, position: int, folder: ArchivedFolder, messages: Sequence[Message], locations: list[str]) -> int:
+        """Write the batch at position and fsync it; add each message's location; return the new end."""
+
+        def write(data: bytes) -> None:
+            nonlocal position
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, position)
+                position += written
+                view = view[written:]
+
+        for message in messages:
+            fold = crlf_foldable(message.raw)
+            write(from_line(message))
+            offset = position
+            last = b""
+            for chunk in line_chunks(message.raw):
+                piece = quote_from(chunk.replace(b"\r\n", b"\n") if fold else chunk)
+                write(piece)
+                last = piece[-1:] or last
+            length = position - offset
+            write(b"\n" if last == b"\n" else b"\n\n")
+            locations.append(f"{folder.path}:{offset:015d}:{length}:{'lf' if fold else 'raw'}")
+        os.fsync(fd)
+        return position
 
     def get(self, location: str) -> bytes:
         relpath, offset, length, tag = parse_location(location)
