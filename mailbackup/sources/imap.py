@@ -145,11 +145,20 @@ def parse_fetch(lines: list[object]) -> dict[int, dict[bytes, object]]:
 
 def parse_fetch_general(lines: list[object]) -> dict[int, dict[bytes, object]]:
     """parse_fetch for any reply, through imapclient's lexer."""
+    try:
+        return _parse_fetch_general(lines)
+    except (imap_errors.IMAPClientError, ValueError, TypeError) as exc:
+        raise ServerError(f"malformed FETCH response: {exc}") from exc
+
+
+def _parse_fetch_general(lines: list[object]) -> dict[int, dict[bytes, object]]:
     out: dict[int, dict[bytes, object]] = {}
     parsed = gen_parsed_response(lines)
     for _seq in parsed:
         attributes = next(parsed, None)
         if not isinstance(attributes, tuple) or len(attributes) % 2:
+            raise ServerError(f"malformed FETCH response: {str(attributes)[:80]}")
+        if not all(isinstance(key, bytes) for key in attributes[::2]):
             raise ServerError(f"malformed FETCH response: {str(attributes)[:80]}")
         data = {bytes(k).upper(): v for k, v in zip(attributes[::2], attributes[1::2])}
         uid = data.get(b"UID")
@@ -273,6 +282,14 @@ class ImapSource:
         with command_errors():
             listed = self.client.list_folders()
         return [as_folder(*item) for item in listed]
+
+    def personal_prefix(self) -> str:
+        """The personal namespace's prefix: "INBOX." on Cyrus and Courier, "" on Dovecot or without NAMESPACE."""
+        if not self.client.has_capability("NAMESPACE"):
+            return ""
+        with command_errors():
+            personal = self.client.namespace().personal
+        return str(personal[0][0]) if personal else ""
 
     def examine(self, folder: Folder, *, writable: bool = False) -> FolderState:
         """EXAMINE (read-only); SELECT only for the one command that deletes, prune-server."""
