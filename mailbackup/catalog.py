@@ -328,6 +328,16 @@ class Catalog:
                     .values(gone_at=when)
                 )
 
+    def mark_folder_gone(self, folder_id: int) -> int:
+        """Every IMAP entry of a folder the server no longer has is gone from the server."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                messages.update()
+                .where(messages.c.folder_id == folder_id, messages.c.uid.is_not(None), messages.c.gone_at.is_(None))
+                .values(gone_at=now_iso())
+            )
+            return result.rowcount or 0
+
     def mark_stale_gone(self, folder_id: int, uid_validity: int) -> int:
         """Entries from an older UIDVALIDITY that no new UID claimed are gone from the server."""
         with self.engine.begin() as conn:

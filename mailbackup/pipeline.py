@@ -354,7 +354,8 @@ def backup_imap(
     """Sync every wanted folder, appending a report per folder (a partial one if the line drops)."""
     source = ImapSource.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
     try:
-        chosen = [f for f in source.folders() if wanted(f, options.include, options.exclude)]
+        listed = source.folders()
+        chosen = [f for f in listed if wanted(f, options.include, options.exclude)]
         progress.plan(len(chosen))
         for folder in chosen:
             if not folder.selectable:
@@ -370,8 +371,24 @@ def backup_imap(
                     raise
             reports.append(report)
             progress.folder_done(report)
+        reports.extend(vanished(store, listed, options))
     finally:
         source.close()
+
+
+def vanished(store: Store, listed: Sequence[Folder], options: BackupOptions) -> list[FolderReport]:
+    """Archived IMAP folders the server no longer lists: their messages stay, marked gone."""
+    names = {f.name for f in listed}
+    reports = []
+    for archived in store.catalog.folders():
+        if archived.uid_validity is None or archived.name in names:
+            continue  # never backed up over IMAP (a POP3 folder), or still there
+        folder = Folder(archived.name, archived.delimiter, archived.attributes)
+        if wanted(folder, options.include, options.exclude):
+            gone = store.catalog.mark_folder_gone(archived.id)
+            if gone:
+                reports.append(FolderReport(name=archived.name, gone=gone, skipped="no longer on the server"))
+    return reports
 
 
 def backup_pop3(

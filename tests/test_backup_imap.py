@@ -319,3 +319,18 @@ def test_a_connection_cut_mid_fetch_reconnects_and_finishes(dovecot, account, tm
     assert summary.ok and summary.new == 30
     view = archived(url)["INBOX"]
     assert sorted(m.raw for m in view) == sorted(raws)
+
+
+def test_a_folder_deleted_on_the_server_stays_in_the_archive_marked_gone(dovecot, account, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    dovecot.append(account, "Projects", b"Subject: keep me\r\n\r\nbody\r\n")
+    dovecot.append(account, "INBOX", b"Subject: inbox\r\n\r\nbody\r\n")
+    url = archive_url("mbox", tmp_path)
+    run_backup(account, url)
+    with dovecot.client(account) as imap:
+        imap.delete_folder("Projects")
+    summary = run_backup(account, url)
+    report = [f for f in summary.folders if f.name == "Projects"][0]
+    assert (report.gone, report.skipped) == (1, "no longer on the server")
+    [kept] = archived(url, include_gone=True)["Projects"]
+    assert kept.gone and kept.raw == b"Subject: keep me\r\n\r\nbody\r\n"
+    assert not any(f.name == "Projects" for f in run_backup(account, url).folders)  # once marked, quiet
