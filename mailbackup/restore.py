@@ -435,9 +435,11 @@ def migrate(
                 pair = f"imap://{source_endpoint.user}@{source_endpoint.host}:{source_endpoint.port} -> {target.identity}"
                 journal = Journal(engine, pair, create=not options.dry_run)
                 folders = [f for f in source.folders() if wanted(f, options.include, options.exclude)]
+                # Cyrus keeps every personal folder under "INBOX.": that is the namespace, not a parent.
+                prefix = source.personal_prefix()
                 progress.plan(len(folders))
                 for folder in folders:
-                    name = target.destination(folder.name, folder.delimiter, folder.attributes)
+                    name = target.destination(without_prefix(folder.name, prefix), folder.delimiter, folder.attributes)
                     if not folder.selectable:
                         report = TransferReport(source=folder.name, target=name, skipped="not selectable")
                     else:
@@ -454,6 +456,13 @@ def migrate(
     finally:
         engine.dispose()
     return TransferSummary(str(source_endpoint), str(target_endpoint), tuple(reports), time.monotonic() - started, options.dry_run)
+
+
+def without_prefix(name: str, prefix: str) -> str:
+    """A source folder's name relative to its personal namespace ("INBOX.Work" -> "Work")."""
+    if prefix and len(name) > len(prefix) and name.upper().startswith(prefix.upper()):
+        return name[len(prefix):]
+    return name
 
 
 def _migrate_folder(

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Idempotent setup of everything the test suite and the demo need, on Debian 12:
-# the Debian packages (Dovecot, PostgreSQL, openssl, mutt) and a virtualenv
-# .venv at the repo root with mailbackup installed editable plus its test extra.
+# the Debian packages (Dovecot, PostgreSQL, openssl, mutt), a virtualenv
+# .venv at the repo root with mailbackup installed editable plus its test extra,
+# and Cyrus IMAP unpacked (not installed) into .venv/cyrus/root.
 # Installs only what is missing; a warm run takes well under a second.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -69,4 +70,26 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
         die "pip install -e '.[test]' failed (full log: $ROOT/$log)"
     fi
     echo "$want" > "$STAMP"
+fi
+
+# 4. Cyrus IMAP for the interop tests.  cyrus-imapd and cyrus-pop3d conflict
+# with dovecot-imapd/-pop3d (all provide imap-server/pop3-server) and
+# cyrus-common pulls in an MTA, so their .debs are unpacked into .venv/cyrus/root
+# (tests/servers/cyrus.py runs them from there) and only the libraries they link
+# against, plus sasl2-bin for saslpasswd2, are installed.
+CYRUS=.venv/cyrus
+if [ ! -e "$CYRUS/.unpacked" ]; then
+    apt_install sasl2-bin libclamav12 libical3 libicu72 libjansson4 libkrb5-3 libldap-2.5-0 \
+        libpcre3 libpq5 libsasl2-modules libsasl2-modules-db libsqlite3-0 libwrap0 libxapian30 \
+        libxml2 libzephyr4
+    say "unpacking cyrus-imapd into $CYRUS/root"
+    rm -rf "$CYRUS" && mkdir -p "$CYRUS/debs"
+    (cd "$CYRUS/debs" && apt-get download -qq cyrus-common cyrus-imapd cyrus-pop3d) \
+        >"$CYRUS/download.log" 2>&1 || { cat "$CYRUS/download.log" >&2; die "apt-get download cyrus-imapd failed"; }
+    for deb in "$CYRUS"/debs/*.deb; do dpkg-deb -x "$deb" "$CYRUS/root"; done
+    unresolved=$(LD_LIBRARY_PATH="$CYRUS/root/usr/lib/x86_64-linux-gnu" \
+        ldd "$CYRUS/root/usr/lib/cyrus/bin/master" "$CYRUS/root/usr/lib/cyrus/bin/imapd" | grep 'not found' || true)
+    [ -z "$unresolved" ] || die "Cyrus needs libraries that are not installed: $unresolved"
+    rm -rf "$CYRUS/debs"
+    touch "$CYRUS/.unpacked"
 fi

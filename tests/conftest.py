@@ -1,4 +1,4 @@
-"""Fixtures: real Dovecot and PostgreSQL servers, and the message corpus.
+"""Fixtures: real Dovecot, Cyrus and PostgreSQL servers, and the message corpus.
 
 Servers start once per session, on demand, under short temp dirs on 127.0.0.1.
 """
@@ -19,6 +19,7 @@ if str(TESTS_DIR) not in sys.path:  # so that 'servers' and 'corpus' import the 
     sys.path.insert(0, str(TESTS_DIR))
 
 from corpus.tricky import tricky_messages as _tricky_messages  # noqa: E402
+from servers.cyrus import Cyrus  # noqa: E402
 from servers.dovecot import Account, Dovecot  # noqa: E402
 from servers.postgres import Postgres  # noqa: E402
 
@@ -62,6 +63,29 @@ def dovecot_dot() -> Iterator[Dovecot]:
 @pytest.fixture
 def account_dot(dovecot_dot: Dovecot) -> Account:
     return dovecot_dot.add_user()
+
+
+@pytest.fixture(scope="session")
+def cyrus() -> Iterator[Cyrus]:
+    """Cyrus IMAP 3.6: delimiter '.', personal folders under "INBOX." (started only when asked for)."""
+    directory = tempfile.mkdtemp(prefix="mbcy", dir="/tmp")
+    server = Cyrus()
+    try:
+        server.start(directory)
+    except Exception as exc:  # the log tail is in the message
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.fail(f"cannot start Cyrus (run bash tests/bootstrap.sh?): {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def account_cyrus(cyrus: Cyrus) -> Account:
+    """A fresh Cyrus account with an empty INBOX."""
+    return cyrus.add_user()
 
 
 @pytest.fixture(scope="session")

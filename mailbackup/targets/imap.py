@@ -138,6 +138,9 @@ class ImapTarget:
         self.literal_plus = client.has_capability("LITERAL+")
         self.uidplus = client.has_capability("UIDPLUS")
         self.unselect = client.has_capability("UNSELECT")
+        # Cyrus gives no folder a role by its name: "Sent" is \Sent only if created so (RFC 6154).
+        self.create_special_use = client.has_capability("CREATE-SPECIAL-USE")
+        self._roles: dict[str, str] = {}  # folder to create -> special-use role to give it
         self.folders = self._list()
         self.layout = self._layout()
         self._permanent: dict[str, frozenset[str] | None] = {}
@@ -199,7 +202,11 @@ class ImapTarget:
 
     def destination(self, source_name: str, delimiter: str | None, attributes: frozenset[str]) -> str:
         source = Folder(name=source_name, delimiter=delimiter, attributes=attributes)
-        return map_folder(source.parts, source.special_use, self.layout, automap=self.automap, into=self.into)
+        name = map_folder(source.parts, source.special_use, self.layout, automap=self.automap, into=self.into)
+        role = source.special_use
+        if role and role not in dict(self.layout.special) and role not in self._roles.values():
+            self._roles.setdefault(name, role)
+        return name
 
     def _existing(self, name: str) -> str | None:
         if name.upper() == "INBOX":
@@ -213,7 +220,8 @@ class ImapTarget:
                 return Destination(name=name)
             with command_errors():
                 try:
-                    self.client.create_folder(name)
+                    if not self._create_with_role(name):
+                        self.client.create_folder(name)
                 except imap_errors.IMAPClientError as exc:
                     if b"ALREADYEXISTS" not in str(exc).encode() and "exists" not in str(exc).lower():
                         raise
@@ -245,6 +253,15 @@ class ImapTarget:
         self._hashed[name] = set()
         self._leave()
         return Destination(name=name, uid_validity=int(validity) if validity is not None else None, present=present)
+
+    def _create_with_role(self, name: str) -> bool:
+        """CREATE name (USE (role)) when the server takes it; False to create it plainly."""
+        role = self._roles.get(name)
+        if not (role and self.create_special_use):
+            return False
+        imap = self.client._imap
+        status, _ = imap._simple_command("CREATE", self.client._normalise_folder(name), f"(USE ({role}))")
+        return status == "OK"
 
     def _leave(self) -> None:
         """Deselect without expunging, so APPENDs draw no EXISTS noise."""
