@@ -175,3 +175,15 @@ def test_messages_cyrus_refuses_are_reported_not_fatal(dovecot, account, cyrus, 
     reasons = " ".join(reason for _, reason in summary.failed)
     assert "NUL" in reasons and "invalid header" in reasons, reasons
     assert [m.raw for m in cyrus.fetch(account_cyrus, "INBOX")] == [raws[0]]
+
+
+def test_pop3_backup_from_cyrus_is_byte_identical(cyrus, account_cyrus, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_backup_pop3 import on_server, pop_backup
+
+    for raw in tricky_messages().values():
+        cyrus.append(account_cyrus, "INBOX", raw)
+    url = archive_url("sqlite", tmp_path)
+    summary = pop_backup(account_cyrus, url)
+    assert summary.ok and summary.new == len(tricky_messages())
+    assert sorted(m.raw for m in archived(url)["INBOX"]) == sorted(on_server(cyrus, account_cyrus))
+    assert pop_backup(account_cyrus, url).new == 0
