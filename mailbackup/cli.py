@@ -564,6 +564,15 @@ def check_address(address: str, option: str) -> str:
     return address.strip()
 
 
+def secret(
+    file: str | None, command: str | None, token_command: str | None, url: str, what: str, env: str = "MAILBACKUP_PASSWORD"
+) -> str:
+    """An OAuth2 access token when a token command is given, else the password."""
+    if token_command:
+        return run_command(token_command, f"OAuth2 token command for {what}")
+    return resolve_password(file=file, command=command, env=env, prompt=password_prompt(url), what=what)
+
+
 def password_prompt(url: str) -> Callable[[], str]:
     def prompt() -> str:
         if not sys.stdin.isatty():
@@ -643,6 +652,8 @@ def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--from", "sender", metavar="ADDRESS", help="SMTP: the envelope sender (default: the login if it is an address).")
 @click.option("--resent", is_flag=True, help="SMTP: add Resent-From/To/Date/Message-ID headers.")
 @click.option("--rate", metavar="N/min", help="SMTP: send at most N messages per minute (or N/s, N/h).")
+@click.option("--oauth2-token-command", metavar="CMD", help="Log in to the target with OAuth2: CMD prints an access token.")
+@click.option("--oauth2-mechanism", type=click.Choice(["xoauth2", "oauthbearer"]), default="xoauth2", show_default=True)
 def restore_command(
     archive: str,
     target: str,
@@ -667,6 +678,8 @@ def restore_command(
     sender: str | None,
     resent: bool,
     rate: str | None,
+    oauth2_token_command: str | None,
+    oauth2_mechanism: str,
 ) -> None:
     """Put the messages of ARCHIVE back on TARGET.
 
@@ -697,10 +710,9 @@ def restore_command(
             sender=check_address(sender, "--from") if sender is not None else None,
             resent=resent,
             rate_per_minute=parse_rate(rate),
+            auth=oauth2_mechanism if oauth2_token_command else "password",
         )
-        password = resolve_password(
-            file=password_file, command=password_command, prompt=password_prompt(target), what="the target"
-        )
+        password = secret(password_file, password_command, oauth2_token_command, target, "the target")
         try:
             return restore(archive, target, password=password, options=options, progress=bars)
         finally:
@@ -719,6 +731,9 @@ def restore_command(
 @click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the source's password.")
 @click.option("--target-password-file", type=click.Path(dir_okay=False), help="Read the target's password from this file.")
 @click.option("--target-password-command", metavar="CMD", help="Run CMD and use its output as the target's password.")
+@click.option("--oauth2-token-command", metavar="CMD", help="Log in to the source with OAuth2: CMD prints an access token.")
+@click.option("--target-oauth2-token-command", metavar="CMD", help="Log in to the target with OAuth2.")
+@click.option("--oauth2-mechanism", type=click.Choice(["xoauth2", "oauthbearer"]), default="xoauth2", show_default=True)
 def migrate_command(
     source: str,
     target: str,
@@ -739,6 +754,9 @@ def migrate_command(
     password_command: str | None,
     target_password_file: str | None,
     target_password_command: str | None,
+    oauth2_token_command: str | None,
+    target_oauth2_token_command: str | None,
+    oauth2_mechanism: str,
 ) -> None:
     """Copy the IMAP account SOURCE to the IMAP account TARGET, folder by folder.
 
@@ -763,14 +781,13 @@ def migrate_command(
             ca_file=ca_file,
             timeout=timeout,
             batch_messages=batch_messages,
+            source_auth=oauth2_mechanism if oauth2_token_command else "password",
+            auth=oauth2_mechanism if target_oauth2_token_command else "password",
         )
-        password = resolve_password(file=password_file, command=password_command, prompt=password_prompt(source))
-        target_password = resolve_password(
-            file=target_password_file,
-            command=target_password_command,
+        password = secret(password_file, password_command, oauth2_token_command, source, "the source")
+        target_password = secret(
+            target_password_file, target_password_command, target_oauth2_token_command, target, "the target",
             env="MAILBACKUP_TARGET_PASSWORD",
-            prompt=password_prompt(target),
-            what="the target",
         )
         try:
             return migrate(

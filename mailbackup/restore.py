@@ -46,6 +46,8 @@ class RestoreOptions:
     no_tls: bool = False
     ca_file: str | None = None
     timeout: float = 120.0
+    auth: str = "password"  # the target's login: or "xoauth2" / "oauthbearer" with an access token
+    source_auth: str = "password"  # migrate's source login
     batch_messages: int = 100
     batch_bytes: int = 4 << 20
     # SMTP only
@@ -283,7 +285,13 @@ def connect_target(endpoint: Endpoint, password: str, options: RestoreOptions) -
     from .targets.imap import ImapTarget
 
     return ImapTarget.connect(
-        endpoint, password, ca_file=options.ca_file, timeout=options.timeout, automap=options.automap, into=options.into
+        endpoint,
+        password,
+        ca_file=options.ca_file,
+        timeout=options.timeout,
+        automap=options.automap,
+        into=options.into,
+        auth=options.auth,
     )
 
 
@@ -421,7 +429,9 @@ def migrate(
         engine = create_engine(f"sqlite:///{state_path}")
     reports: list[TransferReport] = []
     try:
-        source = ImapSource.connect(source_endpoint, password, ca_file=options.ca_file, timeout=options.timeout)
+        source = ImapSource.connect(
+            source_endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.source_auth
+        )
         try:
             target = ImapTarget.connect(
                 target_endpoint,
@@ -430,6 +440,7 @@ def migrate(
                 timeout=options.timeout,
                 automap=options.automap,
                 into=options.into,
+                auth=options.auth,
             )
             try:
                 pair = f"imap://{source_endpoint.user}@{source_endpoint.host}:{source_endpoint.port} -> {target.identity}"

@@ -159,8 +159,9 @@ class ImapTarget:
         timeout: float = 120.0,
         automap: bool = True,
         into: str | None = None,
+        auth: str = "password",
     ) -> ImapTarget:
-        session = ImapSource.connect(endpoint, password, ca_file=ca_file, timeout=timeout)
+        session = ImapSource.connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth)
         try:
             return cls(session.client, endpoint, automap=automap, into=into)
         except BaseException:

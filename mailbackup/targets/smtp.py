@@ -16,6 +16,7 @@ from email.utils import format_datetime, make_msgid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from ..credentials import oauthbearer, xoauth2
 from ..errors import AuthError, TLSError, UsageError
 from ..net import Endpoint, connect_errors, tls_context, warn_cleartext
 from . import Delivered, Destination, Outgoing
@@ -62,6 +63,15 @@ class SmtpTarget:
         self._next_start = 0.0
         self._done: deque[list[Delivered]] = deque()
 
+    def _oauth2(self, session: smtplib.SMTP) -> None:
+        """AUTH XOAUTH2 or OAUTHBEARER; an error challenge is answered empty to get the final reply."""
+        endpoint = self.endpoint
+        if self.options.auth == "xoauth2":
+            initial = xoauth2(endpoint.user, self.password)
+        else:
+            initial = oauthbearer(endpoint.user, self.password, endpoint.host, endpoint.port)
+        session.auth(self.options.auth.upper(), lambda challenge=None: initial.decode() if challenge is None else "")
+
     @classmethod
     def connect(cls, endpoint: Endpoint, password: str, options: RestoreOptions) -> SmtpTarget:
         target = cls(endpoint, password, options)
@@ -94,7 +104,10 @@ class SmtpTarget:
                 session.ehlo()
             if session.has_extn("auth"):
                 try:
-                    session.login(endpoint.user, self.password)
+                    if self.options.auth == "password":
+                        session.login(endpoint.user, self.password)
+                    else:
+                        self._oauth2(session)
                 except smtplib.SMTPAuthenticationError as exc:
                     session.close()
                     raise AuthError(f"login as {endpoint.user} at {endpoint.host} failed: {_reply(exc)}") from exc
