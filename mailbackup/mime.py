@@ -13,7 +13,7 @@ import pickle
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime, timezone
 from email import policy
 from email.message import Message as EmailMessage
@@ -325,10 +325,23 @@ def _receive(stream: BinaryIO) -> Any:
 
 
 def serve() -> None:
-    """The indexer process: read batches on stdin, answer documents on stdout, until EOF."""
+    """The indexer process: read batches on stdin, answer documents on stdout, until EOF.
+
+    It loads this file alone, not the mailbackup package, so documents go back as
+    plain tuples: the other side rebuilds them with Document(*fields).
+    """
     while True:
         try:
             items = _receive(sys.stdin.buffer)
         except EOFError:
             return
-        _send(sys.stdout.buffer, documents(items))
+        _send(sys.stdout.buffer, [astuple(doc) for doc in documents(items)])
+
+
+# Run as `python -c SERVE mime.py`: this module without the package's __init__
+# (SQLAlchemy and the rest), so the indexer process starts in a fraction of the time.
+SERVE = (
+    "import importlib.util, sys; spec = importlib.util.spec_from_file_location('mailbackup_mime', sys.argv[1]); "
+    "module = sys.modules['mailbackup_mime'] = importlib.util.module_from_spec(spec); "
+    "spec.loader.exec_module(module); module.serve()"
+)

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 from .catalog import folders, messages
 from .errors import StoreError, UsageError
+from . import mime
 from .mime import PARSE_CAP, Document, _receive, _send, document
 from .model import Message
 from .stores import Store, open_store
@@ -134,8 +135,9 @@ class Indexer:
         try:
             self._collect()
             if self.worker is None:
-                code = "from mailbackup.mime import serve; serve()"
-                self.worker = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                self.worker = subprocess.Popen(
+                    [sys.executable, "-c", mime.SERVE, mime.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                )
             assert self.worker.stdin is not None
             _send(self.worker.stdin, [(m.raw[:PARSE_CAP], m.sha256, m.internal_date) for m in batch])
             self.waiting = True
@@ -155,7 +157,7 @@ class Indexer:
         if self.waiting and self.worker is not None:
             assert self.worker.stdout is not None
             self.waiting = False
-            self._write(_receive(self.worker.stdout))
+            self._write([Document(*fields) for fields in _receive(self.worker.stdout)])
 
     def _stop(self) -> None:
         if self.worker is not None:
