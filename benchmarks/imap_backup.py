@@ -45,7 +45,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from tests.servers.dovecot import Account, Dovecot  # noqa: E402
-import imap_fetch_files  # noqa: E402
 
 TIME = "/usr/bin/time"
 REF_A = "ref-A imaplib files"

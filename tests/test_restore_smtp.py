@@ -174,6 +174,7 @@ def test_550_is_listed_and_the_exit_code_is_1(dovecot, account, smtp: SmtpServer
     # The failure is journalled: a rerun sends nothing new and still reports it.
     again = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     assert len(smtp.handler.received) == 2
+    assert again.returncode == 1 and "550" in again.stderr
 
 
 @pytest.mark.parametrize("address", ["a@example.net\r\nRCPT TO:<evil@x>", "a@example.net\n", "a\0@x"])
