@@ -11,9 +11,10 @@ import email.header
 import email.utils
 import pickle
 import re
+import sqlite3
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email import policy
 from email.message import Message as EmailMessage
@@ -324,24 +325,87 @@ def _receive(stream: BinaryIO) -> Any:
     return pickle.load(stream)
 
 
-def serve() -> None:
-    """The indexer process: read batches on stdin, answer documents on stdout, until EOF.
+# The index: one row per distinct message content, whose id is the FTS5 rowid.
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS search_docs (
+        id INTEGER PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        sent_at TEXT,
+        sender TEXT NOT NULL,
+        subject TEXT NOT NULL
+    )""",
+    """CREATE VIRTUAL TABLE IF NOT EXISTS search_text USING fts5(
+        sender, recipients, subject, body, tokenize = 'unicode61 remove_diacritics 2'
+    )""",
+)
+INSERT_DOC = "INSERT INTO search_docs (id, sha256, sent_at, sender, subject) VALUES (?, ?, ?, ?, ?)"
+INSERT_TEXT = "INSERT INTO search_text (rowid, sender, recipients, subject, body) VALUES (?, ?, ?, ?, ?)"
 
-    It loads this file alone, not the mailbackup package, so documents go back as
-    plain tuples: the other side rebuilds them with Document(*fields).
+
+def missing(conn: sqlite3.Connection, hashes: Sequence[str]) -> set[str]:
+    """The contents among hashes that the index does not hold yet."""
+    wanted = set(hashes)
+    unique = list(wanted)
+    for start in range(0, len(unique), 500):
+        part = unique[start : start + 500]
+        found = conn.execute(f"SELECT sha256 FROM search_docs WHERE sha256 IN ({','.join('?' * len(part))})", part)
+        wanted.difference_update(sha256 for (sha256,) in found)
+    return wanted
+
+
+def write_documents(conn: sqlite3.Connection, docs: Sequence[Document]) -> int:
+    """Add the documents the index lacks, in the caller's write transaction."""
+    fresh = missing(conn, [d.sha256 for d in docs])
+    wanted = {d.sha256: d for d in docs if d.sha256 in fresh}
+    if not wanted:
+        return 0
+    first = conn.execute("SELECT coalesce(max(id), 0) FROM search_docs").fetchone()[0] + 1
+    rows = list(zip(range(first, first + len(wanted)), wanted.values()))
+    conn.executemany(INSERT_DOC, [(i, d.sha256, d.sent_at, d.sender, d.subject) for i, d in rows])
+    conn.executemany(INSERT_TEXT, [(i, d.sender, d.recipients, d.subject, d.body) for i, d in rows])
+    return len(rows)
+
+
+def serve(database: str) -> None:
+    """The indexer process: parse the batches that arrive on stdin and write them into
+    the index of the SQLite catalog at database, until stdin ends.
+
+    It says nothing on stderr, which it shares with backup; a failure is its exit
+    status, and backup turns that into one warning.
     """
+    try:
+        _serve(database)
+    except BaseException:
+        sys.exit(1)
+
+
+def _serve(database: str) -> None:
+    conn = sqlite3.connect(database, timeout=60, isolation_level=None)
+    # No fsync of its own: the backup's next catalog commit makes it durable, and a
+    # lost index row only means `mailbackup reindex` has work to do.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    for statement in SCHEMA:
+        conn.execute(statement)
     while True:
         try:
             items = _receive(sys.stdin.buffer)
         except EOFError:
-            return
-        _send(sys.stdout.buffer, [astuple(doc) for doc in documents(items)])
+            break
+        docs = documents(items)
+        conn.execute("BEGIN IMMEDIATE")  # ids come from max(id): take the write lock first
+        try:
+            write_documents(conn, docs)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    conn.close()
 
 
-# Run as `python -c SERVE mime.py`: this module without the package's __init__
+# Run as `python -c SERVE mime.py DATABASE`: this module without the package's __init__
 # (SQLAlchemy and the rest), so the indexer process starts in a fraction of the time.
 SERVE = (
     "import importlib.util, sys; spec = importlib.util.spec_from_file_location('mailbackup_mime', sys.argv[1]); "
     "module = sys.modules['mailbackup_mime'] = importlib.util.module_from_spec(spec); "
-    "spec.loader.exec_module(module); module.serve()"
+    "spec.loader.exec_module(module); module.serve(sys.argv[2])"
 )

@@ -25,25 +25,12 @@ import sqlalchemy as sa
 from .catalog import folders, messages
 from .errors import StoreError, UsageError
 from . import mime
-from .mime import PARSE_CAP, Document, _receive, _send, document
+from .mime import PARSE_CAP, SCHEMA, Document, _send, document
 from .model import Message
 from .stores import Store, open_store
 
 log = logging.getLogger("mailbackup")
 
-SCHEMA = (
-    # One row per distinct message content; its id is the FTS5 rowid.
-    """CREATE TABLE IF NOT EXISTS search_docs (
-        id INTEGER PRIMARY KEY,
-        sha256 TEXT NOT NULL UNIQUE,
-        sent_at TEXT,
-        sender TEXT NOT NULL,
-        subject TEXT NOT NULL
-    )""",
-    """CREATE VIRTUAL TABLE IF NOT EXISTS search_text USING fts5(
-        sender, recipients, subject, body, tokenize = 'unicode61 remove_diacritics 2'
-    )""",
-)
 
 
 @dataclass(frozen=True)
@@ -100,7 +87,7 @@ def index_messages(store: Store, batch: Sequence[Message]) -> int:
         return 0
     with store.catalog.engine.begin() as conn:
         _ensure_schema(conn)
-        fresh = _not_indexed(conn, [m.sha256 for m in batch])
+        fresh = mime.missing(conn.connection.driver_connection, [m.sha256 for m in batch])  # type: ignore[arg-type]
         # One message parsed at a time; its parsed form is dropped before the next.
         return _insert_many(conn, [document(m.raw, m.sha256, m.internal_date) for m in batch if m.sha256 in fresh])
 
@@ -114,112 +101,63 @@ def index_committed(store: Store, batch: Sequence[Message]) -> None:
 
 
 class Indexer:
-    """Keeps the index up to date during backup without making backup wait for MIME parsing.
+    """Keeps the index up to date during backup without making backup wait for it.
 
-    Parsing runs in a helper process one batch behind the backup (a plain child
-    process, so nothing of this one's threads or sockets is copied into it); this
-    process only writes finished documents. A failure leaves messages unindexed,
-    never the backup undone: `mailbackup reindex` catches up.
+    A helper process (a plain child, so nothing of this one's threads or sockets
+    is copied into it) parses each committed batch and writes it into the index,
+    while backup goes on; a full pipe is the only thing backup ever waits for.
+    A failure leaves messages unindexed, never the backup undone: `mailbackup
+    reindex` catches up.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.enabled = supported(store)
         self.worker: subprocess.Popen[bytes] | None = None
-        self.waiting = False
-        self.schema_ready = False
 
     def add(self, batch: Sequence[Message]) -> None:
         if not self.enabled or not batch:
             return
         try:
-            self._collect()
             if self.worker is None:
+                database = self.store.catalog.engine.url.database
                 self.worker = subprocess.Popen(
-                    [sys.executable, "-c", mime.SERVE, mime.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                    [sys.executable, "-c", mime.SERVE, mime.__file__, str(database)], stdin=subprocess.PIPE
                 )
             assert self.worker.stdin is not None
             _send(self.worker.stdin, [(m.raw[:PARSE_CAP], m.sha256, m.internal_date) for m in batch])
-            self.waiting = True
         except Exception as exc:
             self._give_up(exc)
 
     def close(self) -> None:
+        """Wait for the helper to write what it has; say so if it could not."""
+        if self.worker is None:
+            return
+        worker, self.worker = self.worker, None
         try:
-            if self.enabled:
-                self._collect()
-        except Exception as exc:
+            if worker.stdin is not None:
+                worker.stdin.close()
+            code = worker.wait(timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            worker.kill()
+            worker.wait()
             self._give_up(exc)
-        finally:
-            self._stop()
-
-    def _collect(self) -> None:
-        if self.waiting and self.worker is not None:
-            assert self.worker.stdout is not None
-            self.waiting = False
-            self._write([Document(*fields) for fields in _receive(self.worker.stdout)])
-
-    def _stop(self) -> None:
-        if self.worker is not None:
-            worker, self.worker = self.worker, None
-            for stream in (worker.stdin, worker.stdout):
-                if stream is not None:
-                    stream.close()
-            try:
-                worker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-
-    def _write(self, docs: list[Document]) -> None:
-        with self.store.catalog.engine.connect() as conn:
-            # No fsync of its own: the next catalog commit makes it durable, and a
-            # lost index row only means reindex has work to do. The same pooled
-            # connection goes back to FULL before anyone else can use it.
-            try:
-                with conn.begin():
-                    conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
-                    if not self.schema_ready:
-                        _ensure_schema(conn)
-                        self.schema_ready = True
-                    fresh = _not_indexed(conn, [d.sha256 for d in docs])
-                    _insert_many(conn, [d for d in docs if d.sha256 in fresh])
-            finally:
-                conn.exec_driver_sql("PRAGMA synchronous=FULL")
-                conn.commit()
+            return
+        if code != 0:
+            self._give_up(RuntimeError(f"the indexer process exited with {code}"))
 
     def _give_up(self, exc: Exception) -> None:
         log.warning("search index not updated (%s); run 'mailbackup reindex' to catch up", exc)
         self.enabled = False
-        self._stop()
-
-
-def _not_indexed(conn: sa.Connection, hashes: Sequence[str]) -> set[str]:
-    wanted = set(hashes)
-    for start in range(0, len(hashes), 500):
-        part = list(hashes[start : start + 500])
-        marks = ",".join("?" * len(part))
-        found = conn.exec_driver_sql(f"SELECT sha256 FROM search_docs WHERE sha256 IN ({marks})", tuple(part))
-        wanted.difference_update(row[0] for row in found)
-    return wanted
+        if self.worker is not None:
+            worker, self.worker = self.worker, None
+            worker.kill()
+            worker.wait()
 
 
 def _insert_many(conn: sa.Connection, docs: Sequence[Document]) -> int:
-    """Insert documents with two executemany calls; ids are taken inside this write transaction."""
-    unique = list({d.sha256: d for d in docs}.values())
-    if not unique:
-        return 0
-    first = (conn.exec_driver_sql("SELECT coalesce(max(id), 0) FROM search_docs").scalar() or 0) + 1
-    ids = range(first, first + len(unique))
-    conn.exec_driver_sql(
-        "INSERT INTO search_docs (id, sha256, sent_at, sender, subject) VALUES (?, ?, ?, ?, ?)",
-        [(i, d.sha256, d.sent_at, d.sender, d.subject) for i, d in zip(ids, unique)],
-    )
-    conn.exec_driver_sql(
-        "INSERT INTO search_text (rowid, sender, recipients, subject, body) VALUES (?, ?, ?, ?, ?)",
-        [(i, d.sender, d.recipients, d.subject, d.body) for i, d in zip(ids, unique)],
-    )
-    return len(unique)
+    """Write documents the index lacks, inside the caller's transaction."""
+    return mime.write_documents(conn.connection.driver_connection, docs)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
