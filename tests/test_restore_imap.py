@@ -303,3 +303,15 @@ def test_dropped_connection_mid_append_then_rerun_completes_without_duplicates(d
     if mode == "mute":  # the APPEND landed but its OK was lost: found on resume, not sent again
         assert summary.as_dict()["recovered"] > 0
         assert landed > 0
+
+
+def test_a_big_message_already_on_the_target_is_found_by_hash(dovecot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from mailbackup import BackupOptions, backup
+
+    source = dovecot.add_user()
+    big = b"Subject: no message-id, bigger than a header\r\n\r\n" + b"z" * (3 << 20) + b"\r\n"
+    dovecot.append(source, "INBOX", big)
+    url = str(tmp_path / "a.sqlite")
+    backup(source.url("imap"), url, password=source.password, options=BackupOptions(no_tls=True, index=False))
+    home = restore_to(source, url)  # hashing the target's copy reads a 3 MB literal
+    assert home.ok and (home.sent, home.as_dict()["found"]) == (0, 1)

@@ -55,6 +55,12 @@ def as_folder(flags: Sequence[bytes], delimiter: bytes | str | None, name: str |
     return Folder(name=str(name), delimiter=delimiter or None, attributes=attributes)
 
 
+def literal_room(size: int) -> int:
+    """The biggest literal to accept for a message of this RFC822.SIZE: room for a server
+    whose size is a little off, not for one that lies wildly."""
+    return 2 * size + (1 << 20)
+
+
 def sequence_set(uids: Sequence[int]) -> str:
     """Compress ascending UIDs into an IMAP sequence set such as '1:5,7,9:12'."""
     if not uids:
@@ -331,28 +337,24 @@ class ImapSource:
             self.client.expunge()
 
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:
-        response = self._fetch(sequence_set(uids), ["RFC822.SIZE"])
+        response = self.fetch_items(sequence_set(uids), ["RFC822.SIZE"])
         self.known_sizes = {uid: int(data.get(b"RFC822.SIZE", 0)) for uid, data in response.items()}  # type: ignore[call-overload]
         return self.known_sizes
 
     def flags(self, uids: Sequence[int]) -> dict[int, tuple[str, ...]]:
-        response = self._fetch(sequence_set(uids), ["FLAGS"])
+        response = self.fetch_items(sequence_set(uids), ["FLAGS"])
         return {uid: decode_flags(data.get(b"FLAGS", ())) for uid, data in response.items()}  # type: ignore[arg-type]
 
     def changed_flags(self, modseq: int) -> dict[int, tuple[str, ...]]:
         """Flags of the messages changed since modseq (CONDSTORE)."""
-        response = self._fetch("1:*", ["FLAGS"], f"(CHANGEDSINCE {modseq})")
+        response = self.fetch_items("1:*", ["FLAGS"], f"(CHANGEDSINCE {modseq})")
         return {uid: decode_flags(data.get(b"FLAGS", ())) for uid, data in response.items()}  # type: ignore[arg-type]
 
     def fetch(self, uids: Sequence[int]) -> tuple[list[Message], list[int]]:
         """Fetch a batch; returns the messages and the UIDs the server sent no body for."""
         sizes = [self.known_sizes.get(uid) for uid in uids]
-        # Room for a server whose RFC822.SIZE is a little off, not for one that lies wildly.
-        self.literal_limit = 2 * max(sizes) + (1 << 20) if None not in sizes else BIG_LITERAL  # type: ignore[operator,type-var]
-        try:
-            response = self._fetch(sequence_set(uids), FETCH_ITEMS)
-        finally:
-            self.literal_limit = SMALL_LITERAL
+        limit = literal_room(max(sizes)) if None not in sizes else BIG_LITERAL  # type: ignore[type-var]
+        response = self.fetch_items(sequence_set(uids), FETCH_ITEMS, literal_limit=limit)
         messages, missing = [], []
         for uid in uids:
             data = response.get(uid, {})
@@ -371,17 +373,24 @@ class ImapSource:
             )
         return messages, missing
 
-    def _fetch(self, uid_set: str, items: list[str], modifiers: str | None = None) -> dict[int, dict[bytes, object]]:
+    def fetch_items(
+        self, uid_set: str, items: list[str], modifiers: str | None = None, *, literal_limit: int = SMALL_LITERAL
+    ) -> dict[int, dict[bytes, object]]:
+        """UID FETCH, parsed and keyed by UID; a literal over literal_limit is refused unread."""
         # imapclient.fetch() cannot take a range like 1:* and keys unsolicited replies by
         # sequence number, so send UID FETCH the way it does and parse replies ourselves.
         imap = self.client._imap
-        with command_errors():
-            tag = imap._command("UID", "FETCH", uid_set, "(" + " ".join(items) + ")", modifiers)
-            status, data = imap._command_complete("FETCH", tag)
-            if status != "OK":
-                raise ServerError(f"UID FETCH {uid_set[:40]} refused: {_text(data[-1] if data else status)}")
-            _, lines = imap._untagged_response(status, data, "FETCH")
-            return parse_fetch(lines)
+        self.literal_limit = literal_limit
+        try:
+            with command_errors():
+                tag = imap._command("UID", "FETCH", uid_set, "(" + " ".join(items) + ")", modifiers)
+                status, data = imap._command_complete("FETCH", tag)
+                if status != "OK":
+                    raise ServerError(f"UID FETCH {uid_set[:40]} refused: {_text(data[-1] if data else status)}")
+                _, lines = imap._untagged_response(status, data, "FETCH")
+                return parse_fetch(lines)
+        finally:
+            self.literal_limit = SMALL_LITERAL
 
 
 @contextmanager

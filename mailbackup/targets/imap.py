@@ -17,14 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-import imapclient
 from imapclient import exceptions as imap_errors
 from imapclient import imap_utf7
 
 from ..errors import ConnectionLost, ServerError
 from ..model import SPECIAL_USE, Folder
 from ..net import Endpoint
-from ..sources.imap import ImapSource, as_folder, parse_fetch
+from ..sources.imap import SMALL_LITERAL, ImapSource, as_folder, literal_room
 from . import Delivered, Destination, Outgoing, message_id
 
 SYSTEM_FLAGS = {"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"}
@@ -127,8 +126,9 @@ class ImapTarget:
 
     window = 3  # MULTIAPPEND commands in flight
 
-    def __init__(self, client: imapclient.IMAPClient, endpoint: Endpoint, *, automap: bool = True, into: str | None = None):
-        self.client = client
+    def __init__(self, session: ImapSource, endpoint: Endpoint, *, automap: bool = True, into: str | None = None):
+        self.session = session
+        self.client = client = session.client
         self.endpoint = endpoint
         self.identity = f"imap://{endpoint.user}@{endpoint.host}:{endpoint.port}"
         self.automap = automap
@@ -163,7 +163,7 @@ class ImapTarget:
     ) -> ImapTarget:
         session = ImapSource.connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth)
         try:
-            return cls(session.client, endpoint, automap=automap, into=into)
+            return cls(session, endpoint, automap=automap, into=into)
         except BaseException:
             session.close()
             raise
@@ -279,7 +279,7 @@ class ImapTarget:
                 self.client.select_folder(name, readonly=True)
             for start in range(0, len(todo), 50):
                 part = todo[start : start + 50]
-                fetched = self._uid_fetch(",".join(map(str, part)), ["BODY.PEEK[]"])
+                fetched = self._uid_fetch(",".join(map(str, part)), ["BODY.PEEK[]"], literal_room(size))
                 for data in fetched.values():
                     raw = data.get(b"BODY[]")
                     if isinstance(raw, bytes):
@@ -396,15 +396,8 @@ class ImapTarget:
                     self.client.set_flags(uids[start : start + 500], list(acceptable_flags(flags, allowed)), silent=True)
             self._leave()
 
-    def _uid_fetch(self, uid_set_text: str, items: list[str]) -> dict[int, dict[bytes, object]]:
-        imap = self.client._imap
-        with command_errors():
-            tag = imap._command("UID", "FETCH", uid_set_text, "(" + " ".join(items) + ")")
-            status, data = imap._command_complete("FETCH", tag)
-            if status != "OK":
-                raise ServerError(f"UID FETCH refused: {_reason(data[-1] if data else b'')}")
-            _, lines = imap._untagged_response(status, data, "FETCH")
-            return parse_fetch(lines)
+    def _uid_fetch(self, uid_set_text: str, items: list[str], literal_limit: int = SMALL_LITERAL) -> dict[int, dict[bytes, object]]:
+        return self.session.fetch_items(uid_set_text, items, literal_limit=literal_limit)
 
 
 def _flags_and_date(message: Outgoing, permanent: frozenset[str] | None) -> bytes:
