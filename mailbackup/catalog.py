@@ -72,7 +72,7 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _flags_text(flags: Iterable[str]) -> str:
+def flags_text(flags: Iterable[str]) -> str:
     return " ".join(sorted(set(flags)))
 
 
@@ -276,7 +276,7 @@ class Catalog:
                 "source_id": message.source_id,
                 "sha256": message.sha256,
                 "size": message.size,
-                "flags": _flags_text(message.flags),
+                "flags": flags_text(message.flags),
                 "internal_date": message.internal_date.isoformat() if message.internal_date else None,
                 "date_source": message.date_source,
                 "fetched_at": fetched_at,
@@ -296,7 +296,7 @@ class Catalog:
                 .values(
                     uid=message.uid,
                     uid_validity=uid_validity,
-                    flags=_flags_text(message.flags),
+                    flags=flags_text(message.flags),
                     location=location,
                 )
             )
@@ -310,7 +310,7 @@ class Catalog:
                 conn.execute(
                     messages.update()
                     .where(messages.c.id == entry_id)
-                    .values(flags=_flags_text(flags), location=location)
+                    .values(flags=flags_text(flags), location=location)
                 )
 
     def mark_gone(self, folder_id: int, uid_validity: int, uids: Sequence[int]) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .catalog import BigId, now_iso
+from .catalog import BigId, flags_text, now_iso
 from .errors import StoreError
 
 IN_FLIGHT = "in_flight"
@@ -106,7 +106,7 @@ class Journal:
                 "message_id": r.message_id,
                 "size": r.size,
                 "sha256": r.sha256,
-                "flags": " ".join(sorted(set(r.flags))),
+                "flags": flags_text(r.flags),
                 "detail": r.detail,
                 "updated_at": when,
             }
@@ -128,7 +128,7 @@ class Journal:
                         journal.c.source_folder == source_folder,
                         journal.c.item == item,
                     )
-                    .values(flags=" ".join(sorted(set(flags))), updated_at=when)
+                    .values(flags=flags_text(flags), updated_at=when)
                 )
 
 

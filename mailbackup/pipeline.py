@@ -140,6 +140,10 @@ class _Tally:
     deleted: int = 0
     failed: list[str] = field(default_factory=list)
 
+    def stored(self, messages: Sequence[Message]) -> None:
+        self.new += len(messages)
+        self.bytes += sum(m.size for m in messages)
+
     def report(self, name: str) -> FolderReport:
         return FolderReport(
             name=name,
@@ -261,8 +265,7 @@ class FolderSync:
             self.catalog.rekey(stale.id, message, validity, location)
             self.tally.adopted += 1
         commit(self.store, archived, validity, fresh, self.indexer)
-        self.tally.new += len(fresh)
-        self.tally.bytes += sum(m.size for m in fresh)
+        self.tally.stored(fresh)
 
 
 class Pop3Sync:
@@ -306,8 +309,7 @@ class Pop3Sync:
                 )
                 stored.append(listed.number)
             commit(self.store, archived, None, messages, self.indexer)
-            self.tally.new += len(messages)
-            self.tally.bytes += sum(m.size for m in messages)
+            self.tally.stored(messages)
             self.progress.stored(len(messages), sum(m.size for m in messages))
             if self.options.delete or self.options.delete_older_than == 0:
                 self.delete(stored)

@@ -72,6 +72,12 @@ def line_chunks(raw: bytes, size: int = CHUNK) -> Iterator[bytes]:
         start = end
 
 
+def folded_chunks(raw: bytes, fold: bool) -> Iterator[bytes]:
+    """raw in line-aligned pieces, with CRLF written as LF when fold (see crlf_foldable)."""
+    for chunk in line_chunks(raw):
+        yield chunk.replace(b"\r\n", b"\n") if fold else chunk
+
+
 def unfold_crlf(data: bytes) -> bytes:
     return data.replace(b"\n", b"\r\n")
 

@@ -19,8 +19,8 @@ from .files import (
     CATALOG_DIR,
     file_lock,
     crlf_foldable,
+    folded_chunks,
     fsync_path,
-    line_chunks,
     make_dirs,
     open_catalog,
     safe_parts,
@@ -43,6 +43,11 @@ WRITERS = 8
 
 def info(flags: Sequence[str]) -> str:
     return ":2," + "".join(sorted(FLAG_LETTERS[f] for f in set(flags) if f in FLAG_LETTERS))
+
+
+def folded(name: str) -> bool:
+    """Whether the file holds the message with CRLF folded to LF (its unique part ends in .lf)."""
+    return name.partition(":")[0].endswith(".lf")
 
 
 def flags_from_name(name: str) -> tuple[str, ...]:
@@ -100,14 +105,10 @@ class MaildirStore:
 
     @staticmethod
     def _write(path: Path, message: Message) -> None:
-        raw = message.raw
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            if path.name.partition(":")[0].endswith(".lf"):
-                for chunk in line_chunks(raw):
-                    out.write(chunk.replace(b"\r\n", b"\n"))
-            else:
-                out.write(raw)
+            for piece in folded_chunks(message.raw, folded(path.name)):
+                out.write(piece)
 
     def _find(self, location: str) -> Path:
         path = self.root / location
@@ -123,7 +124,7 @@ class MaildirStore:
     def get(self, location: str) -> bytes:
         path = self._find(location)
         data = path.read_bytes()
-        return unfold_crlf(data) if path.name.partition(":")[0].endswith(".lf") else data
+        return unfold_crlf(data) if folded(path.name) else data
 
     def set_flags(self, location: str, flags: tuple[str, ...]) -> str:
         path = self._find(location)

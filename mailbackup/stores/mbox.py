@@ -19,7 +19,7 @@ from .files import (
     CATALOG_DIR,
     file_lock,
     crlf_foldable,
-    line_chunks,
+    folded_chunks,
     make_dirs,
     open_catalog,
     quote_from,
@@ -104,8 +104,8 @@ class MboxStore:
             write(from_line(message))
             offset = position
             last = b""
-            for chunk in line_chunks(message.raw):
-                piece = quote_from(chunk.replace(b"\r\n", b"\n") if fold else chunk)
+            for chunk in folded_chunks(message.raw, fold):
+                piece = quote_from(chunk)
                 write(piece)
                 last = piece[-1:] or last
             length = position - offset
