@@ -409,6 +409,8 @@ class Catalog:
             internal_date=_date(row.internal_date),
             location=row.location,
             gone=row.gone_at is not None,
+            archived_at=_date(row.fetched_at),
+            gone_at=_date(row.gone_at),
         )
 
     # reading and converting archives (verify, search, show, export)

@@ -95,6 +95,9 @@ class Entry:
     internal_date: datetime | None
     location: str
     gone: bool
+    # When this copy was first archived, and when the server stopped having it.
+    archived_at: datetime | None = None
+    gone_at: datetime | None = None
 
 
 @dataclass(frozen=True)
