@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -14,8 +16,8 @@ from tqdm import tqdm
 
 from . import config
 from .accounts import backup_accounts
-from .credentials import resolve_password, run_command
-from .errors import ConfigError, MailbackupError, UsageError
+from .credentials import Login, resolve_secret
+from .errors import ConfigError, MailbackupError, PartialFailure, UsageError
 from .model import FolderReport, Summary
 from .pipeline import BackupOptions, Progress, archive_stats, backup
 from .prune import PruneReport, parse_age, prune_server
@@ -24,18 +26,135 @@ log = logging.getLogger("mailbackup")
 
 
 def human_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
+    """SI units, as the progress bars show them."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
+        size /= 1000
     return f"{size:.1f} TB"
 
 
-class Bars(Progress):
-    """tqdm bars for messages and bytes, in total and for the folder at hand."""
+# Option groups: each is declared once and used by every command that needs it.
+# A group collects its options into one value (a Login, a Tls, an Output).
 
-    def __init__(self, enabled: bool) -> None:
+
+@dataclass(frozen=True)
+class Tls:
+    ca_file: str | None
+    no_tls: bool
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Output:
+    json: bool
+    verbose: int
+    quiet: bool
+
+
+def _group(dest: str, names: list[str], build: Callable[..., Any], options: list[Callable[..., Any]]) -> Callable[..., Any]:
+    """A decorator that adds options and hands the command one `dest` value built from them."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def wrapper(**kwargs: Any) -> Any:
+            kwargs[dest] = build(**{name: kwargs.pop(name) for name in names})
+            return function(**kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def login_options(prefix: str = "", what: str = "the server", env: str = "MAILBACKUP_PASSWORD") -> Callable[..., Any]:
+    """--password-file, --password-command, --oauth2-token-command, --oauth2-mechanism (as `login`).
+
+    With prefix "target-", the twins for a second server (as `target_login`).
+    """
+    key = prefix.replace("-", "_")
+    names = [f"{key}password_file", f"{key}password_command", f"{key}oauth2_token_command", f"{key}oauth2_mechanism"]
+
+    def build(**values: Any) -> Login:
+        return Login(
+            password_file=values[names[0]],
+            password_command=values[names[1]],
+            password_env=env,
+            oauth2_token_command=values[names[2]],
+            oauth2_mechanism=values[names[3]],
+        )
+
+    return _group(f"{key}login", names, build, [
+        click.option(f"--{prefix}password-file", names[0], type=click.Path(dir_okay=False),
+                     help=f"Read the password of {what} from this file."),
+        click.option(f"--{prefix}password-command", names[1], metavar="CMD",
+                     help=f"Run CMD and use its output as the password of {what}."),
+        click.option(f"--{prefix}oauth2-token-command", names[2], metavar="CMD",
+                     help=f"Log in to {what} with OAuth2: CMD prints an access token."),
+        click.option(f"--{prefix}oauth2-mechanism", names[3], type=click.Choice(["xoauth2", "oauthbearer"]),
+                     default="xoauth2", show_default=True, help=f"SASL mechanism for OAuth2 logins to {what}."),
+    ])
+
+
+def tls_options(prefix: str = "", what: str = "the server") -> Callable[..., Any]:
+    """--ca-file, --no-tls, --timeout (as `tls`; `target_tls` with prefix "target-")."""
+    key = prefix.replace("-", "_")
+    names = [f"{key}ca_file", f"{key}no_tls", f"{key}timeout"]
+    return _group(f"{key}tls", names, lambda **v: Tls(v[names[0]], v[names[1]], v[names[2]]), [
+        click.option(f"--{prefix}ca-file", names[0], type=click.Path(dir_okay=False),
+                     help=f"Also trust this CA (PEM) for the certificate of {what}."),
+        click.option(f"--{prefix}no-tls", names[1], is_flag=True,
+                     help=f"Allow cleartext to {what} (no STARTTLS). Unsafe."),
+        click.option(f"--{prefix}timeout", names[2], type=click.FloatRange(min=1), default=120.0, show_default=True,
+                     help=f"Seconds to wait for {what}: connect, TLS, greeting and every read."),
+    ])
+
+
+def folder_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """--folder and --exclude (as `include`, `exclude`)."""
+    function = click.option("--exclude", multiple=True, metavar="GLOB", help="Skip matching folders (repeatable).")(function)
+    return click.option("--folder", "include", multiple=True, metavar="GLOB", help="Only matching folders (repeatable).")(function)
+
+
+def output_options(json_help: str = "Print the summary as one JSON object on stdout.") -> Callable[..., Any]:
+    """--json, -v, -q (as `out`); sets up logging before the command runs."""
+
+    def build(json_output: bool, verbose: int, quiet: bool) -> Output:
+        setup_logging(verbose, quiet)
+        return Output(json_output, verbose, quiet)
+
+    return _group("out", ["json_output", "verbose", "quiet"], build, [
+        click.option("--json", "json_output", is_flag=True, help=json_help),
+        click.option("-v", "--verbose", count=True, help="More detail: a line per folder (-vv for debug)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary, errors only."),
+    ])
+
+
+def prompt_for(url: str, login: Login, prefix: str = "") -> Callable[[], str]:
+    """Ask on the terminal; without one, say which options give a password."""
+
+    def prompt() -> str:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                f"no password for {url}: use --{prefix}password-file, --{prefix}password-command "
+                f"or {login.password_env} (no terminal to ask on)"
+            )
+        return str(click.prompt(f"Password for {url}", hide_input=True, err=True))
+
+    return prompt
+
+
+def secret_for(login: Login, url: str, what: str, prefix: str = "") -> str:
+    return resolve_secret(login, what=what, prompt=prompt_for(url, login, prefix))
+
+
+class Bars(Progress):
+    """tqdm bars for messages and bytes, in total and for the folder at hand; a line per folder at -v."""
+
+    def __init__(self, enabled: bool, verbose: int = 0) -> None:
         self.enabled = enabled
+        self.verbose = verbose
         self.total_messages: tqdm | None = None
         self.total_bytes: tqdm | None = None
         self.folder_messages: tqdm | None = None
@@ -44,10 +163,15 @@ class Bars(Progress):
     def plan(self, folders: int) -> None:
         if not self.enabled:
             return
-        self.total_messages = tqdm(desc="all folders", unit="msg", position=0, dynamic_ncols=True)
-        self.total_bytes = tqdm(desc="all folders", unit="B", unit_scale=True, position=1, dynamic_ncols=True)
+        # Totals grow as each folder says what it has to do: the percentage and ETA cover what is known.
+        self.total_messages = tqdm(desc="all folders", total=0, unit="msg", position=0, dynamic_ncols=True)
+        self.total_bytes = tqdm(desc="all folders", total=0, unit="B", unit_scale=True, position=1, dynamic_ncols=True)
 
     def folder_started(self, name: str, messages: int, size: int | None) -> None:
+        for bar, amount in ((self.total_messages, messages), (self.total_bytes, size)):
+            if bar is not None and amount:
+                bar.total = (bar.total or 0) + amount
+                bar.refresh()
         if not self.enabled:
             return
         self.folder_messages = tqdm(total=messages, desc=name[:30], unit="msg", position=2, leave=False)
@@ -68,12 +192,28 @@ class Bars(Progress):
             if bar is not None:
                 bar.close()
         self.folder_messages = self.folder_bytes = None
+        if self.verbose and report.name:
+            tqdm.write(folder_line(report), file=sys.stderr)
 
     def close(self) -> None:
-        self.folder_done(FolderReport(name=""))
-        for bar in (self.total_messages, self.total_bytes):
+        for bar in (self.folder_messages, self.folder_bytes, self.total_messages, self.total_bytes):
             if bar is not None:
                 bar.close()
+        self.folder_messages = self.folder_bytes = self.total_messages = self.total_bytes = None
+
+
+def folder_line(report: FolderReport) -> str:
+    """The -v line for one folder: name, new messages, bytes, time."""
+    parts = [f"{report.new} new", human_bytes(report.bytes)]
+    elapsed = getattr(report, "elapsed", None)
+    if elapsed is not None:
+        parts.append(f"{elapsed:.1f} s")
+    for count, what in ((report.flags_updated, "flag updates"), (report.gone, "gone"), (len(report.failed), "failed")):
+        if count:
+            parts.append(f"{count} {what}")
+    if report.skipped:
+        parts.append(f"skipped: {report.skipped}")
+    return f"{report.name}: " + ", ".join(parts)
 
 
 def print_summary(summary: Summary) -> None:
@@ -102,6 +242,14 @@ def fail(error: MailbackupError, json_output: bool) -> NoReturn:
     sys.exit(error.exit_code)
 
 
+def finish(ok: bool) -> NoReturn:
+    """Exit 0, or PartialFailure's code once the failures are listed (the one place for partial runs)."""
+    if ok:
+        sys.exit(0)
+    click.echo(f"mailbackup: error: {PartialFailure()}", err=True)
+    sys.exit(PartialFailure.exit_code)
+
+
 def run(json_output: bool, action: Callable[[], Any]) -> Any:
     """Call the library; turn its errors into a one-line message and an exit code."""
     try:
@@ -109,7 +257,7 @@ def run(json_output: bool, action: Callable[[], Any]) -> Any:
     except MailbackupError as exc:
         fail(exc, json_output)
     except KeyboardInterrupt:
-        click.echo("mailbackup: interrupted; rerun to finish", err=True)
+        click.echo("mailbackup: interrupted; what was committed stays, rerun to finish", err=True)
         sys.exit(130)
 
 
@@ -122,6 +270,10 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     # imapclient logs under its own name, which has no handler: LOGIN arguments never show.
 
 
+def bars_for(out: Output, *, dry_run: bool = False) -> Bars:
+    return Bars(enabled=not out.quiet and not out.json and not dry_run and sys.stderr.isatty(), verbose=out.verbose)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mailbackup")
 def main() -> None:
@@ -131,15 +283,9 @@ def main() -> None:
 @main.command("backup")
 @click.argument("source", required=False)
 @click.argument("archive", required=False)
-@click.option("--folder", "include", multiple=True, metavar="GLOB", help="Back up only matching folders (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip matching folders (repeatable).")
-@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the password from this file.")
-@click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the password.")
-@click.option("--oauth2-token-command", metavar="CMD", help="Log in with OAuth2: CMD prints an access token.")
-@click.option("--oauth2-mechanism", type=click.Choice(["xoauth2", "oauthbearer"]), default="xoauth2", show_default=True)
-@click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM) for the server's certificate.")
-@click.option("--no-tls", is_flag=True, help="Allow cleartext on imap:// (no STARTTLS). Unsafe.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Network read timeout, seconds.")
+@folder_options
+@login_options()
+@tls_options()
 @click.option("--into", metavar="NAME", help="POP3: archive folder for the maildrop (default INBOX).")
 @click.option("--delete", is_flag=True, help="POP3: delete from the server what is safely archived.")
 @click.option("--delete-older-than", type=float, metavar="DAYS", help="POP3: delete archived messages first downloaded DAYS ago or more.")
@@ -150,21 +296,14 @@ def main() -> None:
 @click.option("--no-index", is_flag=True, help="Do not update the search index (mailbackup reindex catches up).")
 @click.option("--retries", type=click.IntRange(0, 100), default=3, show_default=True, help="Reconnect this often after a dropped connection.")
 @click.option("--batch-messages", type=click.IntRange(1, 10000), default=200, hidden=True)
-@click.option("--json", "json_output", is_flag=True, help="Print the summary as one JSON object on stdout.")
-@click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary, errors only.")
+@output_options()
 def backup_command(
     source: str | None,
     archive: str | None,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
-    password_file: str | None,
-    password_command: str | None,
-    oauth2_token_command: str | None,
-    oauth2_mechanism: str,
-    ca_file: str | None,
-    no_tls: bool,
-    timeout: float,
+    login: Login,
+    tls: Tls,
     into: str | None,
     delete: bool,
     delete_older_than: float | None,
@@ -175,9 +314,7 @@ def backup_command(
     no_index: bool,
     retries: int,
     batch_messages: int,
-    json_output: bool,
-    verbose: int,
-    quiet: bool,
+    out: Output,
 ) -> None:
     """Back up SOURCE into ARCHIVE, or configured accounts with --account/--all.
 
@@ -188,69 +325,58 @@ def backup_command(
     ARCHIVE is maildir:DIR, mbox:DIR, a path ending in .sqlite or .db, or a
     SQLAlchemy URL such as postgresql://user@host/db.
     """
-    setup_logging(verbose, quiet)
     if account_names or all_accounts:
         if source or archive:
-            fail(UsageError("give SOURCE ARCHIVE or --account/--all, not both"), json_output)
-        backup_configured(config_path, account_names, all_accounts, jobs, json_output, quiet)
+            fail(UsageError("give SOURCE ARCHIVE or --account/--all, not both"), out.json)
+        backup_configured(config_path, account_names, all_accounts, jobs, out)
         return
     if not (source and archive):
-        fail(UsageError("give SOURCE and ARCHIVE, or --account NAME / --all with a config file"), json_output)
+        fail(UsageError("give SOURCE and ARCHIVE, or --account NAME / --all with a config file"), out.json)
     options = BackupOptions(
         include=include,
         exclude=exclude,
-        no_tls=no_tls,
-        ca_file=ca_file,
-        timeout=timeout,
+        no_tls=tls.no_tls,
+        ca_file=tls.ca_file,
+        timeout=tls.timeout,
         batch_messages=batch_messages,
         into=into,
         delete=delete,
         delete_older_than=delete_older_than,
-        auth=oauth2_mechanism if oauth2_token_command else "password",
+        auth=login.auth,
         index=not no_index,
         retries=retries,
     )
-    bars = Bars(enabled=not quiet and not json_output and sys.stderr.isatty())
-
-    def prompt() -> str:
-        if not sys.stdin.isatty():
-            raise UsageError("no password: use --password-file, --password-command or MAILBACKUP_PASSWORD")
-        return str(click.prompt(f"Password for {source}", hide_input=True, err=True))
+    bars = bars_for(out)
 
     def action() -> Summary:
-        if oauth2_token_command:
-            secret = run_command(oauth2_token_command, "--oauth2-token-command")
-        else:
-            secret = resolve_password(file=password_file, command=password_command, prompt=prompt)
+        secret = secret_for(login, source, "the source")
         try:
             return backup(source, archive, password=secret, options=options, progress=bars)
         finally:
             bars.close()
 
-    summary: Summary = run(json_output, action)
-    show_summary(summary, json_output, quiet)
-    sys.exit(0 if summary.ok else 1)
+    summary: Summary = run(out.json, action)
+    show_summary(summary, out)
+    finish(summary.ok)
 
 
-def show_summary(summary: Summary, json_output: bool, quiet: bool) -> None:
-    if json_output:
+def show_summary(summary: Summary, out: Output) -> None:
+    if out.json:
         click.echo(json.dumps(summary.as_dict()))
-    elif not quiet:
+    elif not out.quiet:
         print_summary(summary)
     else:
         for folder, item in summary.failed:
             click.echo(f"failed {folder}: {item}", err=True)
 
 
-def backup_configured(
-    config_path: Path | None, names: tuple[str, ...], every: bool, jobs: int, json_output: bool, quiet: bool
-) -> None:
-    accounts = run(json_output, lambda: config.load(config_path))
+def backup_configured(config_path: Path | None, names: tuple[str, ...], every: bool, jobs: int, out: Output) -> None:
+    accounts = run(out.json, lambda: config.load(config_path))
     unknown = [n for n in names if n not in accounts]
     if unknown:
-        fail(ConfigError(f"no account {', '.join(unknown)} in the config (have: {', '.join(accounts)})"), json_output)
+        fail(ConfigError(f"no account {', '.join(unknown)} in the config (have: {', '.join(accounts)})"), out.json)
     chosen = list(accounts.values()) if every else [accounts[n] for n in names]
-    outcomes = run(json_output, lambda: backup_accounts(chosen, jobs))
+    outcomes = run(out.json, lambda: backup_accounts(chosen, jobs))
     codes = []
     report: dict[str, object] = {}
     for name, outcome in outcomes.items():
@@ -259,12 +385,12 @@ def backup_configured(
             report[name] = {"ok": False, "error": str(outcome), "exit_code": outcome.exit_code}
             click.echo(f"mailbackup: {name}: error: {outcome}", err=True)
             continue
-        codes.append(0 if outcome.ok else 1)
+        codes.append(0 if outcome.ok else PartialFailure.exit_code)
         report[name] = outcome.as_dict()
-        if not json_output and not quiet:
+        if not out.json and not out.quiet:
             click.echo(f"[{name}] ", nl=False)
             print_summary(outcome)
-    if json_output:
+    if out.json:
         click.echo(json.dumps({"ok": not any(codes), "accounts": report}))
     sys.exit(max(codes, default=0))
 
@@ -274,16 +400,11 @@ def backup_configured(
 @click.argument("archive")
 @click.option("--older-than", "older_than", required=True, metavar="AGE", help="Only messages older than AGE: 365d, 52w, 1y.")
 @click.option("--yes", is_flag=True, help="Really delete. Without it, only show what would go.")
-@click.option("--folder", "include", multiple=True, metavar="GLOB", help="IMAP: only matching folders (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="IMAP: skip matching folders (repeatable).")
+@folder_options
 @click.option("--into", metavar="NAME", help="POP3: the archive folder holding the maildrop (default INBOX).")
-@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the password from this file.")
-@click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the password.")
-@click.option("--oauth2-token-command", metavar="CMD", help="Log in with OAuth2: CMD prints an access token.")
-@click.option("--oauth2-mechanism", type=click.Choice(["xoauth2", "oauthbearer"]), default="xoauth2", show_default=True)
-@click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM) for the server's certificate.")
-@click.option("--no-tls", is_flag=True, help="Allow cleartext (no STARTTLS). Unsafe.")
-@click.option("--json", "json_output", is_flag=True, help="Print the report as one JSON object on stdout.")
+@login_options()
+@tls_options()
+@output_options("Print the report as one JSON object on stdout.")
 def prune_server_command(
     source: str,
     archive: str,
@@ -292,13 +413,9 @@ def prune_server_command(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     into: str | None,
-    password_file: str | None,
-    password_command: str | None,
-    oauth2_token_command: str | None,
-    oauth2_mechanism: str,
-    ca_file: str | None,
-    no_tls: bool,
-    json_output: bool,
+    login: Login,
+    tls: Tls,
+    out: Output,
 ) -> None:
     """Delete from SOURCE the old messages that ARCHIVE holds and verifies.
 
@@ -306,22 +423,18 @@ def prune_server_command(
     that re-hash to its recorded SHA-256; one failed check and nothing in that
     folder is deleted. Messages the archive lacks are never touched.
     """
-    setup_logging(0, False)
     options = BackupOptions(
-        include=include, exclude=exclude, into=into, no_tls=no_tls, ca_file=ca_file,
-        auth=oauth2_mechanism if oauth2_token_command else "password",
+        include=include, exclude=exclude, into=into, no_tls=tls.no_tls, ca_file=tls.ca_file, timeout=tls.timeout,
+        auth=login.auth,
     )
 
     def action() -> PruneReport:
         days = parse_age(older_than)
-        if oauth2_token_command:
-            secret = run_command(oauth2_token_command, "--oauth2-token-command")
-        else:
-            secret = resolve_password(file=password_file, command=password_command)
+        secret = secret_for(login, source, "the source")
         return prune_server(source, archive, password=secret, older_than_days=days, act=yes, options=options)
 
-    report: PruneReport = run(json_output, action)
-    if json_output:
+    report: PruneReport = run(out.json, action)
+    if out.json:
         click.echo(json.dumps(report.as_dict()))
     else:
         verb = "would delete" if report.dry_run else "deleted"
@@ -333,10 +446,11 @@ def prune_server_command(
             line = f"{f.name}: {verb} {count} messages ({human_bytes(f.bytes)}) older than {report.cutoff[:10]}"
             if f.not_archived:
                 line += f"; {f.not_archived} old messages are not in the archive and stay"
-            click.echo(line)
-        if report.dry_run:
+            if not out.quiet or f.deleted:
+                click.echo(line)
+        if report.dry_run and not out.quiet:
             click.echo("dry run: nothing was deleted; add --yes to delete")
-    sys.exit(0 if report.ok else 1)
+    finish(report.ok)
 
 
 @main.command("ls")
@@ -356,38 +470,25 @@ def ls_command(archive: str, json_output: bool) -> None:
     click.echo(f"{'total':<{width}}  {sum(r[1] for r in rows):>8}  {human_bytes(sum(r[2] for r in rows)):>9}  {sum(r[3] for r in rows):>5}")
 
 
-# verify, search, reindex, show, export (issue 5)
-
-
+# verify, search, reindex, show, export
 @main.command("verify")
 @click.argument("archive")
 @click.option("--against", "source", metavar="SOURCE", help="Also compare with the live IMAP server (imaps://user@host).")
 @click.option("--sample", type=click.FloatRange(0, 100, min_open=True), default=100.0, show_default=True, metavar="PERCENT",
               help="With --against: compare the bytes of this share of the messages.")
-@click.option("--folder", "include", multiple=True, metavar="GLOB", help="With --against: only matching folders (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="With --against: skip matching folders (repeatable).")
-@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the password from this file.")
-@click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the password.")
-@click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM) for the server's certificate.")
-@click.option("--no-tls", is_flag=True, help="Allow cleartext on imap:// (no STARTTLS). Unsafe.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Network read timeout, seconds.")
-@click.option("--json", "json_output", is_flag=True, help="One JSON object per problem, then a summary object.")
-@click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only the problems, no summary.")
+@folder_options
+@login_options(what="the --against server")
+@tls_options(what="the --against server")
+@output_options("One JSON object per problem, then a summary object.")
 def verify_command(
     archive: str,
     source: str | None,
     sample: float,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
-    password_file: str | None,
-    password_command: str | None,
-    ca_file: str | None,
-    no_tls: bool,
-    timeout: float,
-    json_output: bool,
-    verbose: int,
-    quiet: bool,
+    login: Login,
+    tls: Tls,
+    out: Output,
 ) -> None:
     """Re-hash every message in ARCHIVE against its catalog; list missing, corrupted and unrecorded ones.
 
@@ -398,10 +499,8 @@ def verify_command(
     from .errors import VerifyFailed
     from .verify import AgainstOptions, Problem, VerifySummary, verify
 
-    setup_logging(verbose, quiet)
-
     def report(problem: Problem) -> None:
-        if json_output:
+        if out.json:
             click.echo(json.dumps(problem.as_dict()))
         else:
             where = f"{problem.folder}: " if problem.folder else ""
@@ -411,21 +510,18 @@ def verify_command(
     def action() -> VerifySummary:
         against = None
         if source:
-            def prompt() -> str:
-                if not sys.stdin.isatty():
-                    raise UsageError("no password: use --password-file, --password-command or MAILBACKUP_PASSWORD")
-                return str(click.prompt(f"Password for {source}", hide_input=True, err=True))
-
-            password = resolve_password(file=password_file, command=password_command, prompt=prompt)
-            against = AgainstOptions(source, password, sample, include, exclude, no_tls, ca_file, timeout)
+            password = secret_for(login, source, "the --against server")
+            against = AgainstOptions(
+                source, password, sample, include, exclude, tls.no_tls, tls.ca_file, tls.timeout, auth=login.auth
+            )
         elif include or exclude or sample != 100.0:
             raise UsageError("--sample, --folder and --exclude go with --against SOURCE")
         return verify(archive, report=report, against=against)
 
-    summary: VerifySummary = run(json_output, action)
-    if json_output:
+    summary: VerifySummary = run(out.json, action)
+    if out.json:
         click.echo(json.dumps(summary.as_dict()))
-    elif not quiet:
+    elif not out.quiet:
         compared = f", {summary.compared} compared with the server" if source else ""
         click.echo(f"{summary.checked} messages ({human_bytes(summary.bytes)}) re-hashed{compared} in {summary.elapsed:.1f} s")
     if not summary.ok:
@@ -537,8 +633,6 @@ def export_command(archive: str, destination: str, json_output: bool) -> None:
                    f"copied to {summary.destination} in {summary.elapsed:.1f} s")
 
 
-# restore and migrate
-
 RATE_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
 
 
@@ -562,24 +656,6 @@ def check_address(address: str, option: str) -> str:
     if not address.strip():
         raise UsageError(f"{option}: empty address")
     return address.strip()
-
-
-def secret(
-    file: str | None, command: str | None, token_command: str | None, url: str, what: str, env: str = "MAILBACKUP_PASSWORD"
-) -> str:
-    """An OAuth2 access token when a token command is given, else the password."""
-    if token_command:
-        return run_command(token_command, f"OAuth2 token command for {what}")
-    return resolve_password(file=file, command=command, env=env, prompt=password_prompt(url), what=what)
-
-
-def password_prompt(url: str) -> Callable[[], str]:
-    def prompt() -> str:
-        if not sys.stdin.isatty():
-            raise UsageError(f"no password for {url}: use a password file, a password command or the environment")
-        return str(click.prompt(f"Password for {url}", hide_input=True, err=True))
-
-    return prompt
 
 
 def print_transfer(summary: Any, verb: str) -> None:
@@ -606,33 +682,27 @@ def print_transfer(summary: Any, verb: str) -> None:
         click.echo(f"failed {folder}: {item}", err=True)
 
 
-def finish_transfer(summary: Any, verb: str, json_output: bool, quiet: bool) -> None:
-    if json_output:
+def finish_transfer(summary: Any, verb: str, out: Output) -> NoReturn:
+    if out.json:
         click.echo(json.dumps(summary.as_dict()))
-    elif not quiet:
+    elif not out.quiet:
         print_transfer(summary, verb)
     else:
         for folder, item in summary.failed:
             click.echo(f"failed {folder}: {item}", err=True)
-    sys.exit(0 if summary.ok else 1)
+    finish(summary.ok)
 
 
 def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by restore and migrate."""
     for option in reversed(
         [
-            click.option("--folder", "include", multiple=True, metavar="GLOB", help="Only matching folders (repeatable)."),
-            click.option("--exclude", multiple=True, metavar="GLOB", help="Skip matching folders (repeatable)."),
+            folder_options,
             click.option("--into", metavar="PREFIX", help="Put everything under this folder ('/'-separated)."),
             click.option("--no-automap", is_flag=True, help="Keep literal names; don't map \\Sent, \\Trash... by role."),
             click.option("--dry-run", is_flag=True, help="Print the plan and change nothing."),
-            click.option("--ca-file", type=click.Path(dir_okay=False), help="Also trust this CA (PEM)."),
-            click.option("--no-tls", is_flag=True, help="Allow cleartext on imap:// or smtp:// (no STARTTLS). Unsafe."),
-            click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Network read timeout, seconds."),
             click.option("--batch-messages", type=click.IntRange(1, 10000), default=100, hidden=True),
-            click.option("--json", "json_output", is_flag=True, help="Print the summary as one JSON object on stdout."),
-            click.option("-v", "--verbose", count=True, help="More detail (-vv for debug)."),
-            click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary, errors only."),
+            output_options(),
         ]
     ):
         function = option(function)
@@ -646,14 +716,12 @@ def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), help="Only messages dated on or after YYYY-MM-DD.")
 @click.option("--before", type=click.DateTime(formats=["%Y-%m-%d"]), help="Only messages dated before YYYY-MM-DD.")
 @click.option("--include-gone", is_flag=True, help="Also restore messages that were gone from the server at backup time.")
-@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the target's password from this file.")
-@click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the target's password.")
+@login_options(what="the target")
+@tls_options(what="the target")
 @click.option("--to", "recipients", multiple=True, metavar="ADDRESS", help="SMTP: a recipient (required, repeatable).")
 @click.option("--from", "sender", metavar="ADDRESS", help="SMTP: the envelope sender (default: the login if it is an address).")
 @click.option("--resent", is_flag=True, help="SMTP: add Resent-From/To/Date/Message-ID headers.")
 @click.option("--rate", metavar="N/min", help="SMTP: send at most N messages per minute (or N/s, N/h).")
-@click.option("--oauth2-token-command", metavar="CMD", help="Log in to the target with OAuth2: CMD prints an access token.")
-@click.option("--oauth2-mechanism", type=click.Choice(["xoauth2", "oauthbearer"]), default="xoauth2", show_default=True)
 def restore_command(
     archive: str,
     target: str,
@@ -662,24 +730,17 @@ def restore_command(
     into: str | None,
     no_automap: bool,
     dry_run: bool,
-    ca_file: str | None,
-    no_tls: bool,
-    timeout: float,
     batch_messages: int,
-    json_output: bool,
-    verbose: int,
-    quiet: bool,
+    out: Output,
     since: Any,
     before: Any,
     include_gone: bool,
-    password_file: str | None,
-    password_command: str | None,
+    login: Login,
+    tls: Tls,
     recipients: tuple[str, ...],
     sender: str | None,
     resent: bool,
     rate: str | None,
-    oauth2_token_command: str | None,
-    oauth2_mechanism: str,
 ) -> None:
     """Put the messages of ARCHIVE back on TARGET.
 
@@ -687,10 +748,9 @@ def restore_command(
     folders kept), or smtps://user@host[:465] or smtp://user@host[:587] (resend
     to the --to addresses, bytes as archived). Reruns resume; nothing is sent twice.
     """
-    setup_logging(verbose, quiet)
     from .restore import RestoreOptions, restore
 
-    bars = Bars(enabled=not quiet and not json_output and not dry_run and sys.stderr.isatty())
+    bars = bars_for(out, dry_run=dry_run)
 
     def action() -> Any:
         options = RestoreOptions(
@@ -702,24 +762,24 @@ def restore_command(
             into=into,
             automap=not no_automap,
             dry_run=dry_run,
-            no_tls=no_tls,
-            ca_file=ca_file,
-            timeout=timeout,
+            no_tls=tls.no_tls,
+            ca_file=tls.ca_file,
+            timeout=tls.timeout,
             batch_messages=batch_messages,
             recipients=tuple(check_address(a, "--to") for a in recipients),
             sender=check_address(sender, "--from") if sender is not None else None,
             resent=resent,
             rate_per_minute=parse_rate(rate),
-            auth=oauth2_mechanism if oauth2_token_command else "password",
+            auth=login.auth,
         )
-        password = secret(password_file, password_command, oauth2_token_command, target, "the target")
+        password = secret_for(login, target, "the target")
         try:
             return restore(archive, target, password=password, options=options, progress=bars)
         finally:
             bars.close()
 
-    summary = run(json_output, action)
-    finish_transfer(summary, "sent" if target.lower().startswith("smtp") else "restored", json_output, quiet)
+    summary = run(out.json, action)
+    finish_transfer(summary, "sent" if target.lower().startswith("smtp") else "restored", out)
 
 
 @main.command("migrate")
@@ -727,13 +787,9 @@ def restore_command(
 @click.argument("target")
 @transfer_options
 @click.option("--state", type=click.Path(dir_okay=False), help="State database (default: $XDG_STATE_HOME/mailbackup/migrate.sqlite).")
-@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the source's password from this file.")
-@click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the source's password.")
-@click.option("--target-password-file", type=click.Path(dir_okay=False), help="Read the target's password from this file.")
-@click.option("--target-password-command", metavar="CMD", help="Run CMD and use its output as the target's password.")
-@click.option("--oauth2-token-command", metavar="CMD", help="Log in to the source with OAuth2: CMD prints an access token.")
-@click.option("--target-oauth2-token-command", metavar="CMD", help="Log in to the target with OAuth2.")
-@click.option("--oauth2-mechanism", type=click.Choice(["xoauth2", "oauthbearer"]), default="xoauth2", show_default=True)
+@login_options(what="the source")
+@login_options("target-", what="the target", env="MAILBACKUP_TARGET_PASSWORD")
+@tls_options(what="both servers")
 def migrate_command(
     source: str,
     target: str,
@@ -742,21 +798,12 @@ def migrate_command(
     into: str | None,
     no_automap: bool,
     dry_run: bool,
-    ca_file: str | None,
-    no_tls: bool,
-    timeout: float,
     batch_messages: int,
-    json_output: bool,
-    verbose: int,
-    quiet: bool,
+    out: Output,
     state: str | None,
-    password_file: str | None,
-    password_command: str | None,
-    target_password_file: str | None,
-    target_password_command: str | None,
-    oauth2_token_command: str | None,
-    target_oauth2_token_command: str | None,
-    oauth2_mechanism: str,
+    login: Login,
+    target_login: Login,
+    tls: Tls,
 ) -> None:
     """Copy the IMAP account SOURCE to the IMAP account TARGET, folder by folder.
 
@@ -765,10 +812,9 @@ def migrate_command(
     MAILBACKUP_PASSWORD; the target's from --target-password-file,
     --target-password-command or MAILBACKUP_TARGET_PASSWORD.
     """
-    setup_logging(verbose, quiet)
     from .restore import RestoreOptions, migrate
 
-    bars = Bars(enabled=not quiet and not json_output and not dry_run and sys.stderr.isatty())
+    bars = bars_for(out, dry_run=dry_run)
 
     def action() -> Any:
         options = RestoreOptions(
@@ -777,18 +823,15 @@ def migrate_command(
             into=into,
             automap=not no_automap,
             dry_run=dry_run,
-            no_tls=no_tls,
-            ca_file=ca_file,
-            timeout=timeout,
+            no_tls=tls.no_tls,
+            ca_file=tls.ca_file,
+            timeout=tls.timeout,
             batch_messages=batch_messages,
-            source_auth=oauth2_mechanism if oauth2_token_command else "password",
-            auth=oauth2_mechanism if target_oauth2_token_command else "password",
+            source_auth=login.auth,
+            auth=target_login.auth,
         )
-        password = secret(password_file, password_command, oauth2_token_command, source, "the source")
-        target_password = secret(
-            target_password_file, target_password_command, target_oauth2_token_command, target, "the target",
-            env="MAILBACKUP_TARGET_PASSWORD",
-        )
+        password = secret_for(login, source, "the source")
+        target_password = secret_for(target_login, target, "the target", "target-")
         try:
             return migrate(
                 source, target, password=password, target_password=target_password, state=state, options=options, progress=bars
@@ -796,5 +839,5 @@ def migrate_command(
         finally:
             bars.close()
 
-    summary = run(json_output, action)
-    finish_transfer(summary, "copied", json_output, quiet)
+    summary = run(out.json, action)
+    finish_transfer(summary, "copied", out)

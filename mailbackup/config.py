@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .credentials import resolve_password, run_command
+from .credentials import Login, resolve_secret
 from .errors import ConfigError
 
 SECRET_KEYS = ("password_command", "password_file", "password_env", "keyring", "oauth2_token_command")
@@ -50,40 +50,34 @@ class Account:
     into: str | None = None
     delete: bool = False
     delete_older_than: float | None = None
-    secret: dict[str, Any] = field(default_factory=dict, compare=False)
-    oauth2_mechanism: str = "xoauth2"
+    login: Login = field(default_factory=Login, compare=False)
     index: bool = True
 
     @property
     def auth(self) -> str:
-        return self.oauth2_mechanism if "oauth2_token_command" in self.secret else "password"
+        return self.login.auth
 
     def credential(self) -> str:
         """The password or OAuth2 access token, fetched now (never stored in the config)."""
-        where = f"account {self.name}"
-        if "oauth2_token_command" in self.secret:
-            return run_command(self.secret["oauth2_token_command"], f"oauth2_token_command of {where}")
-        if "keyring" in self.secret:
-            return keyring_secret(self.secret["keyring"], where)
-        return resolve_password(
-            file=self.secret.get("password_file"),
-            command=self.secret.get("password_command"),
-            env=self.secret.get("password_env", "MAILBACKUP_PASSWORD"),
-            what=where,
-        )
+        return resolve_secret(self.login, what=f"account {self.name}")
 
 
-def keyring_secret(spec: Any, where: str) -> str:
-    if not isinstance(spec, dict) or not {"service", "username"} <= spec.keys():
-        raise ConfigError(f"{where}: keyring needs a table {{ service = ..., username = ... }}")
-    try:
-        import keyring  # optional: pip install keyring
-    except ImportError:
-        raise ConfigError(f"{where}: keyring is set but the 'keyring' package is not installed") from None
-    secret = keyring.get_password(spec["service"], spec["username"])
-    if not secret:
-        raise ConfigError(f"{where}: the system keyring has no secret for {spec['service']}/{spec['username']}")
-    return str(secret)
+def login_from(table: dict[str, Any], where: str) -> Login:
+    """The one secret key an account table gives, as a Login."""
+    spec = table.get("keyring")
+    keyring = None
+    if spec is not None:
+        if not isinstance(spec, dict) or not {"service", "username"} <= spec.keys():
+            raise ConfigError(f"{where}: keyring needs a table {{ service = ..., username = ... }}")
+        keyring = (str(spec["service"]), str(spec["username"]))
+    return Login(
+        password_file=table.get("password_file"),
+        password_command=table.get("password_command"),
+        password_env=table.get("password_env", "MAILBACKUP_PASSWORD"),
+        keyring=keyring,
+        oauth2_token_command=table.get("oauth2_token_command"),
+        oauth2_mechanism=str(table.get("oauth2_mechanism", "xoauth2")).lower(),
+    )
 
 
 def expand_archive(archive: str) -> str:
@@ -142,8 +136,7 @@ def account(name: str, table: Any, path: Path) -> Account:
             into=table.get("into"),
             delete=bool(table.get("delete", False)),
             delete_older_than=float(table["delete_older_than"]) if "delete_older_than" in table else None,
-            secret=secrets,
-            oauth2_mechanism=str(table.get("oauth2_mechanism", "xoauth2")).lower(),
+            login=login_from(secrets | {k: table[k] for k in ("oauth2_mechanism",) if k in table}, where),
             index=bool(table.get("index", True)),
         )
     except (TypeError, ValueError) as exc:

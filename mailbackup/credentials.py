@@ -6,37 +6,74 @@ import base64
 import os
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
 
 
-def resolve_password(
-    *,
-    file: str | None = None,
-    command: str | None = None,
-    env: str = "MAILBACKUP_PASSWORD",
-    prompt: Callable[[], str] | None = None,
-    what: str = "the source",
-) -> str:
-    if file and command:
-        raise ConfigError("give either a password file or a password command, not both")
-    if file:
+@dataclass(frozen=True)
+class Login:
+    """Where one server's secret comes from; never the secret itself.
+
+    The command line and the config file both build one; `resolve_secret` is the
+    one place that turns it into a password or an OAuth2 access token.
+    """
+
+    password_file: str | None = None
+    password_command: str | None = None
+    password_env: str = "MAILBACKUP_PASSWORD"
+    keyring: tuple[str, str] | None = None  # (service, username)
+    oauth2_token_command: str | None = None
+    oauth2_mechanism: str = "xoauth2"
+
+    @property
+    def auth(self) -> str:
+        """'password', or the SASL mechanism when the secret is an OAuth2 access token."""
+        return self.oauth2_mechanism if self.oauth2_token_command else "password"
+
+
+def resolve_secret(login: Login, *, what: str = "the source", prompt: Callable[[], str] | None = None) -> str:
+    """The password or access token for `what`, fetched now."""
+    given = [name for name, value in (
+        ("a password file", login.password_file),
+        ("a password command", login.password_command),
+        ("a keyring entry", login.keyring),
+        ("an OAuth2 token command", login.oauth2_token_command),
+    ) if value]
+    if len(given) > 1:
+        raise ConfigError(f"{what}: give one of {', '.join(given)}, not several")
+    if login.oauth2_token_command:
+        return run_command(login.oauth2_token_command, f"OAuth2 token command for {what}")
+    if login.keyring:
+        return keyring_secret(*login.keyring, what=what)
+    if login.password_file:
         try:
-            text = Path(file).read_text()
+            text = Path(login.password_file).expanduser().read_text()
         except OSError as exc:
-            raise ConfigError(f"cannot read password file {file}: {exc.strerror}") from exc
-        return _one_line(text, f"password file {file}")
-    if command:
-        return run_command(command, f"password command for {what}")
-    if os.environ.get(env):
-        return os.environ[env]
+            raise ConfigError(f"cannot read password file {login.password_file}: {exc.strerror}") from exc
+        return _one_line(text, f"password file {login.password_file}")
+    if login.password_command:
+        return run_command(login.password_command, f"password command for {what}")
+    if os.environ.get(login.password_env):
+        return os.environ[login.password_env]
     if prompt is not None:
         return prompt()
     raise ConfigError(
-        f"no password for {what}: use --password-file, --password-command or {env} "
+        f"no password for {what}: give a password file or command, or set {login.password_env} "
         "(no prompt without a terminal)"
     )
+
+
+def keyring_secret(service: str, username: str, *, what: str) -> str:
+    try:
+        import keyring  # optional: pip install keyring
+    except ImportError:
+        raise ConfigError(f"{what}: keyring is set but the 'keyring' package is not installed") from None
+    secret = keyring.get_password(service, username)
+    if not secret:
+        raise ConfigError(f"{what}: the system keyring has no secret for {service}/{username}")
+    return str(secret)
 
 
 def run_command(command: str, what: str) -> str:

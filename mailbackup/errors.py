@@ -67,5 +67,9 @@ class ArchiveCorrupt(StoreError):
     """A stored message does not match its recorded SHA-256."""
 
 
+class PartialFailure(MailbackupError):
+    """some messages failed (listed above); a rerun retries them"""
+
+
 class VerifyFailed(MailbackupError):
     """The archive does not match its catalog or the server; see the list above."""

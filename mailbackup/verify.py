@@ -93,6 +93,7 @@ class AgainstOptions:
     ca_file: str | None = None
     timeout: float = 120.0
     seed: int | None = None
+    auth: str = "password"  # or an OAuth2 SASL mechanism: password is then an access token
 
 
 Report = Callable[[Problem], None]
@@ -126,7 +127,9 @@ def verify(archive: str, *, report: Report = lambda problem: None, against: Agai
         check_unrecorded(store, list(folders.values()), counter)
         compared = 0
         if against is not None and endpoint is not None:
-            source = ImapSource.connect(endpoint, against.password, ca_file=against.ca_file, timeout=against.timeout)
+            source = ImapSource.connect(
+                endpoint, against.password, ca_file=against.ca_file, timeout=against.timeout, auth=against.auth
+            )
             try:
                 compared = compare_with_server(source, store, against, counter)
             finally:

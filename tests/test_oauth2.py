@@ -151,3 +151,16 @@ def test_smtp_resend_logs_in_with_oauth2(dovecot_oauth: Dovecot, tmp_path: Path,
     finally:
         controller.stop()
     assert handler.received == raws
+
+
+def test_verify_against_logs_in_with_oauth2(dovecot_oauth: Dovecot, tmp_path: Path) -> None:
+    account = dovecot_oauth.add_user()
+    dovecot_oauth.append(account, "INBOX", b"Subject: oauth\r\n\r\nbody\r\n")
+    token = f"tok-{account.user}-verify"
+    TOKENS[token] = account.user
+    archive = str(tmp_path / "a.db")
+    login = ("--no-tls", "--oauth2-token-command", f"echo {token}")
+    assert invoke("backup", account.url("imap"), archive, *login).exit_code == 0  # type: ignore[attr-defined]
+    result = invoke("verify", archive, "--against", account.url("imap"), *login)
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    assert "1 compared with the server" in result.stdout  # type: ignore[attr-defined]

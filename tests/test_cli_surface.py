@@ -1,0 +1,77 @@
+"""One CLI surface: every command that talks to a server takes the same option groups."""
+
+from __future__ import annotations
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from mailbackup.cli import main
+from mailbackup.credentials import Login, resolve_secret
+from mailbackup.errors import ConfigError
+
+LOGIN = {"--password-file", "--password-command", "--oauth2-token-command", "--oauth2-mechanism"}
+TLS = {"--ca-file", "--no-tls", "--timeout"}
+OUTPUT = {"--json", "--verbose", "--quiet"}
+
+
+def options(command: str) -> set[str]:
+    found = main.commands[command]
+    assert isinstance(found, click.Command)
+    return {name for param in found.params for name in param.opts if name.startswith("--")}
+
+
+@pytest.mark.parametrize("command", ["backup", "prune-server", "verify", "restore", "migrate"])
+def test_every_server_command_has_login_tls_and_output_options(command: str) -> None:
+    assert LOGIN | TLS | OUTPUT <= options(command)
+
+
+def test_migrate_has_target_twins_for_its_second_login() -> None:
+    assert {f"--target-{name[2:]}" for name in LOGIN} <= options("migrate")
+
+
+def test_target_password_prompt_names_the_target_options() -> None:
+    result = CliRunner().invoke(
+        main, ["migrate", "imap://a@127.0.0.1:1", "imap://b@127.0.0.1:1", "--no-tls", "--password-command", "echo x"],
+        env={"MAILBACKUP_PASSWORD": "", "MAILBACKUP_TARGET_PASSWORD": ""},
+    )
+    assert result.exit_code == 2
+    assert "--target-password-file" in result.stderr
+
+
+def test_config_and_command_line_share_one_resolver(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2\nignored\n")
+    assert resolve_secret(Login(password_file=str(secret))) == "hunter2"
+    assert resolve_secret(Login(password_command="echo s3cret")) == "s3cret"
+    monkeypatch.setenv("MY_PW", "from-env")
+    assert resolve_secret(Login(password_env="MY_PW")) == "from-env"
+    assert resolve_secret(Login(oauth2_token_command="echo tok")) == "tok"
+    with pytest.raises(ConfigError, match="not several"):
+        resolve_secret(Login(password_file=str(secret), password_command="echo x"))
+
+
+def test_library_errors_name_no_command_line_flags(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("MAILBACKUP_PASSWORD", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        resolve_secret(Login())
+    assert "--" not in str(caught.value)
+
+
+def test_a_partial_run_exits_1_with_one_error_line(dovecot, account, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from mailbackup.sources import imap as imap_source
+    from mailbackup.errors import ServerError
+
+    dovecot.append(account, "INBOX", b"Subject: a\r\n\r\nbody\r\n")
+
+    def broken(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ServerError("FETCH failed")
+
+    monkeypatch.setattr(imap_source.ImapSource, "fetch", broken)
+    result = CliRunner().invoke(
+        main, ["backup", account.url("imap"), str(tmp_path / "a.db"), "--no-tls"],
+        env={"MAILBACKUP_PASSWORD": account.password},
+    )
+    assert result.exit_code == 1
+    assert result.stderr.count("mailbackup: error:") == 1
+    assert "rerun" in result.stderr
