@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import oauth
 from .credentials import resolve_password, run_command
 from .errors import ConfigError
 
-SECRET_KEYS = ("password_command", "password_file", "password_env", "keyring", "oauth2_token_command")
+SECRET_KEYS = ("password_command", "password_file", "password_env", "keyring", "oauth2_token_command", "oauth2")
 KNOWN_KEYS = {
     "source",
     "archive",
@@ -53,14 +54,18 @@ class Account:
     secret: dict[str, Any] = field(default_factory=dict, compare=False)
     oauth2_mechanism: str = "xoauth2"
     index: bool = True
+    oauth2: oauth.OAuth2Settings | None = None
 
     @property
     def auth(self) -> str:
-        return self.oauth2_mechanism if "oauth2_token_command" in self.secret else "password"
+        uses_oauth2 = "oauth2_token_command" in self.secret or self.oauth2 is not None
+        return self.oauth2_mechanism if uses_oauth2 else "password"
 
     def credential(self) -> str:
         """The password or OAuth2 access token, fetched now (never stored in the config)."""
         where = f"account {self.name}"
+        if self.oauth2 is not None:
+            return oauth.access_token(self.oauth2)
         if "oauth2_token_command" in self.secret:
             return run_command(self.secret["oauth2_token_command"], f"oauth2_token_command of {where}")
         if "keyring" in self.secret:
@@ -95,6 +100,7 @@ def expand_archive(archive: str) -> str:
 
 
 def load(path: Path | None = None) -> dict[str, Account]:
+    explicit = path is not None  # then `mailbackup login` hints name it with --config
     path = path or default_path()
     try:
         data = tomllib.loads(path.read_text())
@@ -108,17 +114,19 @@ def load(path: Path | None = None) -> dict[str, Account]:
     if not isinstance(accounts, dict) or not accounts:
         raise ConfigError(f"{path} has no [accounts.NAME] tables")
     defaults = data.get("defaults", {})
-    return {name: account(name, {**defaults, **table}, path) for name, table in accounts.items()}
+    return {
+        name: account(name, {**defaults, **table}, path, explicit=explicit) for name, table in accounts.items()
+    }
 
 
-def account(name: str, table: Any, path: Path) -> Account:
+def account(name: str, table: Any, path: Path, explicit: bool = True) -> Account:
     where = f"{path}: accounts.{name}"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
     if "password" in table:
         raise ConfigError(
             f"{where} holds a plain password, which is refused: use password_command, "
-            "password_file, password_env, keyring or oauth2_token_command"
+            "password_file, password_env, keyring, oauth2_token_command or oauth2"
         )
     unknown = sorted(set(table) - KNOWN_KEYS)
     if unknown:
@@ -129,6 +137,11 @@ def account(name: str, table: Any, path: Path) -> Account:
     secrets = {k: table[k] for k in SECRET_KEYS if k in table}
     if len(secrets) > 1:
         raise ConfigError(f"{where}: give one of {', '.join(SECRET_KEYS)}, not {', '.join(secrets)}")
+    settings = None
+    if "oauth2" in table:
+        settings = oauth.parse(
+            table["oauth2"], account=name, source=table["source"], config_file=path if explicit else None, where=where
+        )
     try:
         return Account(
             name=name,
@@ -145,6 +158,7 @@ def account(name: str, table: Any, path: Path) -> Account:
             secret=secrets,
             oauth2_mechanism=str(table.get("oauth2_mechanism", "xoauth2")).lower(),
             index=bool(table.get("index", True)),
+            oauth2=settings,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
