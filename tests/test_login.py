@@ -24,11 +24,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from oauth_provider import Provider
+from servers.dovecot import Account, Dovecot
 
 from mailbackup import config, oauth
 from mailbackup.errors import ConfigError
-from oauth_provider import Provider
-from servers.dovecot import Account, Dovecot
 
 ROOT = Path(__file__).parent.parent
 
@@ -284,8 +284,13 @@ def test_not_signed_in_names_the_login_command(setup: Setup) -> None:
         ('oauth2 = { provider = "google" }', "needs client_id"),
         ('oauth2 = { provider = "yahoo", client_id = "x" }', "provider must be one of"),
         ('oauth2 = { provider = "custom", client_id = "x", scopes = ["s"] }', "needs token_url"),
-        ('oauth2 = { provider = "custom", client_id = "x", token_url = "http://idp.example/t", '
-         'device_authorization_url = "https://idp.example/d", scopes = ["s"] }', "must be an https:// URL"),
+        (
+            (
+                'oauth2 = { provider = "custom", client_id = "x", token_url = "http://idp.example/t", '
+                'device_authorization_url = "https://idp.example/d", scopes = ["s"] }'
+            ),
+            "must be an https:// URL",
+        ),
         ('oauth2 = { provider = "google", client_id = "x", tenant = "t" }', "tenant is for"),
         ('oauth2 = { provider = "google", client_id = "x", color = "red" }', "unknown keys color"),
         ('oauth2 = { provider = "google", client_id = "x" }\noauth2_token_command = "oama"', "give one of"),

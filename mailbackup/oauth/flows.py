@@ -7,6 +7,7 @@ grant's lock, so a crash or a second run can never leave a spent token behind.
 
 from __future__ import annotations
 
+import logging
 import time
 import webbrowser
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from .store import TokenStore
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 HTTP_TIMEOUT = 30.0
+log = logging.getLogger("mailbackup")
 Say = Callable[[str], None]
 
 
@@ -195,8 +197,8 @@ def _browser_login(settings: OAuth2Settings, say: Say, open_browser: Callable[[s
         say(f"Sign in in your browser. If none opens, open this URL:\n{url}")
         try:
             open_browser(url)
-        except Exception:  # noqa: BLE001 - no browser is fine: the URL is printed
-            pass
+        except Exception as exc:  # noqa: BLE001 - no browser is fine: the URL is printed
+            log.debug("no browser: %s", exc)
         query = listener.wait(state, timeout)
     finally:
         listener.close()
@@ -221,7 +223,7 @@ class LoopbackListener:
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 query = urlsplit(self.path).query
                 state = parse_qs(query).get("state", [""])[0]
                 if not listener.expected or state != listener.expected:
