@@ -322,3 +322,30 @@ def test_providers_come_with_endpoints_and_scopes(tmp_path: Path) -> None:
     assert microsoft.login_command == f"mailbackup login m --config {path}"
     with pytest.raises(ConfigError, match="does not allow the Gmail scope"):
         oauth.login(google, device=True, say=lambda line: None)
+
+
+def test_a_usable_keyring_holds_the_token_instead_of_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailbackup.oauth import store as token_store
+
+    class Keyring:
+        def __init__(self) -> None:
+            self.secrets: dict[tuple[str, str], str] = {}
+
+        def get_password(self, service: str, user: str) -> str | None:
+            return self.secrets.get((service, user))
+
+        def set_password(self, service: str, user: str, secret: str) -> None:
+            self.secrets[(service, user)] = secret
+
+    keyring = Keyring()
+    file_only = token_store.TokenStore("k", "file", tmp_path)
+    file_only.save("in-a-file")
+    monkeypatch.setattr(token_store, "usable_keyring", lambda: keyring)
+    auto = token_store.TokenStore("k", "auto", tmp_path)
+    assert auto.load() == ("in-a-file", "file")  # signed in before a keyring was there
+    assert auto.save("rotated", "file") == str(auto.path) and auto.load() == ("rotated", "file")
+    assert auto.save("fresh login") == "the system keyring"
+    assert auto.load() == ("fresh login", "keyring") and not auto.path.exists()  # one copy only
+    monkeypatch.setattr(token_store, "usable_keyring", lambda: None)
+    with pytest.raises(ConfigError, match="no usable system keyring"):
+        token_store.TokenStore("k", "keyring", tmp_path).load()
