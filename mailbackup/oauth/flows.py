@@ -64,6 +64,9 @@ def _provider_call(settings: OAuth2Settings, what: str, call: Callable[[], Any])
                 f"sign in again with: {settings.login_command}"
             ) from None
         raise
+    except requests.HTTPError as exc:  # a 5xx: the provider is down for now
+        host = urlsplit(settings.token_url).hostname
+        raise ConnectError(f"{what}: {host} answered HTTP {exc.response.status_code}; try again later") from None
     except requests.RequestException as exc:
         host = urlsplit(settings.token_url).hostname
         raise ConnectError(f"{what}: cannot reach {host}: {_one_line(exc)}") from None
@@ -143,7 +146,10 @@ def _device_login(settings: OAuth2Settings, say: Say, timeout: float) -> Any:
         answer = session.post(
             settings.device_authorization_url, data=data, headers={"Accept": "application/json"}, withhold_token=True
         )
-        body = answer.json()
+        try:
+            body = answer.json()
+        except ValueError:  # requests' JSONDecodeError is a RequestException too: not a network failure
+            body = None
         if not isinstance(body, dict):
             raise ValueError(f"HTTP {answer.status_code}")
         if "error" in body:
