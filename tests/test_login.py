@@ -349,3 +349,17 @@ def test_a_usable_keyring_holds_the_token_instead_of_the_file(tmp_path: Path, mo
     monkeypatch.setattr(token_store, "usable_keyring", lambda: None)
     with pytest.raises(ConfigError, match="no usable system keyring"):
         token_store.TokenStore("k", "keyring", tmp_path).load()
+
+
+def test_restore_logs_in_with_mailbackup_token_as_its_token_command(setup: Setup, dovecot_idp: Dovecot) -> None:
+    sign_in(setup)
+    assert setup.backup().returncode == 0
+    command = f"{sys.executable} -m mailbackup token work --config {setup.config}"
+    proc = setup.mailbackup(
+        "restore", str(setup.archive), setup.account.url("imap"), "--no-tls", "--into", "Restored",
+        "--oauth2-token-command", command, "--json",
+    )
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    restored = [m.raw for m in dovecot_idp.fetch(setup.account, "Restored/INBOX")]
+    assert restored == [m.raw for m in dovecot_idp.fetch(setup.account, "INBOX")] and len(restored) == 1
