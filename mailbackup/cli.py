@@ -350,7 +350,7 @@ def login_command(account_name: str, config_path: Path | None, device: bool) -> 
     """
     from . import oauth
 
-    settings = run(False, lambda: oauth2_settings(config_path, account_name))
+    settings = run(False, lambda: config.oauth2_settings(config_path, account_name))
     where = run(False, lambda: oauth.login(settings, device=device, say=lambda line: click.echo(line, err=True)))
     click.echo(f"signed in; the refresh token is in {where}", err=True)
 
@@ -362,17 +362,8 @@ def token_command(account_name: str, config_path: Path | None) -> None:
     """Print a fresh OAuth2 access token for ACCOUNT (for --oauth2-token-command)."""
     from . import oauth
 
-    settings = run(False, lambda: oauth2_settings(config_path, account_name))
+    settings = run(False, lambda: config.oauth2_settings(config_path, account_name))
     click.echo(run(False, lambda: oauth.access_token(settings)))
-
-
-def oauth2_settings(config_path: Path | None, name: str) -> Any:
-    accounts = config.load(config_path)
-    if name not in accounts:
-        raise ConfigError(f"no account {name} in the config (have: {', '.join(accounts)})")
-    if accounts[name].oauth2 is None:
-        raise ConfigError(f"account {name} has no oauth2 = {{ provider = ..., client_id = ... }} table")
-    return accounts[name].oauth2
 
 
 @main.command("ls")

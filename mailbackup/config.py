@@ -119,6 +119,17 @@ def load(path: Path | None = None) -> dict[str, Account]:
     }
 
 
+def oauth2_settings(path: Path | None, name: str) -> oauth.OAuth2Settings:
+    """The sign-in settings of one configured account, for `mailbackup login` and `token`."""
+    accounts = load(path)
+    if name not in accounts:
+        raise ConfigError(f"no account {name} in the config (have: {', '.join(accounts)})")
+    settings = accounts[name].oauth2
+    if settings is None:
+        raise ConfigError(f"account {name} has no oauth2 = {{ provider = ..., client_id = ... }} table")
+    return settings
+
+
 def account(name: str, table: Any, path: Path, explicit: bool = True) -> Account:
     where = f"{path}: accounts.{name}"
     if not isinstance(table, dict):

@@ -359,7 +359,19 @@ def test_restore_logs_in_with_mailbackup_token_as_its_token_command(setup: Setup
         "restore", str(setup.archive), setup.account.url("imap"), "--no-tls", "--into", "Restored",
         "--oauth2-token-command", command, "--json",
     )
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     restored = [m.raw for m in dovecot_idp.fetch(setup.account, "Restored/INBOX")]
     assert restored == [m.raw for m in dovecot_idp.fetch(setup.account, "INBOX")] and len(restored) == 1
+
+
+@pytest.mark.parametrize(("name", "message"), [("plain", "has no oauth2"), ("other", "no account other")])
+def test_login_refuses_an_account_it_cannot_sign_in(tmp_path: Path, name: str, message: str) -> None:
+    from click.testing import CliRunner
+
+    from mailbackup.cli import main
+
+    path = tmp_path / "config.toml"
+    path.write_text('[accounts.plain]\nsource = "imaps://me@h"\narchive = "x.db"\npassword_command = "echo pw"\n')
+    result = CliRunner().invoke(main, ["login", name, "--config", str(path)])
+    assert result.exit_code == 2 and message in result.output
