@@ -19,7 +19,8 @@ specs and the providers' documentation describe:
 - POST /introspect answers Dovecot's oauth2 passdb (RFC 7662 form, no client auth, as
   tests/servers/dovecot.sh configures it), so IMAP logins with issued tokens are real.
 - `stall_refreshes(seconds)` holds refresh answers after the rotation is committed, so a test
-  can kill the client while its answer is in flight.
+  can kill the client while its answer is in flight; `stall_logins()` holds the introspection
+  answers, so a test can look at the client while it is logging in with its new access token.
 """
 
 from __future__ import annotations
@@ -230,6 +231,7 @@ class Provider(AuthorizationServer):  # type: ignore[misc]
         self.user = "nobody"  # who is "signed in" in the browser
         self.base_url = ""
         self.stall, self.stalls_left = 0.0, 0
+        self.hold_logins = False
         self.stalled = threading.Event()
         self.released = threading.Event()
         self.register_token_generator(
@@ -301,9 +303,15 @@ class Provider(AuthorizationServer):  # type: ignore[misc]
         self.stalled.clear()
         self.released.clear()
 
+    def stall_logins(self) -> None:
+        """Hold Dovecot's introspection answers: an IMAP login with an access token hangs until release()."""
+        self.hold_logins = True
+        self.stalled.clear()
+        self.released.clear()
+
     def release(self) -> None:
         """Send the held answers now and stall no more."""
-        self.stall, self.stalls_left = 0.0, 0
+        self.stall, self.stalls_left, self.hold_logins = 0.0, 0, False
         self.released.set()
 
     # -- HTTP ------------------------------------------------------------------------
@@ -329,6 +337,8 @@ class Provider(AuthorizationServer):  # type: ignore[misc]
                 status, body, headers = 200, b"approved", [("Content-Type", "text/plain")]
             elif path == "/introspect":
                 status, body, headers = self._introspect(form.get("token", ""))
+                if self.hold_logins:
+                    stall = 60.0
             else:
                 status, body, headers = 404, b"not found", [("Content-Type", "text/plain")]
         if stall:  # the rotation is committed; the answer is late

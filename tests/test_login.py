@@ -217,6 +217,21 @@ def test_kill_9_during_a_refresh_leaves_a_usable_token(setup: Setup, provider: P
     assert setup.refresh_token() != before
 
 
+def test_the_rotated_token_is_saved_before_the_access_token_is_used(setup: Setup, provider: Provider) -> None:
+    before = sign_in(setup)
+    provider.stall_logins()
+    proc = setup.mailbackup("backup", "--config", str(setup.config), "--account", setup.name)
+    try:
+        assert provider.stalled.wait(30), "the IMAP login never reached the provider"
+        saved = setup.refresh_token()  # the client is mid-login with the new access token
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        provider.release()
+    assert saved != before and provider.refresh_token_works(saved)
+    assert setup.backup().returncode == 0
+
+
 @pytest.mark.parametrize("ending", ["revoke", "expire"])
 def test_a_revoked_or_expired_grant_exits_3_with_the_login_command(setup: Setup, provider: Provider, ending: str) -> None:
     sign_in(setup)
