@@ -390,3 +390,27 @@ def test_login_refuses_an_account_it_cannot_sign_in(tmp_path: Path, name: str, m
     path.write_text('[accounts.plain]\nsource = "imaps://me@h"\narchive = "x.db"\npassword_command = "echo pw"\n')
     result = CliRunner().invoke(main, ["login", name, "--config", str(path)])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_an_idle_connection_does_not_block_the_loopback_listener() -> None:
+    import socket
+
+    from mailbackup.oauth.flows import LoopbackListener
+
+    listener = LoopbackListener()
+    got: list[str] = []
+    waiter = threading.Thread(target=lambda: got.append(listener.wait("s", timeout=30)), daemon=True)
+    idle = socket.create_connection(("127.0.0.1", listener.port))  # a browser's speculative preconnect
+    try:
+        waiter.start()
+        time.sleep(0.5)
+        threading.Thread(
+            target=requests.get, args=(f"http://127.0.0.1:{listener.port}/?code=c&state=s",), kwargs={"timeout": 30},
+            daemon=True,
+        ).start()
+        waiter.join(timeout=20)
+        assert got == ["code=c&state=s"]
+    finally:
+        idle.close()
+        waiter.join(timeout=30)
+        listener.close()

@@ -229,6 +229,8 @@ class LoopbackListener:
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 5  # a browser's idle preconnect must not hold the one-at-a-time listener
+
             def do_GET(self) -> None:
                 query = urlsplit(self.path).query
                 state = parse_qs(query).get("state", [""])[0]
