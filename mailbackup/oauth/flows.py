@@ -29,11 +29,16 @@ def store_for(settings: OAuth2Settings) -> TokenStore:
     return TokenStore(settings.store_key, settings.token_store)
 
 
-def _session(settings: OAuth2Settings, *, scoped: bool = True, **extra: Any) -> Any:
+def _require_authlib() -> None:
     try:
-        from authlib.integrations.requests_client import OAuth2Session
+        import authlib.integrations.requests_client  # noqa: F401
     except ImportError:
         raise ConfigError("oauth2 = {...} needs the 'oauth' extra: pip install 'mailbackup[oauth]'") from None
+
+
+def _session(settings: OAuth2Settings, *, scoped: bool = True, **extra: Any) -> Any:
+    from authlib.integrations.requests_client import OAuth2Session
+
     secret = settings.client_secret()
     return OAuth2Session(
         client_id=settings.client_id,
@@ -76,6 +81,7 @@ def _provider_call(settings: OAuth2Settings, what: str, call: Callable[[], Any])
 
 def access_token(settings: OAuth2Settings, store: TokenStore | None = None) -> str:
     """A fresh access token from the stored refresh token; a rotated refresh token is saved first."""
+    _require_authlib()
     from authlib.integrations.base_client import OAuthError
 
     store = store or store_for(settings)
@@ -111,6 +117,7 @@ def login(
     store: TokenStore | None = None,
 ) -> str:
     """Sign in interactively and store the refresh token; returns where it was stored."""
+    _require_authlib()
     from authlib.integrations.base_client import OAuthError
 
     store = store or store_for(settings)
