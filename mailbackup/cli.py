@@ -453,6 +453,33 @@ def prune_server_command(
     finish(report.ok)
 
 
+@main.command("login")
+@click.argument("account_name", metavar="ACCOUNT")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Config file (default ~/.config/mailbackup/config.toml).")
+@click.option("--device", is_flag=True, help="Sign in on another device: print a URL and a code (no browser here).")
+def login_command(account_name: str, config_path: Path | None, device: bool) -> None:
+    """Sign ACCOUNT in with OAuth2 (its oauth2 = {...} table) and keep the refresh token.
+
+    Later runs of that account get a fresh access token by themselves.
+    """
+    from . import oauth
+
+    settings = run(False, lambda: config.oauth2_settings(config_path, account_name))
+    where = run(False, lambda: oauth.login(settings, device=device, say=lambda line: click.echo(line, err=True)))
+    click.echo(f"signed in; the refresh token is in {where}", err=True)
+
+
+@main.command("token")
+@click.argument("account_name", metavar="ACCOUNT")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Config file (default ~/.config/mailbackup/config.toml).")
+def token_command(account_name: str, config_path: Path | None) -> None:
+    """Print a fresh OAuth2 access token for ACCOUNT (for --oauth2-token-command)."""
+    from . import oauth
+
+    settings = run(False, lambda: config.oauth2_settings(config_path, account_name))
+    click.echo(run(False, lambda: oauth.access_token(settings)))
+
+
 @main.command("ls")
 @click.argument("archive")
 @click.option("--json", "json_output", is_flag=True, help="One JSON object per folder.")

@@ -5,16 +5,18 @@ A plain password in the file is refused: configs get copied, synced and pasted.
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import oauth
 from .credentials import Login, resolve_secret
 from .errors import ConfigError
 
-SECRET_KEYS = ("password_command", "password_file", "password_env", "keyring", "oauth2_token_command")
+SECRET_KEYS = ("password_command", "password_file", "password_env", "keyring", "oauth2_token_command", "oauth2")
 KNOWN_KEYS = {
     "source",
     "archive",
@@ -52,6 +54,7 @@ class Account:
     delete_older_than: float | None = None
     login: Login = field(default_factory=Login, compare=False)
     index: bool = True
+    oauth2: oauth.OAuth2Settings | None = None
 
     @property
     def auth(self) -> str:
@@ -62,7 +65,7 @@ class Account:
         return resolve_secret(self.login, what=f"account {self.name}")
 
 
-def login_from(table: dict[str, Any], where: str) -> Login:
+def login_from(table: dict[str, Any], where: str, oauth2: oauth.OAuth2Settings | None = None) -> Login:
     """The one secret key an account table gives, as a Login."""
     spec = table.get("keyring")
     keyring = None
@@ -77,6 +80,8 @@ def login_from(table: dict[str, Any], where: str) -> Login:
         keyring=keyring,
         oauth2_token_command=table.get("oauth2_token_command"),
         oauth2_mechanism=str(table.get("oauth2_mechanism", "xoauth2")).lower(),
+        # a picklable callable, so accounts still cross to worker processes
+        oauth2_provider=functools.partial(oauth.access_token, oauth2) if oauth2 is not None else None,
     )
 
 
@@ -89,6 +94,7 @@ def expand_archive(archive: str) -> str:
 
 
 def load(path: Path | None = None) -> dict[str, Account]:
+    explicit = path is not None  # then `mailbackup login` hints name it with --config
     path = path or default_path()
     try:
         data = tomllib.loads(path.read_text())
@@ -102,17 +108,30 @@ def load(path: Path | None = None) -> dict[str, Account]:
     if not isinstance(accounts, dict) or not accounts:
         raise ConfigError(f"{path} has no [accounts.NAME] tables")
     defaults = data.get("defaults", {})
-    return {name: account(name, {**defaults, **table}, path) for name, table in accounts.items()}
+    return {
+        name: account(name, {**defaults, **table}, path, explicit=explicit) for name, table in accounts.items()
+    }
 
 
-def account(name: str, table: Any, path: Path) -> Account:
+def oauth2_settings(path: Path | None, name: str) -> oauth.OAuth2Settings:
+    """The sign-in settings of one configured account, for `mailbackup login` and `token`."""
+    accounts = load(path)
+    if name not in accounts:
+        raise ConfigError(f"no account {name} in the config (have: {', '.join(accounts)})")
+    settings = accounts[name].oauth2
+    if settings is None:
+        raise ConfigError(f"account {name} has no oauth2 = {{ provider = ..., client_id = ... }} table")
+    return settings
+
+
+def account(name: str, table: Any, path: Path, explicit: bool = True) -> Account:
     where = f"{path}: accounts.{name}"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
     if "password" in table:
         raise ConfigError(
             f"{where} holds a plain password, which is refused: use password_command, "
-            "password_file, password_env, keyring or oauth2_token_command"
+            "password_file, password_env, keyring, oauth2_token_command or oauth2"
         )
     unknown = sorted(set(table) - KNOWN_KEYS)
     if unknown:
@@ -123,6 +142,11 @@ def account(name: str, table: Any, path: Path) -> Account:
     secrets = {k: table[k] for k in SECRET_KEYS if k in table}
     if len(secrets) > 1:
         raise ConfigError(f"{where}: give one of {', '.join(SECRET_KEYS)}, not {', '.join(secrets)}")
+    settings = None
+    if "oauth2" in table:
+        settings = oauth.parse(
+            table["oauth2"], account=name, source=table["source"], config_file=path if explicit else None, where=where
+        )
     try:
         return Account(
             name=name,
@@ -136,8 +160,9 @@ def account(name: str, table: Any, path: Path) -> Account:
             into=table.get("into"),
             delete=bool(table.get("delete", False)),
             delete_older_than=float(table["delete_older_than"]) if "delete_older_than" in table else None,
-            login=login_from(secrets | {k: table[k] for k in ("oauth2_mechanism",) if k in table}, where),
+            login=login_from(secrets | {k: table[k] for k in ("oauth2_mechanism",) if k in table}, where, settings),
             index=bool(table.get("index", True)),
+            oauth2=settings,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc

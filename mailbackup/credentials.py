@@ -26,11 +26,13 @@ class Login:
     keyring: tuple[str, str] | None = None  # (service, username)
     oauth2_token_command: str | None = None
     oauth2_mechanism: str = "xoauth2"
+    # The built-in sign-in (mailbackup login): returns a fresh access token.
+    oauth2_provider: Callable[[], str] | None = None
 
     @property
     def auth(self) -> str:
         """'password', or the SASL mechanism when the secret is an OAuth2 access token."""
-        return self.oauth2_mechanism if self.oauth2_token_command else "password"
+        return self.oauth2_mechanism if self.oauth2_token_command or self.oauth2_provider else "password"
 
 
 def resolve_secret(login: Login, *, what: str = "the source", prompt: Callable[[], str] | None = None) -> str:
@@ -40,9 +42,12 @@ def resolve_secret(login: Login, *, what: str = "the source", prompt: Callable[[
         ("a password command", login.password_command),
         ("a keyring entry", login.keyring),
         ("an OAuth2 token command", login.oauth2_token_command),
+        ("a built-in OAuth2 sign-in", login.oauth2_provider),
     ) if value]
     if len(given) > 1:
         raise ConfigError(f"{what}: give one of {', '.join(given)}, not several")
+    if login.oauth2_provider is not None:
+        return login.oauth2_provider()
     if login.oauth2_token_command:
         return run_command(login.oauth2_token_command, f"OAuth2 token command for {what}")
     if login.keyring:

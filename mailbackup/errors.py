@@ -73,3 +73,7 @@ class PartialFailure(MailbackupError):
 
 class VerifyFailed(MailbackupError):
     """The archive does not match its catalog or the server; see the list above."""
+
+
+class SignInRequired(AuthError):
+    """The OAuth2 sign-in is missing, expired or revoked; run mailbackup login."""
