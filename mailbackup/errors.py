@@ -73,3 +73,13 @@ class PartialFailure(MailbackupError):
 
 class VerifyFailed(MailbackupError):
     """The archive does not match its catalog or the server; see the list above."""
+
+
+class QueueError(MailbackupError):
+    """The job queue's database could not be reached or used."""
+
+    exit_code = 3
+
+
+class QueueNotDrained(MailbackupError):
+    """Jobs were still queued or running when the wait ran out."""
