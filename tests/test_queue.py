@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -20,13 +21,13 @@ from click.testing import CliRunner
 
 pytest.importorskip("procrastinate")
 
-from archive_view import archived  # noqa: E402
-from servers.dovecot import Account, Dovecot  # noqa: E402
-from servers.postgres import Postgres  # noqa: E402
+from archive_view import archived
+from servers.dovecot import Account, Dovecot
+from servers.postgres import Postgres
 
-from mailbackup.cli import main  # noqa: E402
-from mailbackup.queue import app as queue_app  # noqa: E402
-from mailbackup.queue import runs  # noqa: E402
+from mailbackup.cli import main
+from mailbackup.queue import app as queue_app
+from mailbackup.queue import runs
 
 WORKER_TIMEOUTS = ["--heartbeat", "0.5", "--stall-timeout", "2"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,13 +87,12 @@ class Workers:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self, *extra: str) -> subprocess.Popen[bytes]:
-        log = open(self.directory / f"worker{len(self.processes)}.log", "wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mailbackup", "worker", "--queue", self.url, "--config", str(self.config),
-             *WORKER_TIMEOUTS, "-v", *extra],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        log.close()
+        with open(self.directory / f"worker{len(self.processes)}.log", "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mailbackup", "worker", "--queue", self.url, "--config", str(self.config),
+                 *WORKER_TIMEOUTS, "-v", *extra],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
         self.processes.append(process)
         return process
 
@@ -146,7 +146,7 @@ def assert_no_overlap(history: list[runs.Run]) -> None:
         by_account[run.account].append(run)
     for account, items in by_account.items():
         items.sort(key=lambda r: r.started_at)
-        for before, after in zip(items, items[1:]):
+        for before, after in itertools.pairwise(items):
             assert before.finished_at <= after.started_at, (account, before, after)
 
 
@@ -269,7 +269,7 @@ def test_workers_drain_a_queue_with_every_account_exact_and_never_two_at_once(
     assert code == 0
     requeued = [json.loads(line) for line in output.splitlines()]
     assert any(item["already_queued"] for item in requeued)
-    workers.start()  # a third worker, started later
+    workers.start("--concurrency", "2")  # a third worker, started later, backing up two accounts at a time
     code, summary = jobs_json(queue_url, "--wait", "--timeout", "90")
     assert code == 0, summary
     assert summary["ok"] and summary["pending"] == 0

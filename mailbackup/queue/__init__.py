@@ -18,7 +18,16 @@ from typing import Any
 from .. import config
 from ..errors import ConfigError, QueueError, QueueNotDrained, UsageError
 from . import runs
-from .app import BACKUP_TASK, QUEUE, WorkerOptions, conninfo, defer_backup, ensure_schema, make_app, one_line
+from .app import (
+    BACKUP_TASK,
+    QUEUE,
+    WorkerOptions,
+    conninfo,
+    defer_backup,
+    ensure_schema,
+    make_app,
+    one_line,
+)
 from .runs import Run
 
 __all__ = ["AccountStatus", "Enqueued", "QueueStatus", "Run", "WorkerOptions", "enqueue", "queue_settings",
@@ -166,7 +175,9 @@ def status(url: str) -> QueueStatus:
     except Exception as exc:
         raise QueueError(f"queue database: {one_line(exc)}") from exc
     names = sorted(set(counts) | set(last))
-    return QueueStatus(tuple(AccountStatus(n, *counts.get(n, [0, 0]), last.get(n)) for n in names))
+    return QueueStatus(tuple(
+        AccountStatus(n, queued=counts.get(n, [0, 0])[0], running=counts.get(n, [0, 0])[1], last=last.get(n)) for n in names
+    ))
 
 
 def wait_drained(url: str, timeout: float | None = None, poll: float = 1.0) -> QueueStatus:

@@ -176,15 +176,20 @@ async def defer_backup(app: procrastinate.App, account: str, config_path: str | 
 
 async def retry_stalled(app: procrastinate.App, info: str, options: WorkerOptions) -> None:
     """procrastinate's recipe for jobs of dead workers: find them by heartbeat, queue them again."""
+    found_at = await asyncio.to_thread(runs.clock, info)
     for job in await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=options.stall_timeout):
         assert job.id is not None
-        await asyncio.to_thread(runs.mark_lost, info, job.id)
-        log.warning("job %s (%s) lost its worker; queued again", job.id, job.task_kwargs.get("account", job.task_name))
         try:
-            await app.job_manager.retry_job(job)
-        except exceptions.UniqueViolation:
-            # A newer job for the same account waits already: it does the rest.
-            await app.job_manager.finish_job(job, status=Status.FAILED, delete_job=False)
+            try:
+                await app.job_manager.retry_job(job)
+            except exceptions.UniqueViolation:
+                # A newer job for the same account waits already: it does the rest.
+                await app.job_manager.finish_job(job, status=Status.FAILED, delete_job=False)
+        except exceptions.ConnectorException:
+            continue  # no longer running: another worker's check got there first
+        # Only runs that started before the job was found stalled: the rerun's own row stays.
+        await asyncio.to_thread(runs.mark_lost, info, job.id, found_at)
+        log.warning("job %s (%s) lost its worker; queued again", job.id, job.task_kwargs.get("account", job.task_name))
 
 
 def make_app(info: str, options: WorkerOptions | None = None) -> procrastinate.App:

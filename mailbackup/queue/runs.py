@@ -85,15 +85,23 @@ def finish(
         )
 
 
-def mark_lost(conninfo: str, job_id: int) -> None:
-    """The job's worker fell silent: its run ends now, before the job is handed to another worker."""
+def clock(conninfo: str) -> datetime:
+    """The database's clock, which every worker's rows share."""
+    with psycopg.connect(conninfo) as conn:
+        row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    return row[0]  # type: ignore[no-any-return]
+
+
+def mark_lost(conninfo: str, job_id: int, found_at: datetime) -> None:
+    """The job's worker fell silent: its run ended, at the latest, when the job was found stalled."""
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(
-            "UPDATE mailbackup_runs SET status = 'lost', finished_at = clock_timestamp(),"
-            " duration = extract(epoch FROM clock_timestamp() - started_at),"
+            "UPDATE mailbackup_runs SET status = 'lost', finished_at = %s,"
+            " duration = extract(epoch FROM %s - started_at),"
             " error = 'the worker stopped sending heartbeats; the job was queued again'"
-            " WHERE job_id = %s AND status = 'running'",
-            (job_id,),
+            " WHERE job_id = %s AND status = 'running' AND started_at < %s",
+            (found_at, found_at, job_id, found_at),
         )
 
 
