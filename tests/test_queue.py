@@ -376,3 +376,50 @@ def test_a_scheduled_run_queues_every_account(
 def test_a_bad_schedule_is_a_usage_error(queue_url: str, tmp_path: Path) -> None:
     code, output = cli("worker", "--queue", queue_url, "--config", str(tmp_path / "none.toml"), "--schedule", "nightly")
     assert code == 2 and "not a cron line" in output
+
+
+@pytest.mark.parametrize("url, libpq", [
+    ("postgresql://mb@db/q", "postgresql://mb@db/q"),
+    ("postgres://mb@db/q", "postgresql://mb@db/q"),
+    ("postgresql+psycopg://mb@/q?host=/tmp/pg", "postgresql://mb@/q?host=/tmp/pg"),
+    ("PostgreSQL+psycopg2://mb@db:5433/q", "postgresql://mb@db:5433/q"),
+])
+def test_queue_urls_in_sqlalchemy_style_become_libpq_urls(url: str, libpq: str) -> None:
+    assert queue_app.conninfo(url) == libpq
+
+
+@pytest.mark.parametrize("url", ["sqlite:///q.db", "mysql://db/q", "db.example.org/q", "/tmp/q.sqlite"])
+def test_a_queue_that_is_not_postgresql_is_refused(url: str) -> None:
+    from mailbackup.errors import QueueError
+
+    with pytest.raises(QueueError, match="PostgreSQL URL"):
+        queue_app.conninfo(url)
+
+
+def test_the_queue_table_in_the_config_gives_url_and_schedule_and_nothing_else(tmp_path: Path) -> None:
+    from mailbackup.errors import ConfigError
+    from mailbackup.queue import queue_settings
+
+    path = tmp_path / "config.toml"
+    path.write_text('[queue]\nurl = "postgresql://mb@db/q"\nschedule = "0 3 * * *"\n')
+    assert queue_settings(path) == {"url": "postgresql://mb@db/q", "schedule": "0 3 * * *"}
+    path.write_text('[queue]\nurl = "postgresql://mb@db/q"\nshedule = "0 3 * * *"\n')
+    with pytest.raises(ConfigError, match="unknown keys shedule"):
+        queue_settings(path)
+    assert queue_settings(tmp_path / "absent.toml") == {}
+
+
+def test_without_a_queue_url_the_commands_say_where_to_give_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAILBACKUP_QUEUE", raising=False)
+    code, output = cli("jobs", "--config", str(tmp_path / "none.toml"))
+    assert code == 2 and "give --queue" in output
+
+
+def test_stop_at_batch_raises_only_once_asked() -> None:
+    asked = []
+    progress = queue_app.StopAtBatch(lambda: bool(asked))
+    progress.stored(200, 1000)
+    progress.folder_started("INBOX", 10, 100)
+    asked.append(True)
+    with pytest.raises(queue_app.Stopped):
+        progress.stored(200, 1000)
