@@ -916,9 +916,11 @@ def enqueue_command(
               help="Accounts backed up at once by this worker (threads).")
 @click.option("--schedule", metavar="CRON",
               help="Queue every account of --config on this cron line, e.g. \"0 3 * * *\" (default: [queue] schedule).")
-@click.option("--heartbeat", type=click.FloatRange(min=0.1), default=10.0, hidden=True)
-@click.option("--stall-timeout", type=click.FloatRange(min=0.5), default=60.0, hidden=True)
-@output_options()
+@click.option("--heartbeat", type=click.FloatRange(min=0.1), default=10.0, show_default=True, metavar="SECONDS",
+              help="How often this worker tells the queue it is alive.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0.5), default=60.0, show_default=True, metavar="SECONDS",
+              help="Queue the jobs of a worker silent this long again (keep it above the time one batch takes).")
+@output_options("Print a failure as one JSON object on stdout.")
 def worker_command(
     queue_url: str | None,
     config_path: Path | None,
