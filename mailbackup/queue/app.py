@@ -113,10 +113,6 @@ def one_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def load_accounts(path: Path | None) -> dict[str, config.Account]:
-    return config.load(path)
-
-
 def run_backup(info: str, options: WorkerOptions, context: JobContext, account: str, config_path: str | None) -> str:
     """One account's backup as a job: its run recorded before and after, a stop honoured at a batch boundary."""
     job = context.job
@@ -124,7 +120,7 @@ def run_backup(info: str, options: WorkerOptions, context: JobContext, account: 
     log.info("%s: backup started (job %s, attempt %d)", account, job.id, job.attempts + 1)
     try:
         path = options.config or (Path(config_path) if config_path else None)
-        accounts = load_accounts(path)
+        accounts = config.load(path)
         if account not in accounts:
             raise ConfigError(f"no account {account} in {path or config.default_path()}")
         summary = backup_account(accounts[account], progress=StopAtBatch(context.should_abort))
@@ -212,7 +208,7 @@ def make_app(info: str, options: WorkerOptions | None = None) -> procrastinate.A
         @app.periodic(cron=options.schedule, periodic_id="enqueue-all")
         @app.task(name=ENQUEUE_ALL_TASK, queue=QUEUE, queueing_lock=ENQUEUE_ALL_TASK, priority=5)
         async def enqueue_all_job(timestamp: int) -> None:
-            accounts = await asyncio.to_thread(load_accounts, options.config)
+            accounts = await asyncio.to_thread(config.load, options.config)
             where = str(options.config.resolve()) if options.config else None
             queued = [name for name in accounts if await defer_backup(app, name, where) is not None]
             log.info("scheduled run: %d of %d accounts queued", len(queued), len(accounts))
