@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-pytest.importorskip("procrastinate")
-
 from archive_view import archived
 from servers.dovecot import Account, Dovecot
 from servers.postgres import Postgres
