@@ -77,3 +77,13 @@ class VerifyFailed(MailbackupError):
 
 class SignInRequired(AuthError):
     """The OAuth2 sign-in is missing, expired or revoked; run mailbackup login."""
+
+
+class QueueError(MailbackupError):
+    """The job queue's database could not be reached or used."""
+
+    exit_code = 3
+
+
+class QueueNotDrained(MailbackupError):
+    """Jobs were still queued or running when the wait ran out."""
