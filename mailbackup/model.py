@@ -112,6 +112,7 @@ class FolderReport:
     failed: tuple[str, ...] = ()
     skipped: str | None = None
     notes: tuple[str, ...] = ()
+    elapsed: float = 0.0  # seconds this folder took, over every attempt of the run
 
 
 @dataclass(frozen=True)

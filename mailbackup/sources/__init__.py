@@ -56,6 +56,7 @@ class Traits:
     flags: bool  # flag_changes() reports something
     resumes: bool  # fetch() can continue a cut message from a prefix
     deletes_at_close: bool  # delete() takes effect only at close(commit=True)
+    exact_sizes: bool  # a listed size is the length of the bytes fetch() gives (POP3 may add a CRLF)
 
 
 @dataclass(frozen=True)
@@ -149,15 +150,21 @@ class Connect:
 @dataclass(frozen=True)
 class Kind:
     traits: Traits
-    opener: Callable[[str, Connect], Source]
+    opener: Callable[[str, Connect], Source]  # connect and log in
+    address: Callable[[str, Connect], str]  # check the URL without connecting; how to name it to the user
 
 
 _KINDS: dict[str, Kind] = {}
 
 
-def register(schemes: Sequence[str], traits: Traits, opener: Callable[[str, Connect], Source]) -> None:
+def register(
+    schemes: Sequence[str],
+    traits: Traits,
+    opener: Callable[[str, Connect], Source],
+    address: Callable[[str, Connect], str],
+) -> None:
     for scheme in schemes:
-        _KINDS[scheme] = Kind(traits, opener)
+        _KINDS[scheme] = Kind(traits, opener, address)
 
 
 def source_kind(url: str) -> Kind:
@@ -186,7 +193,16 @@ def _open_pop3(url: str, connect: Connect) -> Source:
     return Pop3Source.open_url(url, connect)
 
 
-IMAP = Traits("IMAP", many_folders=True, flags=True, resumes=True, deletes_at_close=False)
-POP3 = Traits("POP3", many_folders=False, flags=False, resumes=False, deletes_at_close=True)
-register(("imaps", "imap"), IMAP, _open_imap)
-register(("pop3s", "pop3"), POP3, _open_pop3)
+def _server_address(schemes: tuple[str, ...]) -> Callable[[str, Connect], str]:
+    def address(url: str, connect: Connect) -> str:
+        from ..net import parse_url
+
+        return str(parse_url(url, no_tls=connect.no_tls, schemes=schemes))
+
+    return address
+
+
+IMAP = Traits("IMAP", many_folders=True, flags=True, resumes=True, deletes_at_close=False, exact_sizes=True)
+POP3 = Traits("POP3", many_folders=False, flags=False, resumes=False, deletes_at_close=True, exact_sizes=False)
+register(("imaps", "imap"), IMAP, _open_imap, _server_address(("imap", "imaps")))
+register(("pop3s", "pop3"), POP3, _open_pop3, _server_address(("pop3", "pop3s")))
