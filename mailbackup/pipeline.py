@@ -187,7 +187,7 @@ class Run:
     Batch limits drop to one message after a dropped line and double while the
     link holds. Prefixes of cut messages wait here for a source that can resume
     them. A message that was the first one read on a connection and got cut more
-    than `retries` times is bigger than what one connection carries: it is listed
+    `retries` times is bigger than what one connection carries: it is listed
     as failed, and the run goes on without it.
     """
 
@@ -215,7 +215,7 @@ class Run:
         if in_flight is None or self.read_on_connection:
             return
         self.cuts[in_flight] += 1
-        if self.cuts[in_flight] > self.options.retries:
+        if self.cuts[in_flight] >= max(self.options.retries, 1):  # as many tries as the retry budget allows
             self.too_big[in_flight] = (
                 f"{label(in_flight[2])}: {size} bytes is more than one connection carried "
                 f"({self.cuts[in_flight]} tries, each cut off); not retried"
@@ -363,6 +363,7 @@ class FolderSync:
                 self.tally.failed.append(f"{label(f.id)}: {f.failure}")
         self.store_batch(archived, validity, messages, rescan)
         self.progress.stored(len(messages), sum(m.size for m in messages))
+        grew = set()
         for f in got:
             key = self.key(f.id)
             if f.message is not None:
@@ -370,6 +371,7 @@ class FolderSync:
             elif f.partial and len(f.partial) > len(run.prefixes.get(key, b"")):
                 run.prefixes[key] = f.partial
                 run.progress += 1
+                grew.add(f.id)
         if messages:
             run.progress += 1
             run.read_on_connection += len(messages)
@@ -380,6 +382,8 @@ class FolderSync:
             return
         done = {f.id for f in got if f.message is not None or not f.partial}
         in_flight = next((item for item in batch if item.id not in done), None)
+        if in_flight is not None and in_flight.id in grew:
+            in_flight = None  # it moved on: resumed next time, not counted as too big
         run.dropped(self.key(in_flight.id) if in_flight else None, in_flight.size if in_flight else 0)
         raise dropped
 
