@@ -164,6 +164,7 @@ class Summary:
                     "gone": f.gone,
                     "adopted": f.adopted,
                     "deleted": f.deleted,
+                    "elapsed": round(f.elapsed, 3),
                 }
                 for f in self.folders
             ],

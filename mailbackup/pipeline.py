@@ -186,9 +186,9 @@ class Run:
 
     Batch limits drop to one message after a dropped line and double while the
     link holds. Prefixes of cut messages wait here for a source that can resume
-    them. A message that was the first one read on a connection and got cut more
-    `retries` times is bigger than what one connection carries: it is listed
-    as failed, and the run goes on without it.
+    them. For a source that cannot, a message that was the first one read on a
+    connection and got cut `retries` times is bigger than what one connection
+    carries: it is listed as failed, and the run goes on without it.
     """
 
     options: BackupOptions
@@ -359,11 +359,10 @@ class FolderSync:
         run = self.run_state
         messages = [f.message for f in got if f.message is not None]
         for f in got:
-            if f.message is None and not f.partial:
+            if f.message is None and f.failure is not None:
                 self.tally.failed.append(f"{label(f.id)}: {f.failure}")
         self.store_batch(archived, validity, messages, rescan)
         self.progress.stored(len(messages), sum(m.size for m in messages))
-        grew = set()
         for f in got:
             key = self.key(f.id)
             if f.message is not None:
@@ -371,7 +370,6 @@ class FolderSync:
             elif f.partial and len(f.partial) > len(run.prefixes.get(key, b"")):
                 run.prefixes[key] = f.partial
                 run.progress += 1
-                grew.add(f.id)
         if messages:
             run.progress += 1
             run.read_on_connection += len(messages)
@@ -380,10 +378,10 @@ class FolderSync:
         if dropped is None:
             run.held()
             return
-        done = {f.id for f in got if f.message is not None or not f.partial}
+        done = {f.id for f in got if f.message is not None or f.failure is not None}
         in_flight = next((item for item in batch if item.id not in done), None)
-        if in_flight is not None and in_flight.id in grew:
-            in_flight = None  # it moved on: resumed next time, not counted as too big
+        if self.source.traits.resumes:
+            in_flight = None  # a cut message is resumed, never too big; an idle link uses up the budget
         run.dropped(self.key(in_flight.id) if in_flight else None, in_flight.size if in_flight else 0)
         raise dropped
 

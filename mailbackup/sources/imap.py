@@ -149,8 +149,8 @@ class ImapSource:
         try:
             for part in self.session.uid_fetch_stream(sequence_set(uids), FETCH_ITEMS, literal_limit=limit):
                 if isinstance(part, Cut):
-                    if part.uid in pending and part.offset == 0:
-                        yield Fetched(part.uid, None, "connection lost", partial=part.data)
+                    if part.uid in pending and part.offset == 0 and part.data:
+                        yield Fetched(part.uid, None, partial=part.data)
                     continue
                 for uid, data in part.items():
                     body = body_of(data)
@@ -169,7 +169,7 @@ class ImapSource:
             for part in self.session.uid_fetch_stream(str(uid), items, literal_limit=limit):
                 if isinstance(part, Cut):
                     if part.uid == uid and part.offset == offset:
-                        yield Fetched(uid, None, "connection lost", partial=prefix + part.data)
+                        yield Fetched(uid, None, partial=prefix + part.data)
                     continue
                 body = body_of(part.get(uid, {}))
                 if body is not None and body[0] == offset:
