@@ -152,7 +152,7 @@ def _parse_fetch_general(lines: list[object]) -> dict[int, dict[bytes, object]]:
         if uid is None:
             continue
         try:
-            out.setdefault(int(uid), {}).update(data)  # type: ignore[call-overload]
+            out.setdefault(int(uid), {}).update(data)  # type: ignore[call-overload]  # the lexer's values are untyped
         except ValueError:
             raise ServerError(f"malformed UID in FETCH response: {uid!r}") from None
     return out

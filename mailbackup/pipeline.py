@@ -192,8 +192,8 @@ class Run:
     """
 
     options: BackupOptions
-    messages: int = 0
-    bytes: int = 0
+    batch_messages: int = 0
+    batch_bytes: int = 0
     progress: int = 0  # grows whenever an attempt gets anywhere: the retry budget is reset
     prefixes: dict[Key, bytes] = field(default_factory=dict)
     cuts: Counter[Key] = field(default_factory=Counter)
@@ -201,17 +201,17 @@ class Run:
     read_on_connection: int = 0  # messages fully read since the last connect
 
     def __post_init__(self) -> None:
-        self.messages, self.bytes = self.options.batch_messages, self.options.batch_bytes
+        self.batch_messages, self.batch_bytes = self.options.batch_messages, self.options.batch_bytes
 
     def connected(self) -> None:
         self.read_on_connection = 0
 
     def held(self) -> None:
-        self.messages = min(self.options.batch_messages, self.messages * 2)
-        self.bytes = min(self.options.batch_bytes, self.bytes * 2)
+        self.batch_messages = min(self.options.batch_messages, self.batch_messages * 2)
+        self.batch_bytes = min(self.options.batch_bytes, self.batch_bytes * 2)
 
     def dropped(self, in_flight: Key | None, size: int) -> None:
-        self.messages, self.bytes = 1, min(self.options.batch_bytes, MIN_BATCH_BYTES)
+        self.batch_messages, self.batch_bytes = 1, min(self.options.batch_bytes, MIN_BATCH_BYTES)
         if in_flight is None or self.read_on_connection:
             return
         self.cuts[in_flight] += 1
@@ -227,7 +227,7 @@ class Run:
         batch: list[Listed] = []
         total = 0
         for item in listed:
-            if batch and (len(batch) >= self.messages or total + item.size > self.bytes):
+            if batch and (len(batch) >= self.batch_messages or total + item.size > self.batch_bytes):
                 yield batch
                 batch, total = [], 0
             batch.append(item)
@@ -277,25 +277,25 @@ class FolderSync:
             gone: Sequence[SourceId] = [i for i in first_seen if i not in on_server]
             new: Sequence[SourceId] = [i for i in ids if i not in first_seen]
             if gone:
-                self.catalog.mark_gone_ids(archived.id, gone)  # type: ignore[arg-type]
+                self.catalog.mark_gone_ids(archived.id, gone)  # type: ignore[arg-type]  # ids are UIDL strings when there is no validity
         else:
             # Entries under another UIDVALIDITY: the folder was reset, or a rescan was cut short.
             rescan = self.catalog.has_stale(archived.id, validity)
             known = self.catalog.live_uids(archived.id, validity)
-            new, gone = diff_sorted(ids, known)  # type: ignore[arg-type]
+            new, gone = diff_sorted(ids, known)  # type: ignore[arg-type]  # ids are int UIDs under a validity
             if len(known) > len(gone) and self.source.traits.flags:
                 since = Checkpoint(archived.uid_validity, archived.highest_modseq)
                 for flags in self.source.flag_changes(since, ids):
-                    self.apply_flags(archived, validity, flags)  # type: ignore[arg-type]
+                    self.apply_flags(archived, validity, flags)  # type: ignore[arg-type]  # int UIDs under a validity
             if gone:
                 self.catalog.mark_gone(archived.id, validity, gone)
         self.tally.gone += len(gone)
         self.fetch_new(archived, validity, new, rescan)
         if rescan and not self.tally.failed:
-            self.tally.gone += self.catalog.mark_stale_gone(archived.id, validity)  # type: ignore[arg-type]
+            self.tally.gone += self.catalog.mark_stale_gone(archived.id, validity)  # type: ignore[arg-type]  # validity is not None on a rescan
         if validity is not None:
             self.catalog.set_folder_state(archived.id, validity, checkpoint.modseq)
-        self.delete([i for i in ids if i in first_seen and self.may_delete(first_seen[i])])  # type: ignore[index]
+        self.delete([i for i in ids if i in first_seen and self.may_delete(first_seen[i])])  # type: ignore[index]  # only str ids are in first_seen
         return self.tally.report(self.into.name)
 
     def apply_flags(self, archived: ArchivedFolder, validity: int, flags: dict[int, tuple[str, ...]]) -> None:
@@ -393,7 +393,7 @@ class FolderSync:
                 fresh.append(message)
                 continue
             location = self.store.set_flags(stale.location, message.flags)
-            self.catalog.rekey(stale.id, message, validity, location)  # type: ignore[arg-type]
+            self.catalog.rekey(stale.id, message, validity, location)  # type: ignore[arg-type]  # validity is not None on a rescan
             self.tally.adopted += 1
         commit(self.store, archived, validity, fresh, self.indexer)
         self.tally.stored(fresh)

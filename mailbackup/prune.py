@@ -81,7 +81,7 @@ def verified(store: Store, entry: Entry, server_size: int | None) -> str | None:
 def archived_entries(store: Store, archived: ArchivedFolder, validity: int | None, ids: Sequence[SourceId]) -> dict[SourceId, Entry]:
     """The archive's live entries for these source ids: by UID under a validity, else by source id."""
     if validity is not None:
-        return {e.uid: e for e in store.catalog.entries_for_uids(archived.id, validity, ids) if e.uid is not None}  # type: ignore[arg-type]
+        return {e.uid: e for e in store.catalog.entries_for_uids(archived.id, validity, ids) if e.uid is not None}  # type: ignore[arg-type]  # int UIDs under a validity
     asked = set(ids)
     return {e.source_id: e for e in store.catalog.entries(archived.id) if e.source_id in asked and not e.gone}
 
@@ -127,9 +127,9 @@ def prune_folder(source: Source, store: Store, folder: Folder, name: str, cutoff
         if traits.deletes_at_close:
             continue  # gone only after QUIT; the next backup marks them
         if validity is not None:
-            store.catalog.mark_gone(archived.id, validity, part)  # type: ignore[arg-type]
+            store.catalog.mark_gone(archived.id, validity, part)  # type: ignore[arg-type]  # int UIDs under a validity
         else:
-            store.catalog.mark_gone_ids(archived.id, part)  # type: ignore[arg-type]
+            store.catalog.mark_gone_ids(archived.id, part)  # type: ignore[arg-type]  # str ids without a validity
     return replace(report, deleted=len(keep))
 
 

@@ -59,7 +59,7 @@ def as_message(uid: int, raw: bytes, data: Mapping[bytes, object]) -> Message:
     date = data.get(b"INTERNALDATE")
     return Message(
         raw=raw,
-        flags=decode_flags(data.get(b"FLAGS", ())),  # type: ignore[arg-type]
+        flags=decode_flags(data.get(b"FLAGS", ())),  # type: ignore[arg-type]  # parsed FETCH values are untyped
         internal_date=decode_date(parse_to_datetime(date, normalise=False)) if isinstance(date, bytes) else None,
         uid=uid,
     )
@@ -127,9 +127,9 @@ class ImapSource:
     def listing(self, ids: Sequence[SourceId]) -> Iterator[list[Listed]]:
         for start in range(0, len(ids), LIST_SLICE):
             part = ids[start : start + LIST_SLICE]
-            sizes = self.sizes(part)  # type: ignore[arg-type]
+            sizes = self.sizes(part)  # type: ignore[arg-type]  # an IMAP folder's ids are int UIDs
             # A UID without a size was expunged since SEARCH: nothing to back up.
-            yield [Listed(uid, sizes[uid]) for uid in part if uid in sizes]  # type: ignore[index]
+            yield [Listed(uid, sizes[uid]) for uid in part if uid in sizes]  # type: ignore[index]  # an IMAP folder's ids are int UIDs
 
     def fetch(self, batch: Sequence[Listed], resume: Mapping[SourceId, bytes] = {}) -> Iterator[Fetched]:
         """BODY.PEEK[] for the batch; a message cut earlier is asked for from where it broke off."""
@@ -192,7 +192,7 @@ class ImapSource:
                 yield {uid: changed[uid] for uid in uids[start : start + FLAG_CHUNK]}
             return
         for start in range(0, len(ids), FLAG_CHUNK):
-            yield dict(self.flags(ids[start : start + FLAG_CHUNK]))  # type: ignore[arg-type]
+            yield dict(self.flags(ids[start : start + FLAG_CHUNK]))  # type: ignore[arg-type]  # an IMAP folder's ids are int UIDs
 
     def before(self, cutoff: datetime) -> Sequence[SourceId]:
         # SEARCH BEFORE compares dates only, in the server's idea of the day.
@@ -246,16 +246,16 @@ class ImapSource:
 
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:
         response = self.session.uid_fetch(sequence_set(uids), ["RFC822.SIZE"])
-        return {uid: int(data.get(b"RFC822.SIZE", 0)) for uid, data in response.items()}  # type: ignore[call-overload]
+        return {uid: int(data.get(b"RFC822.SIZE", 0)) for uid, data in response.items()}  # type: ignore[call-overload]  # parsed FETCH values are untyped
 
     def flags(self, uids: Sequence[int]) -> dict[int, tuple[str, ...]]:
         response = self.session.uid_fetch(sequence_set(uids), ["FLAGS"])
-        return {uid: decode_flags(data.get(b"FLAGS", ())) for uid, data in response.items()}  # type: ignore[arg-type]
+        return {uid: decode_flags(data.get(b"FLAGS", ())) for uid, data in response.items()}  # type: ignore[arg-type]  # parsed FETCH values are untyped
 
     def changed_flags(self, modseq: int) -> dict[int, tuple[str, ...]]:
         """Flags of the messages changed since modseq (CONDSTORE)."""
         response = self.session.uid_fetch("1:*", ["FLAGS"], f"(CHANGEDSINCE {modseq})")
-        return {uid: decode_flags(data.get(b"FLAGS", ())) for uid, data in response.items()}  # type: ignore[arg-type]
+        return {uid: decode_flags(data.get(b"FLAGS", ())) for uid, data in response.items()}  # type: ignore[arg-type]  # parsed FETCH values are untyped
 
     def fetch_uids(self, uids: Sequence[int], sizes: Mapping[int, int]) -> tuple[list[Message], list[int]]:
         """A batch as (messages, UIDs the server sent no body for); sizes bound the literals."""
