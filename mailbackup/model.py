@@ -112,6 +112,7 @@ class FolderReport:
     failed: tuple[str, ...] = ()
     skipped: str | None = None
     notes: tuple[str, ...] = ()
+    elapsed: float = 0.0  # seconds this folder took, over every attempt of the run
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class Summary:
                     "gone": f.gone,
                     "adopted": f.adopted,
                     "deleted": f.deleted,
+                    "elapsed": round(f.elapsed, 3),
                 }
                 for f in self.folders
             ],

@@ -98,13 +98,36 @@ def connect_errors(endpoint: Endpoint) -> Iterator[None]:
             "use --ca-file for a private CA"
         ) from exc
     except ssl.SSLError as exc:
-        raise TLSError(f"TLS with {where} failed: {exc.reason or exc}") from exc
+        hint = ""
+        if endpoint.tls == "implicit" and exc.reason in PLAIN_PORT_REASONS:
+            hint = f"; {endpoint.port} looks like a plain-text port: use {endpoint.scheme[:-1]}:// (STARTTLS)"
+        raise TLSError(f"TLS with {where} failed: {exc.reason or exc}{hint}") from exc
     except socket.gaierror as exc:
         raise ConnectError(f"cannot resolve {endpoint.host}: {exc.strerror}") from exc
     except (TimeoutError, socket.timeout) as exc:
-        raise ConnectError(f"timed out connecting to {where}") from exc
+        raise ConnectError(f"timed out connecting to {where}{tls_hint(endpoint)}") from exc
     except OSError as exc:
         raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+
+
+# What OpenSSL says when the other end answers a ClientHello in plain text.
+PLAIN_PORT_REASONS = {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
+
+
+def tls_hint(endpoint: Endpoint) -> str:
+    """For a plain or STARTTLS URL that got no greeting: maybe the port expects TLS at once."""
+    if endpoint.tls == "implicit" or endpoint.scheme.endswith("s"):
+        return ""
+    return f" (if {endpoint.port} is an implicit-TLS port, use {endpoint.scheme}s://)"
+
+
+@contextmanager
+def greeting_errors(endpoint: Endpoint, protocol_error: type[Exception]) -> Iterator[None]:
+    """Before login: a closed line or a garbled greeting is a ConnectError, with the TLS hint."""
+    try:
+        yield
+    except protocol_error as exc:
+        raise ConnectError(f"{endpoint.host}:{endpoint.port} did not greet as expected: {exc}{tls_hint(endpoint)}") from exc
 
 
 T = TypeVar("T")

@@ -10,6 +10,7 @@ import fnmatch
 import logging
 import time
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -18,16 +19,13 @@ from typing import TypeVar
 
 from .errors import ConnectionLost, ServerError, UsageError
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
-from .net import Endpoint, parse_url
 from .search import Indexer
-from .sources.imap import ImapSource
-from .sources.pop3 import Listed, Pop3Source, message_date
+from .sources import Checkpoint, Connect, Fetched, Listed, OpenFolder, Source, SourceId, Traits, open_source, source_kind
 from .stores import Store, open_store
 
 
 log = logging.getLogger("mailbackup")
 
-SIZE_SLICE = 5000
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -125,9 +123,14 @@ def prefetched(items: Iterable[T], fetch: Callable[[T], R]) -> Iterator[tuple[T,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def label(source_id: SourceId) -> str:
+    """How a failure names a message: by UID, or by the source's string id."""
+    return f"UID {source_id}" if isinstance(source_id, int) else f"message {source_id}"
 
 
 @dataclass
@@ -139,6 +142,8 @@ class _Tally:
     adopted: int = 0
     deleted: int = 0
     failed: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
+    started: float = field(default_factory=time.monotonic)
 
     def stored(self, messages: Sequence[Message]) -> None:
         self.new += len(messages)
@@ -154,6 +159,8 @@ class _Tally:
             adopted=self.adopted,
             deleted=self.deleted,
             failed=tuple(self.failed),
+            notes=self.notes,
+            elapsed=time.monotonic() - self.started,
         )
 
 
@@ -168,58 +175,128 @@ def commit(
             indexer.add(messages)  # never raises: a stale index only logs a warning
 
 
+MIN_BATCH_BYTES = 64 << 10
+
+Key = tuple[str, "int | None", SourceId]  # archive folder, validity, id: a message across attempts
+
+
+@dataclass
+class Run:
+    """What one backup run carries from one connection to the next on a flaky link.
+
+    Batch limits drop to one message after a dropped line and double while the
+    link holds. Prefixes of cut messages wait here for a source that can resume
+    them. For a source that cannot, a message that was the first one read on a
+    connection and got cut `retries` times is bigger than what one connection
+    carries: it is listed as failed, and the run goes on without it.
+    """
+
+    options: BackupOptions
+    batch_messages: int = 0
+    batch_bytes: int = 0
+    progress: int = 0  # grows whenever an attempt gets anywhere: the retry budget is reset
+    prefixes: dict[Key, bytes] = field(default_factory=dict)
+    cuts: Counter[Key] = field(default_factory=Counter)
+    too_big: dict[Key, str] = field(default_factory=dict)
+    read_on_connection: int = 0  # messages fully read since the last connect
+
+    def __post_init__(self) -> None:
+        self.batch_messages, self.batch_bytes = self.options.batch_messages, self.options.batch_bytes
+
+    def connected(self) -> None:
+        self.read_on_connection = 0
+
+    def held(self) -> None:
+        self.batch_messages = min(self.options.batch_messages, self.batch_messages * 2)
+        self.batch_bytes = min(self.options.batch_bytes, self.batch_bytes * 2)
+
+    def dropped(self, in_flight: Key | None, size: int) -> None:
+        self.batch_messages, self.batch_bytes = 1, min(self.options.batch_bytes, MIN_BATCH_BYTES)
+        if in_flight is None or self.read_on_connection:
+            return
+        self.cuts[in_flight] += 1
+        if self.cuts[in_flight] >= max(self.options.retries, 1):  # as many tries as the retry budget allows
+            self.too_big[in_flight] = (
+                f"{label(in_flight[2])}: {size} bytes is more than one connection carried "
+                f"({self.cuts[in_flight]} tries, each cut off); not retried"
+            )
+            self.progress += 1
+
+    def batches(self, listed: Sequence[Listed]) -> Iterator[list[Listed]]:
+        """Like batches(), with limits read as each batch is formed (they change as the link does)."""
+        batch: list[Listed] = []
+        total = 0
+        for item in listed:
+            if batch and (len(batch) >= self.batch_messages or total + item.size > self.batch_bytes):
+                yield batch
+                batch, total = [], 0
+            batch.append(item)
+            total += item.size
+        if batch:
+            yield batch
+
+
+Outcome = tuple[list[Fetched], "ConnectionLost | None"]
+
+
 class FolderSync:
-    """Bring one archived folder up to date with the selected server folder."""
+    """Bring one archived folder up to date with an open source folder."""
 
     def __init__(
         self,
-        source: ImapSource,
+        source: Source,
         store: Store,
-        folder: Folder,
+        opened: OpenFolder,
+        into: Folder,
         options: BackupOptions,
         progress: Progress,
-        indexer: Indexer | None = None,
+        indexer: Indexer | None,
+        run: Run,
     ):
         self.source = source
         self.store = store
         self.indexer = indexer
         self.catalog = store.catalog
-        self.folder = folder
+        self.opened = opened
+        self.into = into  # the archive's folder
         self.options = options
         self.progress = progress
-        self.tally = _Tally()
+        self.run_state = run
+        self.tally = _Tally(notes=opened.notes)
 
     def run(self) -> FolderReport:
-        state = self.source.examine(self.folder)
-        archived = self.catalog.ensure_folder(self.folder, self.store.folder_path(self.folder))
-        validity = state.uid_validity
-        # Entries under another UIDVALIDITY: the folder was reset, or a rescan was cut short.
-        rescan = self.catalog.has_stale(archived.id, validity)
-        server = self.source.uids() if state.exists else array("q")
-        known = self.catalog.live_uids(archived.id, validity)
-        new, gone = diff_sorted(server, known)
-        if len(known) > len(gone):
-            self.sync_flags(archived, validity, state.highest_modseq, server)
-        if gone:
-            self.catalog.mark_gone(archived.id, validity, gone)
-            self.tally.gone += len(gone)
+        archived = self.catalog.ensure_folder(self.into, self.store.folder_path(self.into))
+        checkpoint = self.opened.checkpoint
+        validity = checkpoint.validity
+        ids = self.opened.ids
+        rescan = False
+        first_seen: dict[str, str] = {}
+        if validity is None:  # ids that never change meaning (POP3 UIDLs)
+            first_seen = self.catalog.source_ids(archived.id)
+            on_server = set(ids)
+            gone: Sequence[SourceId] = [i for i in first_seen if i not in on_server]
+            new: Sequence[SourceId] = [i for i in ids if i not in first_seen]
+            if gone:
+                self.catalog.mark_gone_ids(archived.id, gone)  # type: ignore[arg-type]  # ids are UIDL strings when there is no validity
+        else:
+            # Entries under another UIDVALIDITY: the folder was reset, or a rescan was cut short.
+            rescan = self.catalog.has_stale(archived.id, validity)
+            known = self.catalog.live_uids(archived.id, validity)
+            new, gone = diff_sorted(ids, known)  # type: ignore[arg-type]  # ids are int UIDs under a validity
+            if len(known) > len(gone) and self.source.traits.flags:
+                since = Checkpoint(archived.uid_validity, archived.highest_modseq)
+                for flags in self.source.flag_changes(since, ids):
+                    self.apply_flags(archived, validity, flags)  # type: ignore[arg-type]  # int UIDs under a validity
+            if gone:
+                self.catalog.mark_gone(archived.id, validity, gone)
+        self.tally.gone += len(gone)
         self.fetch_new(archived, validity, new, rescan)
         if rescan and not self.tally.failed:
-            self.tally.gone += self.catalog.mark_stale_gone(archived.id, validity)
-        self.catalog.set_folder_state(archived.id, validity, state.highest_modseq)
-        return self.tally.report(self.folder.name)
-
-    def sync_flags(self, archived: ArchivedFolder, validity: int, modseq: int | None, server: Sequence[int]) -> None:
-        if modseq is not None and archived.highest_modseq is not None:
-            if modseq == archived.highest_modseq:
-                return
-            changed = self.source.changed_flags(archived.highest_modseq)
-            uids = sorted(changed)
-            for part in chunks(uids, self.options.flag_chunk):
-                self.apply_flags(archived, validity, {u: changed[u] for u in part})
-            return
-        for part in chunks(server, self.options.flag_chunk):
-            self.apply_flags(archived, validity, self.source.flags(part))
+            self.tally.gone += self.catalog.mark_stale_gone(archived.id, validity)  # type: ignore[arg-type]  # validity is not None on a rescan
+        if validity is not None:
+            self.catalog.set_folder_state(archived.id, validity, checkpoint.modseq)
+        self.delete([i for i in ids if i in first_seen and self.may_delete(first_seen[i])])  # type: ignore[index]  # only str ids are in first_seen
+        return self.tally.report(self.into.name)
 
     def apply_flags(self, archived: ArchivedFolder, validity: int, flags: dict[int, tuple[str, ...]]) -> None:
         if not flags:
@@ -233,191 +310,181 @@ class FolderSync:
         self.catalog.update_flags(changes)
         self.tally.flags_updated += len(changes)
 
-    def fetch_new(self, archived: ArchivedFolder, validity: int, new: Sequence[int], rescan: bool) -> None:
-        # Sizes are asked for a slice at a time, so memory stays flat however big the folder.
-        for start in range(0, len(new), SIZE_SLICE):
-            part = new[start : start + SIZE_SLICE]
-            sizes = self.source.sizes(part)
-            if start == 0:
-                whole = len(part) == len(new)
-                self.progress.folder_started(self.folder.name, len(new), sum(sizes.values()) if whole else None)
-            # A UID without a size was expunged since SEARCH: nothing to back up.
-            present = [uid for uid in part if uid in sizes]
-            planned = batches(present, sizes, self.options.batch_messages, self.options.batch_bytes)
-            for batch, fetched in prefetched(planned, self.source.fetch):
-                try:
-                    messages, missing = fetched.result()
-                except ServerError as exc:
-                    self.tally.failed.extend(f"UID {uid}: {exc}" for uid in batch)
-                    continue
-                self.tally.failed.extend(f"UID {uid}: server sent no body" for uid in missing)
-                self.store_batch(archived, validity, messages, rescan)
-                self.progress.stored(len(messages), sum(m.size for m in messages))
+    def key(self, source_id: SourceId) -> Key:
+        return (self.into.name, self.opened.checkpoint.validity, source_id)
 
-    def store_batch(self, archived: ArchivedFolder, validity: int, messages: list[Message], rescan: bool) -> None:
+    def fetch_new(self, archived: ArchivedFolder, validity: int | None, new: Sequence[SourceId], rescan: bool) -> None:
+        run = self.run_state
+        first = True
+        # The listing comes a slice at a time, so memory stays flat however big the folder.
+        for part in self.source.listing(new):
+            if first:
+                whole = len(part) == len(new)
+                self.progress.folder_started(self.into.name, len(new), sum(m.size for m in part) if whole else None)
+                first = False
+            wanted_now = []
+            for item in part:
+                reason = run.too_big.get(self.key(item.id))
+                if reason is None:
+                    wanted_now.append(item)
+                else:
+                    self.tally.failed.append(reason)
+            for batch, fetched in prefetched(run.batches(wanted_now), self.collect):
+                self.settle(archived, validity, batch, *fetched.result(), rescan)
+
+    def collect(self, batch: list[Listed]) -> Outcome:
+        """Read a batch to the end or to the dropped line (on the prefetch thread)."""
+        resume = {item.id: self.run_state.prefixes[self.key(item.id)] for item in batch if self.key(item.id) in self.run_state.prefixes}
+        got: list[Fetched] = []
+        try:
+            for fetched in self.source.fetch(batch, resume):
+                got.append(fetched)
+        except ConnectionLost as exc:
+            return got, exc
+        except ServerError as exc:
+            answered = {f.id for f in got}
+            got.extend(Fetched(item.id, None, str(exc)) for item in batch if item.id not in answered)
+        return got, None
+
+    def settle(
+        self,
+        archived: ArchivedFolder,
+        validity: int | None,
+        batch: list[Listed],
+        got: list[Fetched],
+        dropped: ConnectionLost | None,
+        rescan: bool,
+    ) -> None:
+        """Store what arrived whole, keep what arrived in part, then pass a dropped line on."""
+        run = self.run_state
+        messages = [f.message for f in got if f.message is not None]
+        for f in got:
+            if f.message is None and f.failure is not None:
+                self.tally.failed.append(f"{label(f.id)}: {f.failure}")
+        self.store_batch(archived, validity, messages, rescan)
+        self.progress.stored(len(messages), sum(m.size for m in messages))
+        for f in got:
+            key = self.key(f.id)
+            if f.message is not None:
+                run.prefixes.pop(key, None)
+            elif f.partial and len(f.partial) > len(run.prefixes.get(key, b"")):
+                run.prefixes[key] = f.partial
+                run.progress += 1
+        if messages:
+            run.progress += 1
+            run.read_on_connection += len(messages)
+        if self.options.delete or self.options.delete_older_than == 0:
+            self.delete([m.source_id for m in messages if m.source_id is not None])
+        if dropped is None:
+            run.held()
+            return
+        done = {f.id for f in got if f.message is not None or f.failure is not None}
+        in_flight = next((item for item in batch if item.id not in done), None)
+        if self.source.traits.resumes:
+            in_flight = None  # a cut message is resumed, never too big; an idle link uses up the budget
+        run.dropped(self.key(in_flight.id) if in_flight else None, in_flight.size if in_flight else 0)
+        raise dropped
+
+    def store_batch(self, archived: ArchivedFolder, validity: int | None, messages: list[Message], rescan: bool) -> None:
         fresh = []
         for message in messages:
-            stale = self.catalog.stale_entry(archived.id, message.sha256, validity) if rescan else None
+            stale = self.catalog.stale_entry(archived.id, message.sha256, validity) if rescan and validity is not None else None
             if stale is None:
                 fresh.append(message)
                 continue
             location = self.store.set_flags(stale.location, message.flags)
-            self.catalog.rekey(stale.id, message, validity, location)
+            self.catalog.rekey(stale.id, message, validity, location)  # type: ignore[arg-type]  # validity is not None on a rescan
             self.tally.adopted += 1
         commit(self.store, archived, validity, fresh, self.indexer)
         self.tally.stored(fresh)
 
-
-class Pop3Sync:
-    """Copy a POP3 maildrop into one archive folder; DELE only what is committed."""
-
-    def __init__(
-        self, source: Pop3Source, store: Store, options: BackupOptions, progress: Progress, indexer: Indexer | None = None
-    ):
-        self.source = source
-        self.store = store
-        self.indexer = indexer
-        self.catalog = store.catalog
-        self.options = options
-        self.progress = progress
-        self.tally = _Tally()
-        self.notes: list[str] = []
-
-    def run(self) -> FolderReport:
-        folder = Folder(self.options.into or "INBOX", "/")
-        archived = self.catalog.ensure_folder(folder, self.store.folder_path(folder))
-        listing = self.identified(self.source.listing())
-        known = self.catalog.source_ids(archived.id)
-        on_server = {m.uidl for m in listing}
-        gone = [i for i in known if i not in on_server]
-        if gone:
-            self.catalog.mark_gone_ids(archived.id, gone)
-            self.tally.gone += len(gone)
-        new = [m for m in listing if m.uidl not in known]
-        self.progress.folder_started(folder.name, len(new), sum(m.size for m in new))
-        sizes = {m.number: m.size for m in new}
-        by_number = {m.number: m for m in new}
-        for batch in batches([m.number for m in new], sizes, self.options.batch_messages, self.options.batch_bytes):
-            messages, stored = [], []
-            for listed, outcome in self.source.retrieve_batch([by_number[n] for n in batch]):
-                if isinstance(outcome, ServerError):
-                    self.tally.failed.append(f"message {listed.number} ({listed.uidl}): {outcome}")
-                    continue
-                when, how = message_date(outcome)
-                messages.append(
-                    Message(raw=outcome, internal_date=when or datetime.now(timezone.utc), source_id=listed.uidl, date_source=how)
-                )
-                stored.append(listed.number)
-            commit(self.store, archived, None, messages, self.indexer)
-            self.tally.stored(messages)
-            self.progress.stored(len(messages), sum(m.size for m in messages))
-            if self.options.delete or self.options.delete_older_than == 0:
-                self.delete(stored)
-        self.delete(self.old_enough([m for m in listing if m.uidl in known], known))
-        return replace(self.tally.report(folder.name), notes=tuple(self.notes))
-
-    def identified(self, listing: list[Listed]) -> list[Listed]:
-        """Give every message an id: its UIDL, or the documented fallback; drop repeated ids."""
-        if any(m.uidl is None for m in listing):
-            self.notes.append("server has no UIDL: messages are told apart by SHA-256 of their headers (TOP n 0) plus size")
-            listing = [m if m.uidl else replace(m, uidl=self.source.header_id(m)) for m in listing]
-        seen: set[str | None] = set()
-        unique = []
-        for m in listing:
-            if m.uidl not in seen:
-                seen.add(m.uidl)
-                unique.append(m)
-        return unique
-
-    def old_enough(self, archived: list[Listed], first_seen: dict[str, str]) -> list[int]:
-        """Numbers of already-archived messages that the delete options allow to go."""
+    def may_delete(self, first_seen: str) -> bool:
+        """Whether the delete options let an already-archived message go from the server."""
         if self.options.delete:
-            return [m.number for m in archived]
+            return True
         if self.options.delete_older_than is None:
-            return []
+            return False
         cutoff = datetime.now(timezone.utc) - timedelta(days=self.options.delete_older_than)
-        return [m.number for m in archived if datetime.fromisoformat(first_seen[m.uidl or ""]) <= cutoff]
+        return datetime.fromisoformat(first_seen) <= cutoff
 
-    def delete(self, numbers: list[int]) -> None:
-        for number in numbers:
-            self.source.delete(number)
-        self.tally.deleted += len(numbers)
+    def delete(self, ids: Sequence[SourceId]) -> None:
+        if ids:
+            self.source.delete(ids)
+            self.tally.deleted += len(ids)
 
 
-def backup_imap(
-    endpoint: Endpoint,
+def choose(listed: Sequence[Folder], options: BackupOptions) -> list[Folder]:
+    """The wanted folders; a --folder or --exclude pattern that matches nothing is a mistake."""
+    for flag, patterns in (("--folder", options.include), ("--exclude", options.exclude)):
+        for pattern in patterns:
+            if not any(wanted(f, (pattern,), ()) for f in listed):
+                names = ", ".join(sorted(f.name for f in listed)) or "none"
+                raise UsageError(f"{flag} {pattern!r} matches no folder; the server has: {names}")
+    return [f for f in listed if wanted(f, options.include, options.exclude)]
+
+
+def backup_once(
+    url: str,
+    connect: Connect,
     store: Store,
-    password: str,
     options: BackupOptions,
     progress: Progress,
     indexer: Indexer | None,
     reports: list[FolderReport],
+    run: Run,
 ) -> None:
-    """Sync every wanted folder, appending a report per folder (a partial one if the line drops)."""
-    source = ImapSource.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
+    """One connection's worth: sync every wanted folder, appending a report per folder
+    (a partial one if the line drops)."""
+    source = open_source(url, connect)
+    run.connected()
+    traits = source.traits
+    clean = False
     try:
         listed = source.folders()
-        chosen = [f for f in listed if wanted(f, options.include, options.exclude)]
+        chosen = choose(listed, options) if traits.many_folders else listed
         progress.plan(len(chosen))
+        failed_folder = False
         for folder in chosen:
+            into = folder if traits.many_folders else Folder(options.into or folder.name, "/")
             if not folder.selectable:
                 report = FolderReport(name=folder.name, skipped="not selectable")
             else:
-                sync = FolderSync(source, store, folder, options, progress, indexer)
+                sync: FolderSync | None = None
                 try:
+                    opened = source.open(folder)
+                    sync = FolderSync(source, store, opened, into, options, progress, indexer, run)
                     report = sync.run()
                 except ServerError as exc:
-                    report = FolderReport(name=folder.name, failed=(str(exc),))
+                    report = FolderReport(name=into.name, failed=(str(exc),))
+                    failed_folder = True
                 except ConnectionLost:
-                    reports.append(sync.tally.report(folder.name))  # what it committed still counts
+                    if sync is not None:  # what it committed still counts; deferred deletes do not
+                        partial = sync.tally.report(into.name)
+                        reports.append(replace(partial, deleted=0) if traits.deletes_at_close else partial)
                     raise
             reports.append(report)
             progress.folder_done(report)
-        reports.extend(vanished(store, listed, options))
+        if traits.many_folders:
+            reports.extend(vanished(store, listed, options))
+        # Deferred deletes (POP3's QUIT) happen only after a clean run.
+        clean = not failed_folder
     finally:
-        source.close()
+        source.close(commit=clean)
 
 
 def vanished(store: Store, listed: Sequence[Folder], options: BackupOptions) -> list[FolderReport]:
-    """Archived IMAP folders the server no longer lists: their messages stay, marked gone."""
+    """Archived folders the server no longer lists: their messages stay, marked gone."""
     names = {f.name for f in listed}
     reports = []
     for archived in store.catalog.folders():
         if archived.uid_validity is None or archived.name in names:
-            continue  # never backed up over IMAP (a POP3 folder), or still there
+            continue  # never backed up from a server with folders (a POP3 folder), or still there
         folder = Folder(archived.name, archived.delimiter, archived.attributes)
         if wanted(folder, options.include, options.exclude):
             gone = store.catalog.mark_folder_gone(archived.id)
             if gone:
                 reports.append(FolderReport(name=archived.name, gone=gone, skipped="no longer on the server"))
     return reports
-
-
-def backup_pop3(
-    endpoint: Endpoint,
-    store: Store,
-    password: str,
-    options: BackupOptions,
-    progress: Progress,
-    indexer: Indexer | None,
-    reports: list[FolderReport],
-) -> None:
-    source = Pop3Source.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
-    finished = False
-    sync = Pop3Sync(source, store, options, progress, indexer)
-    try:
-        progress.plan(1)
-        report = sync.run()
-        progress.folder_done(report)
-        finished = True
-    except ConnectionLost:
-        # Committed messages count; DELEs do not: without QUIT the server keeps them.
-        reports.append(replace(sync.tally.report(options.into or "INBOX"), deleted=0))
-        raise
-    finally:
-        # QUIT is what makes DELE happen: after any failure, hang up instead.
-        source.close(commit=finished)
-    reports.append(report)
 
 
 def merged(reports: Sequence[FolderReport]) -> tuple[FolderReport, ...]:
@@ -434,35 +501,42 @@ def merged(reports: Sequence[FolderReport]) -> tuple[FolderReport, ...]:
                 gone=before.gone + report.gone,
                 adopted=before.adopted + report.adopted,
                 deleted=before.deleted + report.deleted,
+                elapsed=before.elapsed + report.elapsed,
             )
         out[report.name] = report
     return tuple(out.values())
 
 
-def with_retries(attempt: Callable[[], None], retries: int, delay: float) -> None:
+def with_retries(attempt: Callable[[], None], run: Run, retries: int, delay: float) -> None:
     """Run attempt again after a dropped connection, waiting delay, 2*delay, 4*delay...
 
+    The budget counts retries in a row that got nowhere: an attempt that stored a
+    message (or part of one) refunds it, so a long run on a flaky link finishes.
     Safe because a run is incremental: committed messages are not fetched again,
     and a POP3 run that failed never QUIT, so it deleted nothing.
     """
-    for number in range(retries + 1):
+    used = 0
+    while True:
+        mark = run.progress
         try:
             attempt()
             return
         except ConnectionLost as exc:
-            if number == retries:
+            if run.progress > mark:
+                used = 0
+            if used >= retries:
                 raise
-            wait = delay * 2**number
-            log.warning("%s; reconnecting in %.0f s (retry %d of %d)", exc, wait, number + 1, retries)
+            wait = delay * 2**used
+            used += 1
+            log.warning("%s; reconnecting in %.1f s (retry %d of %d in a row)", exc, wait, used, retries)
             time.sleep(wait)
 
 
-def check_options(endpoint: Endpoint, options: BackupOptions) -> None:
-    pop3 = endpoint.scheme.startswith("pop3")
-    if not pop3 and (options.into or options.delete or options.delete_older_than is not None):
+def check_options(traits: Traits, options: BackupOptions) -> None:
+    if traits.many_folders and (options.into or options.delete or options.delete_older_than is not None):
         raise UsageError("--into, --delete and --delete-older-than are for POP3 sources")
-    if pop3 and (options.include or options.exclude):
-        raise UsageError("--folder and --exclude are for IMAP sources; POP3 has one maildrop (see --into)")
+    if not traits.many_folders and (options.include or options.exclude):
+        raise UsageError(f"--folder and --exclude are for IMAP sources; {traits.name} has one maildrop (see --into)")
     if options.delete and options.delete_older_than is not None:
         raise UsageError("give --delete or --delete-older-than, not both")
     if options.delete_older_than is not None and options.delete_older_than < 0:
@@ -477,20 +551,25 @@ def backup(
     options: BackupOptions = BackupOptions(),
     progress: Progress | None = None,
 ) -> Summary:
-    """Back up an IMAP account (every wanted folder) or a POP3 maildrop into the archive."""
+    """Back up every wanted folder of a source (an IMAP account, a POP3 maildrop) into the archive."""
     progress = progress or Progress()
     started = time.monotonic()
-    endpoint = parse_url(source_url, no_tls=options.no_tls, schemes=("imap", "imaps", "pop3", "pop3s"))
-    check_options(endpoint, options)
+    kind = source_kind(source_url)
+    connect = Connect(
+        secret=password, auth=options.auth, ca_file=options.ca_file, no_tls=options.no_tls, timeout=options.timeout
+    )
+    address = kind.address(source_url, connect)  # a bad URL fails here, before the archive is touched
+    check_options(kind.traits, options)
     store = open_store(archive)
     try:
-        run = backup_pop3 if endpoint.scheme.startswith("pop3") else backup_imap
         reports: list[FolderReport] = []
+        run = Run(options)
         with store.lock():
             indexer = Indexer(store) if options.index else None
             try:
                 with_retries(
-                    lambda: run(endpoint, store, password, options, progress, indexer, reports),
+                    lambda: backup_once(source_url, connect, store, options, progress, indexer, reports, run),
+                    run,
                     options.retries,
                     options.retry_delay,
                 )
@@ -499,7 +578,7 @@ def backup(
                     indexer.close()
     finally:
         store.close()
-    return Summary(str(endpoint), store.url, merged(reports), time.monotonic() - started)
+    return Summary(address, store.url, merged(reports), time.monotonic() - started)
 
 
 def archive_stats(archive: str) -> list[tuple[ArchivedFolder, int, int, int]]:

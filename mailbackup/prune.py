@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 from .errors import MailbackupError, UsageError
-from .model import Entry, Folder
-from .net import Endpoint, parse_url
+from .model import ArchivedFolder, Entry, Folder
 from .pipeline import BackupOptions, chunks, wanted
-from .sources.imap import ImapSource
-from .sources.pop3 import Pop3Source
+from .sources import Connect, Source, SourceId, open_source, source_kind
 from .stores import Store, open_store
 
 _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([dwy]?)")
@@ -79,65 +78,59 @@ def verified(store: Store, entry: Entry, server_size: int | None) -> str | None:
     return None
 
 
-def prune_imap_folder(source: ImapSource, store: Store, folder: Folder, cutoff: datetime, act: bool) -> FolderPrune:
-    archived = store.catalog.folder(folder.name)
-    if archived is None or archived.uid_validity is None:
-        return FolderPrune(folder.name, refused="not in the archive; back it up first")
-    state = source.examine(folder)
-    if state.uid_validity != archived.uid_validity:
-        return FolderPrune(folder.name, refused="UIDVALIDITY changed since the last backup; back it up first")
-    # SEARCH BEFORE compares dates only, in the server's idea of the day.
-    old = source.uids(["BEFORE", cutoff.date()]) if state.exists else []
-    keep: list[int] = []
+def archived_entries(store: Store, archived: ArchivedFolder, validity: int | None, ids: Sequence[SourceId]) -> dict[SourceId, Entry]:
+    """The archive's live entries for these source ids: by UID under a validity, else by source id."""
+    if validity is not None:
+        return {e.uid: e for e in store.catalog.entries_for_uids(archived.id, validity, ids) if e.uid is not None}  # type: ignore[arg-type]  # int UIDs under a validity
+    asked = set(ids)
+    return {e.source_id: e for e in store.catalog.entries(archived.id) if e.source_id in asked and not e.gone}
+
+
+def prune_folder(source: Source, store: Store, folder: Folder, name: str, cutoff: datetime, act: bool) -> FolderPrune:
+    """Check every candidate in one folder, then delete them all, or nothing."""
+    traits = source.traits
+    archived = store.catalog.folder(name)
+    if archived is None or (traits.many_folders and archived.uid_validity is None):
+        return FolderPrune(name, refused="not in the archive; back it up first")
+    opened = source.open(folder)
+    validity = opened.checkpoint.validity
+    if validity != archived.uid_validity:
+        return FolderPrune(name, refused="UIDVALIDITY changed since the last backup; back it up first")
+    dated = source.before(cutoff)  # None: the source keeps no dates, so the archive's decide
+    pool = dated if dated is not None else opened.ids
+    keep: list[SourceId] = []
     size = missing = 0
-    for part in chunks(old, 1000):
-        entries = {e.uid: e for e in store.catalog.entries_for_uids(archived.id, archived.uid_validity, part)}
-        sizes = source.sizes(part)
-        for uid in part:
-            entry = entries.get(uid)
+    for part in chunks(pool, 1000 if validity is not None else max(len(pool), 1)):
+        entries = archived_entries(store, archived, validity, part)
+        # POP3 LIST sizes cannot be compared: the server adds a CRLF to a message that lacks one.
+        sizes = {m.id: m.size for piece in source.listing(part) for m in piece} if traits.exact_sizes else {}
+        for source_id in part:
+            entry = entries.get(source_id)
             if entry is None:
                 missing += 1  # the archive lacks it: never touched
                 continue
-            problem = verified(store, entry, sizes.get(uid))
+            if dated is None and (entry.internal_date is None or entry.internal_date >= cutoff):
+                continue
+            problem = verified(store, entry, sizes.get(source_id) if traits.exact_sizes else None)
             if problem:
-                return FolderPrune(folder.name, len(keep), size, missing, refused=problem)
-            keep.append(uid)
+                return FolderPrune(name, len(keep), size, missing, refused=problem)
+            keep.append(source_id)
             size += entry.size
-    report = FolderPrune(folder.name, len(keep), size, missing)
+    report = FolderPrune(name, len(keep), size, missing)
     if not act or not keep:
         return report
-    again = source.examine(folder, writable=True)
-    if again.uid_validity != archived.uid_validity:
-        return FolderPrune(folder.name, len(keep), size, missing, refused="UIDVALIDITY changed during the run")
+    again = source.open(folder, writable=True)
+    if again.checkpoint.validity != archived.uid_validity:
+        return FolderPrune(name, len(keep), size, missing, refused="UIDVALIDITY changed during the run")
     for part in chunks(keep, 1000):
-        source.expunge(part)
-        store.catalog.mark_gone(archived.id, archived.uid_validity, part)
-    return FolderPrune(folder.name, len(keep), size, missing, deleted=len(keep))
-
-
-def prune_pop3(source: Pop3Source, store: Store, into: str, cutoff: datetime, act: bool) -> FolderPrune:
-    archived = store.catalog.folder(into)
-    if archived is None:
-        return FolderPrune(into, refused="not in the archive; back it up first")
-    by_id = {e.source_id: e for e in store.catalog.entries(archived.id) if e.source_id and not e.gone}
-    doomed, size, missing = [], 0, 0
-    for listed in source.listing():
-        entry = by_id.get(listed.uidl) if listed.uidl else None
-        if entry is None:
-            missing += 1
-            continue
-        if entry.internal_date is None or entry.internal_date >= cutoff:
-            continue
-        # LIST sizes cannot be compared: POP3 adds a CRLF to a message that lacks one.
-        problem = verified(store, entry, None)
-        if problem:
-            return FolderPrune(into, len(doomed), size, missing, refused=problem)
-        doomed.append(listed.number)
-        size += entry.size
-    if act:
-        for number in doomed:
-            source.delete(number)
-    return FolderPrune(into, len(doomed), size, missing, deleted=len(doomed) if act else 0)
+        source.delete(part)
+        if traits.deletes_at_close:
+            continue  # gone only after QUIT; the next backup marks them
+        if validity is not None:
+            store.catalog.mark_gone(archived.id, validity, part)  # type: ignore[arg-type]  # int UIDs under a validity
+        else:
+            store.catalog.mark_gone_ids(archived.id, part)  # type: ignore[arg-type]  # str ids without a validity
+    return replace(report, deleted=len(keep))
 
 
 def prune_server(
@@ -152,32 +145,28 @@ def prune_server(
     """Delete from the server what the archive holds and verifies, older than the cutoff; a dry run unless act."""
     if older_than_days <= 0:
         raise UsageError("--older-than must be more than 0 days")
-    endpoint: Endpoint = parse_url(source_url, no_tls=options.no_tls, schemes=("imap", "imaps", "pop3", "pop3s"))
+    kind = source_kind(source_url)
+    connect = Connect(
+        secret=password, auth=options.auth, ca_file=options.ca_file, no_tls=options.no_tls, timeout=options.timeout
+    )
+    address = kind.address(source_url, connect)
     cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
     store = open_store(archive, create=False)
     folders: list[FolderPrune] = []
     try:
         with store.lock():
-            if endpoint.scheme.startswith("pop3"):
-                pop = Pop3Source.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
-                finished = False
-                try:
-                    report = prune_pop3(pop, store, options.into or "INBOX", cutoff, act)
-                    folders.append(report)
-                    # A refused check deletes nothing: hang up without QUIT.
-                    finished = report.refused is None
-                finally:
-                    pop.close(commit=finished)
-            else:
-                imap = ImapSource.connect(endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.auth)
-                try:
-                    for folder in imap.folders():
-                        if folder.selectable and wanted(folder, options.include, options.exclude):
-                            folders.append(prune_imap_folder(imap, store, folder, cutoff, act))
-                finally:
-                    imap.close()
+            source = open_source(source_url, connect)
+            clean = False
+            try:
+                many = source.traits.many_folders
+                for folder in source.folders():
+                    if folder.selectable and (not many or wanted(folder, options.include, options.exclude)):
+                        name = folder.name if many else options.into or folder.name
+                        folders.append(prune_folder(source, store, folder, name, cutoff, act))
+                # A refused check deletes nothing: a POP3 source hangs up without QUIT.
+                clean = all(f.refused is None for f in folders)
+            finally:
+                source.close(commit=clean)
     finally:
         store.close()
-    return PruneReport(str(endpoint), store.url, cutoff.isoformat(timespec="seconds"), not act, tuple(folders))
-
-
+    return PruneReport(address, store.url, cutoff.isoformat(timespec="seconds"), not act, tuple(folders))

@@ -518,7 +518,7 @@ def _migrate_folder(
     )
     progress.folder_started(folder.name, len(todo), base.planned_bytes)
     failed = []
-    for batch, fetched in prefetch(source, batches(todo, sizes, options.batch_messages, options.batch_bytes)):
+    for batch, fetched in prefetch(source, batches(todo, sizes, options.batch_messages, options.batch_bytes), sizes):
         if isinstance(fetched, ServerError):
             failed.extend(f"UID {uid}: {fetched}" for uid in batch)
             continue
@@ -539,7 +539,7 @@ def _migrate_folder(
 
 
 def prefetch(
-    source: ImapSource, work: Iterator[list[int]], depth: int = 2
+    source: ImapSource, work: Iterator[list[int]], sizes: dict[int, int], depth: int = 2
 ) -> Iterator[tuple[list[int], tuple[list[Message], list[int]] | ServerError]]:
     """Fetch batches on a reader thread while the caller appends: the source and the
     target then work at the same time. The thread owns the source connection until
@@ -553,7 +553,7 @@ def prefetch(
                 if stop.is_set():
                     return
                 try:
-                    slots.put((batch, source.fetch(batch)))
+                    slots.put((batch, source.fetch_uids(batch, sizes)))
                 except ServerError as exc:
                     slots.put((batch, exc))
         except BaseException as exc:  # handed to the caller

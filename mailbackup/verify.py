@@ -308,7 +308,7 @@ def _compare_bytes(
         entries = {e.uid: e for e in catalog.entries_for_uids(archived.id, uid_validity, uids[start : start + 2000])}
         sizes = {uid: entry.size for uid, entry in entries.items() if uid is not None}
         for batch in batches(sorted(sizes), sizes, 200, 16 << 20):
-            fetched, missing = source.fetch(batch)
+            fetched, missing = source.fetch_uids(batch, sizes)
             for uid in missing:
                 report(Problem(NOT_ARCHIVED, archived.name, f"UID {uid}: the server sent no body to compare", uid=uid))
             for message in fetched:

@@ -113,8 +113,8 @@ def test_flag_change_on_server_reaches_archive(dovecot, account, tmp_path: Path,
     if not condstore:
         original = imap_source.ImapSource.__init__
 
-        def no_condstore(self, client, endpoint):  # type: ignore[no-untyped-def]
-            original(self, client, endpoint)
+        def no_condstore(self, session):  # type: ignore[no-untyped-def]
+            original(self, session)
             self.condstore = False
 
         monkeypatch.setattr(imap_source.ImapSource, "__init__", no_condstore)

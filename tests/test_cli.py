@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mailbackup.cli import main
+from mailbackup.sources import Fetched
 from mailbackup.sources import imap as imap_source
 from tests.archive_view import archived
 from tests.fakes import FakeImap
@@ -109,9 +110,10 @@ def test_password_file_and_command(mailbox_with_mail, tmp_path: Path) -> None:  
 def test_partial_failure_exits_1_and_lists_uids(mailbox_with_mail, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     original = imap_source.ImapSource.fetch
 
-    def lose_first(self, uids):  # type: ignore[no-untyped-def]
-        messages, missing = original(self, uids)
-        return messages[1:], missing + [messages[0].uid] if messages else missing
+    def lose_first(self, batch, resume={}):  # type: ignore[no-untyped-def]
+        fetched = list(original(self, batch, resume))
+        first = next((f for f in fetched if f.message is not None), None)
+        return iter([Fetched(f.id, None, "server sent no body") if f is first else f for f in fetched])
 
     monkeypatch.setattr(imap_source.ImapSource, "fetch", lose_first)
     result = invoke("backup", mailbox_with_mail.url("imap"), str(tmp_path / "a.db"), "--no-tls", "--json", password=mailbox_with_mail.password)

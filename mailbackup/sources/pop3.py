@@ -11,15 +11,17 @@ import hashlib
 import io
 import poplib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, BinaryIO, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, BinaryIO
 
 from ..credentials import oauthbearer, sasl_b64, xoauth2
 from ..errors import AuthError, ConnectionLost, ServerError, TLSError
-from ..net import Endpoint, connect_errors, retry_temporary, tls_context, warn_cleartext
+from ..model import Folder, Message
+from ..net import Endpoint, connect_errors, greeting_errors, parse_url, retry_temporary, tls_context, warn_cleartext
+from . import LIST_SLICE, POP3, Checkpoint, Connect, Fetched, Listed, OpenFolder, SourceId
 
 LINE_LIMIT = 1 << 16
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
@@ -27,9 +29,12 @@ _RECEIVED = re.compile(rb"^Received:(.*(?:\r?\n[ \t].*)*)", re.MULTILINE | re.IG
 _DATE = re.compile(rb"^Date:(.*(?:\r?\n[ \t].*)*)", re.MULTILINE | re.IGNORECASE)
 
 
+MAILDROP = "INBOX"  # the one folder a maildrop lists; backup archives it under --into
+
+
 @dataclass(frozen=True)
-class Listed:
-    """One message in the maildrop: its number this session, its size and its id."""
+class Drop:
+    """One message in the maildrop: its number this session, its size and its UIDL."""
 
     number: int
     size: int
@@ -130,13 +135,23 @@ def command_errors() -> Iterator[None]:
 
 
 class Pop3Source:
+    """A POP3 maildrop as a Source: one folder, ids are UIDLs (or the documented fallback)."""
+
+    traits = POP3
+
     def __init__(self, conn: poplib.POP3, endpoint: Endpoint) -> None:
         self.conn = conn
         self.endpoint = endpoint
+        self._drop: dict[SourceId, Drop] = {}  # id -> this session's message, from the last open()
         try:  # capabilities may change at login (RFC 2449), so ask after it
             self.pipelining = "PIPELINING" in conn.capa()
         except (poplib.error_proto, OSError):
             self.pipelining = False
+
+    @classmethod
+    def open_url(cls, url: str, connect: Connect) -> Pop3Source:
+        endpoint = parse_url(url, no_tls=connect.no_tls, schemes=("pop3", "pop3s"))
+        return cls.connect(endpoint, connect.secret, ca_file=connect.ca_file, timeout=connect.timeout, auth=connect.auth)
 
     @classmethod
     def connect(cls, endpoint: Endpoint, password: str, **options: Any) -> Pop3Source:
@@ -155,7 +170,8 @@ class Pop3Source:
     ) -> Pop3Source:
         context = tls_context(ca_file) if endpoint.tls != "none" else None
         warn_cleartext(endpoint)
-        with connect_errors(endpoint):
+        with connect_errors(endpoint), greeting_errors(endpoint, poplib.error_proto):
+            # poplib reads the greeting under the same timeout as the connect.
             if endpoint.tls == "implicit":
                 conn: poplib.POP3 = poplib.POP3_SSL(endpoint.host, endpoint.port, context=context, timeout=timeout)
             else:
@@ -180,7 +196,67 @@ class Pop3Source:
             raise AuthError(f"login as {endpoint.user} at {endpoint.host} failed: {_reason(exc)}") from exc
         return cls(conn, endpoint)
 
-    def listing(self) -> list[Listed]:
+    def __str__(self) -> str:
+        return str(self.endpoint)
+
+    # the Source protocol
+
+    def folders(self) -> list[Folder]:
+        return [Folder(MAILDROP, "/")]
+
+    def open(self, folder: Folder, *, writable: bool = False) -> OpenFolder:
+        """LIST and UIDL the maildrop; messages get ids (UIDL, or TOP n 0 fallback), repeats dropped."""
+        listing = self.listing_lines()
+        notes: tuple[str, ...] = ()
+        if any(m.uidl is None for m in listing):
+            notes = ("server has no UIDL: messages are told apart by SHA-256 of their headers (TOP n 0) plus size",)
+            listing = [m if m.uidl else replace(m, uidl=self.header_id(m)) for m in listing]
+        self._drop = {}
+        for m in listing:
+            self._drop.setdefault(m.uidl or "", m)
+        return OpenFolder(folder, Checkpoint(None), list(self._drop), notes)
+
+    def listing(self, ids: Sequence[SourceId]) -> Iterator[list[Listed]]:
+        for start in range(0, len(ids), LIST_SLICE):
+            yield [Listed(i, self._drop[i].size) for i in ids[start : start + LIST_SLICE] if i in self._drop]
+
+    def fetch(self, batch: Sequence[Listed], resume: Mapping[SourceId, bytes] = {}) -> Iterator[Fetched]:
+        """RETR each message; what arrived whole is yielded before a dropped line raises."""
+        drops = [self._drop[item.id] for item in batch]
+        for drop, outcome in self.retrieve_batch(drops):
+            if isinstance(outcome, ServerError):
+                yield Fetched(drop.uidl or "", None, f"{outcome}")
+                continue
+            when, how = message_date(outcome)
+            message = Message(
+                raw=outcome, internal_date=when or datetime.now(timezone.utc), source_id=drop.uidl, date_source=how
+            )
+            yield Fetched(drop.uidl or "", message)
+
+    def flag_changes(self, since: Checkpoint, ids: Sequence[SourceId]) -> Iterator[dict[SourceId, tuple[str, ...]]]:
+        return iter(())  # POP3 has no flags
+
+    def before(self, cutoff: datetime) -> None:
+        return None  # POP3 keeps no dates: the archive's are used
+
+    def delete(self, ids: Sequence[SourceId]) -> None:
+        """DELE; the server carries it out only at QUIT, that is close(commit=True)."""
+        for i in ids:
+            with command_errors():
+                self.conn.dele(self._drop[i].number)
+
+    def close(self, *, commit: bool = True) -> None:
+        """QUIT (which carries out DELEs) only when commit; otherwise drop the line, so nothing is deleted."""
+        try:
+            if commit:
+                with command_errors():
+                    self.conn.quit()
+        finally:
+            self.conn.close()
+
+    # POP3 commands
+
+    def listing_lines(self) -> list[Drop]:
         """Every message with its size and UIDL (None for all when the server has no UIDL)."""
         with command_errors():
             sizes = parse_id_lines(self.conn.list()[1])
@@ -189,59 +265,45 @@ class Pop3Source:
             except poplib.error_proto:
                 uidls = {}
         try:
-            return [Listed(n, int(size.split()[0]), uidls.get(n)) for n, size in sorted(sizes.items())]
+            return [Drop(n, int(size.split()[0]), uidls.get(n)) for n, size in sorted(sizes.items())]
         except (ValueError, IndexError):
             raise ServerError("malformed LIST reply from the POP3 server") from None
 
-    def header_id(self, listed: Listed) -> str:
+    def header_id(self, drop: Drop) -> str:
         """Fallback id without UIDL: SHA-256 of the headers (TOP n 0) plus the size."""
-        head = self._multiline(f"TOP {listed.number} 0", listed.size)
-        return f"top0:{hashlib.sha256(head).hexdigest()}:{listed.size}"
+        head = self._multiline(f"TOP {drop.number} 0", drop.size)
+        return f"top0:{hashlib.sha256(head).hexdigest()}:{drop.size}"
 
-    def retrieve(self, listed: Listed) -> bytes:
-        return self._multiline(f"RETR {listed.number}", listed.size)
+    def retrieve(self, drop: Drop) -> bytes:
+        return self._multiline(f"RETR {drop.number}", drop.size)
 
-    def retrieve_batch(self, batch: Sequence[Listed]) -> list[tuple[Listed, bytes | ServerError]]:
-        """RETR each message; with PIPELINING all commands go out at once, saving a round trip each.
-
-        A message the server refuses comes back as its ServerError; a broken line raises.
+    def retrieve_batch(self, batch: Sequence[Drop]) -> Iterator[tuple[Drop, bytes | ServerError]]:
+        """RETR each message, yielding each as it arrives; with PIPELINING all commands go out at
+        once, saving a round trip each. A refused message comes as its ServerError; a broken line raises.
         """
         if not self.pipelining:
-            out: list[tuple[Listed, bytes | ServerError]] = []
-            for listed in batch:
+            for drop in batch:
                 try:
-                    out.append((listed, self.retrieve(listed)))
+                    yield drop, self.retrieve(drop)
                 except ServerError as exc:
-                    out.append((listed, exc))
-            return out
+                    yield drop, exc
+            return
         with command_errors():
             assert self.conn.sock is not None and self.conn.file is not None
             self.conn.sock.sendall(b"".join(b"RETR %d\r\n" % m.number for m in batch))
-            return [(listed, self._reply(listed)) for listed in batch]
+            for drop in batch:
+                yield drop, self._reply(drop)
 
-    def _reply(self, listed: Listed) -> bytes | ServerError:
+    def _reply(self, drop: Drop) -> bytes | ServerError:
         assert self.conn.file is not None
         status = self.conn.file.readline(LINE_LIMIT)
         if status.startswith(b"+OK"):
-            return read_multiline(self.conn.file, 2 * listed.size + (1 << 20))
+            return read_multiline(self.conn.file, 2 * drop.size + (1 << 20))
         if status.startswith(b"-ERR"):
-            return ServerError(f"POP3 server refused message {listed.number}: {status.decode('utf-8', 'replace').strip()}")
+            return ServerError(f"POP3 server refused message {drop.number}: {status.decode('utf-8', 'replace').strip()}")
         if not status:
             raise ConnectionLost("the POP3 server closed the connection; rerun to finish")
         raise ServerError(f"unexpected POP3 reply: {status[:60]!r}")
-
-    def delete(self, number: int) -> None:
-        with command_errors():
-            self.conn.dele(number)
-
-    def close(self, *, commit: bool) -> None:
-        """QUIT (which carries out DELEs) only when commit; otherwise drop the line, so nothing is deleted."""
-        try:
-            if commit:
-                with command_errors():
-                    self.conn.quit()
-        finally:
-            self.conn.close()
 
     def _multiline(self, command: str, size: int) -> bytes:
         # poplib has no way to read a body with its line endings intact.

@@ -20,10 +20,10 @@ from datetime import datetime, timedelta, timezone
 from imapclient import exceptions as imap_errors
 from imapclient import imap_utf7
 
-from ..errors import ConnectionLost, ServerError
 from ..model import SPECIAL_USE, Folder
 from ..net import Endpoint
-from ..sources.imap import SMALL_LITERAL, ImapSource, as_folder, literal_room
+from ..imapconn import SMALL_LITERAL, ImapSession, as_folder, literal_room
+from ..imapconn import command_errors as session_errors
 from . import Delivered, Destination, Outgoing, message_id
 
 SYSTEM_FLAGS = {"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"}
@@ -126,7 +126,7 @@ class ImapTarget:
 
     window = 3  # MULTIAPPEND commands in flight
 
-    def __init__(self, session: ImapSource, endpoint: Endpoint, *, automap: bool = True, into: str | None = None):
+    def __init__(self, session: ImapSession, endpoint: Endpoint, *, automap: bool = True, into: str | None = None):
         self.session = session
         self.client = client = session.client
         self.endpoint = endpoint
@@ -161,7 +161,7 @@ class ImapTarget:
         into: str | None = None,
         auth: str = "password",
     ) -> ImapTarget:
-        session = ImapSource.connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth)
+        session = ImapSession.connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth)
         try:
             return cls(session, endpoint, automap=automap, into=into)
         except BaseException:
@@ -397,7 +397,7 @@ class ImapTarget:
             self._leave()
 
     def _uid_fetch(self, uid_set_text: str, items: list[str], literal_limit: int = SMALL_LITERAL) -> dict[int, dict[bytes, object]]:
-        return self.session.fetch_items(uid_set_text, items, literal_limit=literal_limit)
+        return self.session.uid_fetch(uid_set_text, items, literal_limit=literal_limit)
 
 
 def _flags_and_date(message: Outgoing, permanent: frozenset[str] | None) -> bytes:
@@ -420,9 +420,5 @@ def _reason(text: bytes | str) -> str:
 @contextmanager
 def command_errors() -> Iterator[None]:
     """Map imapclient and socket failures to our errors; a dropped link is ConnectionLost."""
-    try:
+    with session_errors("target"):
         yield
-    except (imap_errors.IMAPClientAbortError, OSError) as exc:
-        raise ConnectionLost(f"connection to the IMAP target lost: {exc}; rerun to finish") from exc
-    except imap_errors.IMAPClientError as exc:
-        raise ServerError(f"target refused: {_reason(str(exc))}") from exc
