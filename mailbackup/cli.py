@@ -204,10 +204,7 @@ class Bars(Progress):
 
 def folder_line(report: FolderReport) -> str:
     """The -v line for one folder: name, new messages, bytes, time."""
-    parts = [f"{report.new} new", human_bytes(report.bytes)]
-    elapsed = getattr(report, "elapsed", None)
-    if elapsed is not None:
-        parts.append(f"{elapsed:.1f} s")
+    parts = [f"{report.new} new", human_bytes(report.bytes), f"{report.elapsed:.1f} s"]
     for count, what in ((report.flags_updated, "flag updates"), (report.gone, "gone"), (len(report.failed), "failed")):
         if count:
             parts.append(f"{count} {what}")
@@ -294,7 +291,7 @@ def main() -> None:
 @click.option("--all", "all_accounts", is_flag=True, help="Back up every configured account.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Accounts backed up in parallel processes.")
 @click.option("--no-index", is_flag=True, help="Do not update the search index (mailbackup reindex catches up).")
-@click.option("--retries", type=click.IntRange(0, 100), default=3, show_default=True, help="Reconnect this often after a dropped connection.")
+@click.option("--retries", type=click.IntRange(0, 100), default=3, show_default=True, help="Give up after this many reconnects in a row that made no progress.")
 @click.option("--batch-messages", type=click.IntRange(1, 10000), default=200, hidden=True)
 @output_options()
 def backup_command(

@@ -75,3 +75,16 @@ def test_a_partial_run_exits_1_with_one_error_line(dovecot, account, tmp_path, m
     assert result.exit_code == 1
     assert result.stderr.count("mailbackup: error:") == 1
     assert "rerun" in result.stderr
+
+
+def test_verbose_prints_a_line_per_folder_with_its_time(dovecot, account, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dovecot.append(account, "INBOX", b"Subject: a\r\n\r\nbody\r\n")
+    dovecot.append(account, "Sent", b"Subject: b\r\n\r\nbody\r\n")
+    result = CliRunner().invoke(
+        main, ["backup", account.url("imap"), str(tmp_path / "a.db"), "--no-tls", "-v"],
+        env={"MAILBACKUP_PASSWORD": account.password},
+    )
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("INBOX:", "Sent:"))]
+    assert len(lines) == 2
+    assert all("1 new" in line and line.rstrip().endswith(" s") for line in lines), lines
