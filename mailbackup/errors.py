@@ -69,3 +69,21 @@ class ArchiveCorrupt(StoreError):
 
 class VerifyFailed(MailbackupError):
     """The archive does not match its catalog or the server; see the list above."""
+
+
+class NotAnArchive(UsageError):
+    """The path is not a mailbackup archive."""
+
+
+class ArchiveReadOnly(StoreError):
+    """This command writes to the archive, and the archive cannot be written."""
+
+    exit_code = 2
+
+
+class AccountMismatch(UsageError):
+    """The archive holds another account's mail."""
+
+
+class CatalogDamaged(StoreError):
+    """The archive's catalog is damaged or lost; run 'mailbackup repair ARCHIVE'."""

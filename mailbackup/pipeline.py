@@ -482,7 +482,7 @@ def backup(
     started = time.monotonic()
     endpoint = parse_url(source_url, no_tls=options.no_tls, schemes=("imap", "imaps", "pop3", "pop3s"))
     check_options(endpoint, options)
-    store = open_store(archive)
+    store = open_store(archive, mode="write", account=f"{endpoint.user}@{endpoint.host}")
     try:
         run = backup_pop3 if endpoint.scheme.startswith("pop3") else backup_imap
         reports: list[FolderReport] = []
@@ -504,7 +504,7 @@ def backup(
 
 def archive_stats(archive: str) -> list[tuple[ArchivedFolder, int, int, int]]:
     """Per folder: (folder, messages, bytes, gone) for `mailbackup ls`."""
-    store = open_store(archive, create=False)
+    store = open_store(archive, mode="read")
     try:
         return store.catalog.stats()
     finally:

@@ -154,7 +154,7 @@ def prune_server(
         raise UsageError("--older-than must be more than 0 days")
     endpoint: Endpoint = parse_url(source_url, no_tls=options.no_tls, schemes=("imap", "imaps", "pop3", "pop3s"))
     cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
-    store = open_store(archive, create=False)
+    store = open_store(archive, mode="write", account=f"{endpoint.user}@{endpoint.host}")
     folders: list[FolderPrune] = []
     try:
         with store.lock():

@@ -8,15 +8,18 @@ before a crash but never catalogued is found and adopted on the next run.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..errors import StoreError
 from ..model import ArchivedFolder, Folder, Message
+from . import Finding, Recovered
 from .files import (
     CATALOG_DIR,
+    directory_location,
+    header_date,
     file_lock,
     crlf_foldable,
     folded_chunks,
@@ -26,6 +29,7 @@ from .files import (
     safe_parts,
     store_errors,
     syncfs,
+    unescape_part,
     unfold_crlf,
 )
 
@@ -58,11 +62,16 @@ def flags_from_name(name: str) -> tuple[str, ...]:
 class MaildirStore:
     kind = "maildir"
 
-    def __init__(self, root: str, *, create: bool = True) -> None:
+    def __init__(self, root: str, *, mode: str = "read", account: str | None = None) -> None:
         self.root = Path(root).absolute()
         self.url = f"maildir:{self.root}"
-        self.catalog = open_catalog(self.root, self.kind, create)
+        self.writable = mode == "write"
+        self.catalog = open_catalog(self.root, self.kind, mode, account)
         self._pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="maildir-write")
+
+    @staticmethod
+    def accepts(url: str) -> str | None:
+        return directory_location(url, "maildir")
 
     def folder_path(self, folder: Folder) -> str:
         return "/".join(safe_parts(folder))
@@ -135,6 +144,63 @@ class MaildirStore:
             with store_errors(path):
                 os.rename(path, new_path)
         return new_location
+
+    def _message_dirs(self) -> Iterator[tuple[str, Path]]:
+        """(folder path, directory) of every cur/, new/ and tmp/ below the root, the catalog's own aside."""
+        for directory, subdirs, _files in os.walk(self.root):
+            here = Path(directory)
+            if here == self.root:
+                subdirs[:] = [d for d in subdirs if d != CATALOG_DIR]
+                continue
+            subdirs.sort()
+            if here.name in ("cur", "new", "tmp"):
+                yield here.parent.relative_to(self.root).as_posix(), here
+
+    def holds_messages(self) -> bool:
+        return any(any(here.iterdir()) for path, here in self._message_dirs() if here.name == "cur")
+
+    def unrecorded(self) -> Iterator[Finding]:
+        """Every file in a cur/, new/ or tmp/ must be a catalogued message file."""
+        by_path = {f.path: f for f in self.catalog.folders()}
+        for path, here in self._message_dirs():
+            folder = by_path.get(path)
+            for name in sorted(os.listdir(here)):
+                unique = name.partition(":")[0]
+                # Only cur/ holds finished messages; the info after ':' may lag a flag rename.
+                known = (
+                    folder is not None
+                    and here.name == "cur"
+                    and self.catalog.has_location_prefix(folder.id, f"{path}/cur/{unique}:")
+                )
+                if not known:
+                    yield Finding(folder.name if folder else None, f"file the catalog does not know: {path}/{here.name}/{name}")
+
+    def duplicates(self) -> Iterator[Finding]:
+        """Two files in one folder holding the same SHA-256 (other flags, other line endings)."""
+        by_path = {f.path: f.name for f in self.catalog.folders()}
+        for path, here in self._message_dirs():
+            if here.name != "cur":
+                continue
+            seen: dict[str, list[str]] = {}
+            for name in os.listdir(here):
+                seen.setdefault(name.partition(".")[0], []).append(name)
+            for sha256, names in sorted(seen.items()):
+                if len(names) > 1:
+                    yield Finding(by_path.get(path), f"{len(names)} files hold {sha256[:16]}… in {path}/cur: {', '.join(sorted(names))}")
+
+    def recover(self) -> Iterator[Recovered]:
+        """Name, flags and bytes from each file in cur/; the date from the Date header (Maildir keeps no other)."""
+        for path, here in self._message_dirs():
+            if here.name != "cur":
+                continue
+            folder = Folder("/".join(unescape_part(p) for p in path.split("/")), "/")
+            for name in sorted(os.listdir(here)):
+                sha256 = name.partition(".")[0]
+                if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+                    continue  # not a file mailbackup wrote; verify lists it as unrecorded
+                location = f"{path}/cur/{name}"
+                raw = self.get(location)
+                yield Recovered(folder, path, location, sha256, len(raw), flags_from_name(name), header_date(raw))
 
     def lock(self) -> AbstractContextManager[None]:
         return file_lock(self.root / CATALOG_DIR / "lock", self.url)
