@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -135,6 +136,11 @@ def read_only_url(path: Path) -> str:
     return f"sqlite:///file:{pathname2url(str(path))}?{option}&uri=true"
 
 
+def _empty_or_ours(cursor: Any) -> bool:
+    tables = {row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return not tables or "meta" in tables or "restore_journal" in tables
+
+
 def engine_where(engine: sa.Engine) -> str:
     """What to call the database in a message: its file, or its URL without the password."""
     if engine.dialect.name == "sqlite":
@@ -176,7 +182,9 @@ def create_engine(url: str, *, read_only: bool = False) -> sa.Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
             cursor = dbapi_connection.cursor()
-            if not read_only:  # WAL is a change to the file; a reader leaves the mode as it is
+            # WAL is a change to the file: a reader leaves the mode as it is, and so does a
+            # writer that finds someone else's database (the catalog then refuses it).
+            if not read_only and _empty_or_ours(cursor):
                 cursor.execute("PRAGMA journal_mode=WAL")
                 # FULL: a committed row survives power loss, so POP3 may DELE after it.
                 cursor.execute("PRAGMA synchronous=FULL")
@@ -248,33 +256,57 @@ class Catalog:
     def _upgrade_from_1(self) -> None:
         """Schema 1 -> 2: folders gain an account; the one account there was is not known by name yet."""
         accounts.create(self.engine, checkfirst=True)
+        if self.engine.dialect.name == "sqlite":
+            self._upgrade_sqlite_from_1()
+            return
         with self.engine.connect() as conn:
-            if self.engine.dialect.name == "sqlite":
-                # SQLite cannot drop the UNIQUE(name) constraint: rebuild the table under its old
-                # name, with foreign keys off so messages' references to it stay as they are.
-                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
-                conn.exec_driver_sql("PRAGMA legacy_alter_table=ON")
-                with conn.begin():
-                    conn.exec_driver_sql("ALTER TABLE folders RENAME TO folders_v1")
-                    folders.create(conn)
-                    account_id = self._unknown_account(conn)
-                    conn.exec_driver_sql(
+            with conn.begin():
+                conn.exec_driver_sql("ALTER TABLE folders ADD COLUMN account_id BIGINT REFERENCES accounts (id)")
+                conn.exec_driver_sql("ALTER TABLE folders DROP CONSTRAINT IF EXISTS folders_name_key")
+                conn.exec_driver_sql("CREATE UNIQUE INDEX ix_folders_account_name ON folders (account_id, name)")
+                account_id = self._unknown_account(conn)
+                conn.execute(folders.update().values(account_id=account_id))
+                conn.execute(meta.update().where(meta.c.key == "schema").values(value=SCHEMA_VERSION))
+
+    def _upgrade_sqlite_from_1(self) -> None:
+        """SQLite cannot drop the UNIQUE(name) constraint: rebuild the folders table in one transaction,
+        with foreign keys off so that messages' references to it stay as they are."""
+        dialect = self.engine.dialect
+        create_table = str(sa.schema.CreateTable(folders).compile(dialect=dialect))
+        create_index = "CREATE UNIQUE INDEX ix_folders_account_name ON folders (account_id, name)"
+        raw = self.engine.raw_connection()
+        try:
+            db = raw.driver_connection
+            db.commit()  # type: ignore[union-attr]
+            previous = db.isolation_level  # type: ignore[union-attr]
+            db.isolation_level = None  # type: ignore[union-attr]  # BEGIN and COMMIT are ours below
+            try:
+                db.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+                db.execute("PRAGMA legacy_alter_table=ON")  # type: ignore[union-attr]
+                db.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+                try:
+                    db.execute("ALTER TABLE folders RENAME TO folders_v1")  # type: ignore[union-attr]
+                    db.execute(create_table)  # type: ignore[union-attr]
+                    db.execute(create_index)  # type: ignore[union-attr]
+                    account_id = db.execute("INSERT INTO accounts (name) VALUES (?)", (UNKNOWN_ACCOUNT,)).lastrowid  # type: ignore[union-attr]
+                    db.execute(  # type: ignore[union-attr]
                         "INSERT INTO folders (id, account_id, name, delimiter, attributes, path, uid_validity, highest_modseq) "
                         "SELECT id, ?, name, delimiter, attributes, path, uid_validity, highest_modseq FROM folders_v1",
                         (account_id,),
                     )
-                    conn.exec_driver_sql("DROP TABLE folders_v1")
-                    conn.execute(meta.update().where(meta.c.key == "schema").values(value=SCHEMA_VERSION))
-                conn.exec_driver_sql("PRAGMA legacy_alter_table=OFF")
-                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
-            else:
-                with conn.begin():
-                    conn.exec_driver_sql("ALTER TABLE folders ADD COLUMN account_id BIGINT REFERENCES accounts (id)")
-                    conn.exec_driver_sql("ALTER TABLE folders DROP CONSTRAINT IF EXISTS folders_name_key")
-                    conn.exec_driver_sql("CREATE UNIQUE INDEX ix_folders_account_name ON folders (account_id, name)")
-                    account_id = self._unknown_account(conn)
-                    conn.execute(folders.update().values(account_id=account_id))
-                    conn.execute(meta.update().where(meta.c.key == "schema").values(value=SCHEMA_VERSION))
+                    db.execute("DROP TABLE folders_v1")  # type: ignore[union-attr]
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))  # type: ignore[union-attr]
+                    db.execute("COMMIT")  # type: ignore[union-attr]
+                except BaseException:
+                    db.execute("ROLLBACK")  # type: ignore[union-attr]
+                    raise
+                finally:
+                    db.execute("PRAGMA legacy_alter_table=OFF")  # type: ignore[union-attr]
+                    db.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
+            finally:
+                db.isolation_level = previous  # type: ignore[union-attr]
+        finally:
+            raw.close()
 
     @staticmethod
     def _unknown_account(conn: sa.Connection) -> int:
@@ -339,6 +371,9 @@ class Catalog:
             raise UsageError(f"{self.where} holds {len(self._ambiguous)} accounts ({held}); pick one with --mailbox USER@HOST")
         return folders.c.account_id == self.account_id
 
+    def _folder_columns(self) -> list[sa.Column[Any]]:
+        return [c for c in folders.c if self.scoped or c.name != "account_id"]
+
     def _own_folder_ids(self) -> sa.Select:  # type: ignore[type-arg]
         return sa.select(folders.c.id).where(self._own())
 
@@ -360,6 +395,16 @@ class Catalog:
                 return False
             return conn.execute(sa.select(meta.c.key).where(meta.c.key == "committed")).first() is not None
 
+    def sound(self) -> bool:
+        """SQLite's quick_check passes (a server database checks itself)."""
+        if self.engine.dialect.name != "sqlite":
+            return True
+        try:
+            with self.engine.connect() as conn:
+                return conn.exec_driver_sql("PRAGMA quick_check").scalar() == "ok"
+        except (CatalogDamaged, sa.exc.DatabaseError):
+            return False
+
     def _mark_committed(self, conn: sa.Connection) -> None:
         if self._committed:
             return
@@ -376,22 +421,28 @@ class Catalog:
 
     def folders(self) -> list[ArchivedFolder]:
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(folders).where(self._own()).order_by(folders.c.name)).all()
+            rows = conn.execute(sa.select(*self._folder_columns()).where(self._own()).order_by(folders.c.name)).all()
         return [self._folder(r) for r in rows]
 
     def folder(self, name: str) -> ArchivedFolder | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(folders).where(folders.c.name == name, self._own())).first()
+            row = conn.execute(sa.select(*self._folder_columns()).where(folders.c.name == name, self._own())).first()
+        return self._folder(row) if row else None
+
+    def folder_at(self, path: str) -> ArchivedFolder | None:
+        """The folder whose messages live at path in the store."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(*self._folder_columns()).where(folders.c.path == path, self._own()).limit(1)).first()
         return self._folder(row) if row else None
 
     def ensure_folder(self, folder: Folder, path: str) -> ArchivedFolder:
         attributes = " ".join(sorted(folder.attributes))
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(folders).where(folders.c.name == folder.name, self._own())).first()
+            row = conn.execute(sa.select(*self._folder_columns()).where(folders.c.name == folder.name, self._own())).first()
             if row is None:
                 # A folder rebuilt by repair has a name guessed from its path (the delimiter is
                 # not on disk); the same path is the same folder, so it takes the server's name.
-                row = conn.execute(sa.select(folders).where(folders.c.path == path, self._own())).first()
+                row = conn.execute(sa.select(*self._folder_columns()).where(folders.c.path == path, self._own())).first()
                 if row is not None:
                     conn.execute(folders.update().where(folders.c.id == row.id).values(name=folder.name))
             if row is None:
@@ -515,6 +566,32 @@ class Catalog:
                 "location": location,
             }
             for message, location in stored
+        ]
+        with self.engine.begin() as conn:
+            self._mark_committed(conn)
+            conn.execute(messages.insert(), rows)
+
+    def add_found(
+        self, folder_id: int, found: Sequence[tuple[str, int, tuple[str, ...], datetime | None, datetime | None, str]]
+    ) -> None:
+        """Record messages repair found in the store: (SHA-256, size, flags, internal date, archived at, location).
+
+        They carry no UID or POP3 id; the next backup claims each by SHA-256 (see _stale).
+        """
+        if not found:
+            return
+        now = now_iso()
+        rows = [
+            {
+                "folder_id": folder_id,
+                "sha256": sha256,
+                "size": size,
+                "flags": flags_text(flags),
+                "internal_date": internal_date.isoformat() if internal_date else None,
+                "fetched_at": _iso(archived_at) if archived_at else now,
+                "location": location,
+            }
+            for sha256, size, flags, internal_date, archived_at, location in found
         ]
         with self.engine.begin() as conn:
             self._mark_committed(conn)

@@ -35,10 +35,12 @@ class Recovered:
     folder: Folder
     path: str  # the folder's place in the store (ArchivedFolder.path)
     location: str
+    known_by: str  # any catalog entry for this copy has a location starting so (flags may have moved on)
     sha256: str
     size: int
     flags: tuple[str, ...] = ()
     internal_date: datetime | None = None
+    archived_at: datetime | None = None  # when the store got it, if it keeps that (a file's mtime)
 
 
 class Store(Protocol):
@@ -78,6 +80,10 @@ class Store(Protocol):
     def recover(self) -> Iterator[Recovered]:
         """Every message the store holds, as far as it can tell without a catalog (for repair)."""
 
+    @staticmethod
+    def set_catalog_aside(where: str) -> str:
+        """Move a damaged catalog out of the way (repair then builds a new one); return where it went."""
+
     def close(self) -> None: ...
 
 
@@ -92,6 +98,19 @@ REGISTRY: dict[str, str] = {
 def store_class(name: str) -> type:
     module, _, cls = name.partition(":")
     return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+def resolve(url: str) -> tuple[type, str]:
+    """The store class for url and the address it takes."""
+    for name in REGISTRY.values():
+        cls = store_class(name)
+        where = cls.accepts(url)
+        if where is not None:
+            return cls, where
+    raise UsageError(
+        f"unknown archive {url!r}: use maildir:DIR, mbox:DIR, a path ending in .sqlite or .db, "
+        "or a SQLAlchemy URL such as postgresql://user@host/db"
+    )
 
 
 def open_store(
@@ -113,23 +132,15 @@ def open_store(
     """
     if create is not None:
         mode = "write" if create else "read"
-    for name in REGISTRY.values():
-        cls = store_class(name)
-        where = cls.accepts(url)
-        if where is None:
-            continue
-        store: Store = cls(where, mode=mode, account=account)
-        try:
-            if check and store.catalog.lost() and store.holds_messages():
-                raise CatalogDamaged(
-                    f"the catalog of {store.url} lists no messages but the store holds some; "
-                    f"run 'mailbackup repair {url}' to rebuild it"
-                )
-        except BaseException:
-            store.close()
-            raise
-        return store
-    raise UsageError(
-        f"unknown archive {url!r}: use maildir:DIR, mbox:DIR, a path ending in .sqlite or .db, "
-        "or a SQLAlchemy URL such as postgresql://user@host/db"
-    )
+    cls, where = resolve(url)
+    store: Store = cls(where, mode=mode, account=account)
+    try:
+        if check and store.catalog.lost() and store.holds_messages():
+            raise CatalogDamaged(
+                f"the catalog of {store.url} lists no messages but the store holds some; "
+                f"run 'mailbackup repair {url}' to rebuild it"
+            )
+    except BaseException:
+        store.close()
+        raise
+    return store

@@ -228,6 +228,19 @@ def open_catalog(root: Path, kind: str, mode: str, account: str | None) -> Catal
     return catalog
 
 
+def set_catalog_aside(root: Path) -> str:
+    """Rename the catalog (and its -wal/-shm) to catalog.sqlite.damaged-<time>; nothing is deleted."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    database = root / CATALOG_DIR / "catalog.sqlite"
+    aside = database.with_name(f"catalog.sqlite.damaged-{stamp}")
+    with store_errors(database):
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(f"{database}{suffix}")
+            if part.exists():
+                os.rename(part, Path(f"{aside}{suffix}"))
+    return str(aside)
+
+
 def check_kind(root: Path, marker: Path, kind: str) -> None:
     found = marker.read_text().strip()
     if found != kind:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import StoreError
@@ -27,6 +28,7 @@ from .files import (
     make_dirs,
     open_catalog,
     safe_parts,
+    set_catalog_aside,
     store_errors,
     syncfs,
     unescape_part,
@@ -72,6 +74,10 @@ class MaildirStore:
     @staticmethod
     def accepts(url: str) -> str | None:
         return directory_location(url, "maildir")
+
+    @staticmethod
+    def set_catalog_aside(where: str) -> str:
+        return set_catalog_aside(Path(where))
 
     def folder_path(self, folder: Folder) -> str:
         return "/".join(safe_parts(folder))
@@ -200,7 +206,9 @@ class MaildirStore:
                     continue  # not a file mailbackup wrote; verify lists it as unrecorded
                 location = f"{path}/cur/{name}"
                 raw = self.get(location)
-                yield Recovered(folder, path, location, sha256, len(raw), flags_from_name(name), header_date(raw))
+                # The file was renamed into cur/ once its bytes were durable: its mtime is when it was archived.
+                written = datetime.fromtimestamp((here / name).stat().st_mtime, timezone.utc)
+                yield Recovered(folder, path, location, f"{path}/cur/{name.partition(':')[0]}:", sha256, len(raw), flags_from_name(name), header_date(raw), written)
 
     def lock(self) -> AbstractContextManager[None]:
         return file_lock(self.root / CATALOG_DIR / "lock", self.url)

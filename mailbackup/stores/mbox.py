@@ -30,6 +30,7 @@ from .files import (
     open_catalog,
     quote_from,
     safe_parts,
+    set_catalog_aside,
     store_errors,
     unescape_part,
     unfold_crlf,
@@ -64,6 +65,10 @@ class MboxStore:
     @staticmethod
     def accepts(url: str) -> str | None:
         return directory_location(url, "mbox")
+
+    @staticmethod
+    def set_catalog_aside(where: str) -> str:
+        return set_catalog_aside(Path(where))
 
     def _files(self) -> Iterator[tuple[str, Path]]:
         for path in sorted(self.root.rglob("*.mbox")):
@@ -123,7 +128,8 @@ class MboxStore:
                     continue  # not a whole message (a torn tail): verify reports the bytes
                 length, tag, raw, sha256 = found
                 when = _asctime(mark.group(2)) or header_date(raw)
-                yield Recovered(folder, relative, f"{relative}:{start:015d}:{length}:{tag}", sha256, len(raw), (), when)
+                location = f"{relative}:{start:015d}:{length}:{tag}"
+                yield Recovered(folder, relative, location, location, sha256, len(raw), (), when)
 
     def folder_path(self, folder: Folder) -> str:
         parts = safe_parts(folder)

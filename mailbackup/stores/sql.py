@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..catalog import Catalog, create_engine
-from ..errors import ArchiveLocked, NotAnArchive, StoreError
+from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError
 from ..model import ArchivedFolder, Folder, Message
 from . import Finding, Recovered
 from .files import file_lock, header_date, require_writable
@@ -92,6 +92,13 @@ class SqlStore:
                 if following != sha256:
                     yield sha256, size
 
+    @staticmethod
+    def set_catalog_aside(where: str) -> str:
+        raise CatalogDamaged(
+            f"{where} is damaged, and its catalog and messages share the database; restore the file from a copy, "
+            "or salvage it with sqlite3's .recover into a new file and run 'mailbackup repair' on that"
+        )
+
     def unrecorded(self) -> Iterator[Finding]:
         for sha256, size in self._orphans():
             yield Finding(None, f"blob {sha256} ({size} bytes) that no entry references")
@@ -105,7 +112,7 @@ class SqlStore:
         for sha256, _size in list(self._orphans()):
             raw = self.get(sha256)
             if hashlib.sha256(raw).hexdigest() == sha256:
-                yield Recovered(folder, RECOVERED, sha256, sha256, len(raw), (), header_date(raw))
+                yield Recovered(folder, RECOVERED, sha256, sha256, sha256, len(raw), (), header_date(raw))
 
     def folder_path(self, folder: Folder) -> str:
         return folder.name
