@@ -809,6 +809,12 @@ class Catalog:
         with self.engine.connect() as conn:
             return [(sha256, int(count)) for sha256, count in conn.execute(query)]
 
+    def copies(self, folder_id: int, sha256: str) -> int:
+        """How many entries of a folder (live or gone) hold these bytes."""
+        query = sa.select(sa.func.count()).where(messages.c.folder_id == folder_id, messages.c.sha256 == sha256)
+        with self.engine.connect() as conn:
+            return int(conn.scalar(query) or 0)
+
     def contents(self, after: str, limit: int) -> list[tuple[str, str, str | None]]:
         """(SHA-256, a location, internal date) per distinct content after `after`, in SHA-256 order (every account)."""
         query = (

@@ -53,7 +53,6 @@ def repair(archive: str, *, mailbox: str | None = None) -> RepairSummary:
     if store is None:
         cls, where = resolve(archive)
         set_aside = cls.set_catalog_aside(where)
-        log.warning("the damaged catalog was moved to %s", set_aside)
         store = open_store(archive, mode="write", account=mailbox, check=False)
     try:
         with store.lock():

@@ -182,17 +182,23 @@ class MaildirStore:
                     yield Finding(folder.name if folder else None, f"file the catalog does not know: {path}/{here.name}/{name}")
 
     def duplicates(self) -> Iterator[Finding]:
-        """Two files in one folder holding the same SHA-256 (other flags, other line endings)."""
-        by_path = {f.path: f.name for f in self.catalog.folders()}
+        """More files in one folder holding one SHA-256 than the catalog has entries for it.
+
+        Two server messages with the same bytes and other flags are two files and two
+        entries; a third file with those bytes is a copy nothing accounts for.
+        """
+        by_path = {f.path: f for f in self.catalog.folders()}
         for path, here in self._message_dirs():
             if here.name != "cur":
                 continue
             seen: dict[str, list[str]] = {}
             for name in os.listdir(here):
                 seen.setdefault(name.partition(".")[0], []).append(name)
+            folder = by_path.get(path)
             for sha256, names in sorted(seen.items()):
-                if len(names) > 1:
-                    yield Finding(by_path.get(path), f"{len(names)} files hold {sha256[:16]}… in {path}/cur: {', '.join(sorted(names))}")
+                if len(names) > 1 and (folder is None or len(names) > self.catalog.copies(folder.id, sha256)):
+                    where = folder.name if folder else None
+                    yield Finding(where, f"{len(names)} files hold {sha256[:16]}… in {path}/cur: {', '.join(sorted(names))}")
 
     def recover(self) -> Iterator[Recovered]:
         """Name, flags and bytes from each file in cur/; the date from the Date header (Maildir keeps no other)."""
