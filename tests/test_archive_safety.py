@@ -386,3 +386,37 @@ def test_ls_as_of_shows_the_archive_as_it_stood(dovecot, account, tmp_path: Path
         assert len([e for e in store.catalog.entries(as_of=first)]) == 5
     finally:
         store.close()
+
+
+def test_postgresql_schema_1_upgrades_in_place_and_then_holds_two_accounts(dovecot, account, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        for statement in SCHEMA_1_PG.split(";"):
+            if statement.strip():
+                conn.exec_driver_sql(statement)
+        conn.exec_driver_sql("INSERT INTO meta VALUES ('schema', '1')")
+        conn.exec_driver_sql("INSERT INTO folders (name, delimiter, path) VALUES ('INBOX', '/', 'INBOX')")
+    engine.dispose()
+    seed(dovecot, account, 2)
+    other = dovecot.add_user()
+    dovecot.append(other, "INBOX", b"Subject: carol\r\n\r\ncarol's own\r\n")
+    assert back_up(account, pg_url).new == 3
+    assert back_up(other, pg_url).new == 1
+    rows = {(r.account, r.folder.name): r.messages for r in listing(pg_url)}
+    alice, carol = f"{account.user}@127.0.0.1", f"{other.user}@127.0.0.1"
+    assert rows == {(alice, "INBOX"): 2, (alice, "Archive/2024"): 1, (carol, "INBOX"): 1}
+    assert verify(pg_url, mailbox=carol).ok
+
+
+SCHEMA_1_PG = """
+CREATE TABLE meta ("key" VARCHAR(64) NOT NULL, value TEXT NOT NULL, PRIMARY KEY ("key"));
+CREATE TABLE folders (id BIGSERIAL NOT NULL, name TEXT NOT NULL, delimiter VARCHAR(8), attributes TEXT DEFAULT '' NOT NULL,
+    path TEXT NOT NULL, uid_validity BIGINT, highest_modseq BIGINT, PRIMARY KEY (id), UNIQUE (name));
+CREATE TABLE messages (id BIGSERIAL NOT NULL, folder_id BIGINT NOT NULL, uid BIGINT, uid_validity BIGINT, source_id TEXT,
+    sha256 VARCHAR(64) NOT NULL, size BIGINT NOT NULL, flags TEXT DEFAULT '' NOT NULL, internal_date VARCHAR(40),
+    date_source VARCHAR(16), fetched_at VARCHAR(40) NOT NULL, location TEXT NOT NULL, gone_at VARCHAR(40),
+    PRIMARY KEY (id), FOREIGN KEY(folder_id) REFERENCES folders (id));
+CREATE UNIQUE INDEX ix_messages_folder_uid ON messages (folder_id, uid_validity, uid);
+"""
