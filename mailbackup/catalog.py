@@ -597,8 +597,12 @@ class Catalog:
             self._mark_committed(conn)
             conn.execute(messages.insert(), rows)
 
-    def rekey(self, entry_id: int, message: Message, uid_validity: int, location: str) -> None:
-        """Point an entry from an old UIDVALIDITY at the message's new UID."""
+    def rekey(self, entry_id: int, message: Message, uid_validity: int | None, location: str) -> None:
+        """Point an entry from an old UIDVALIDITY (or rebuilt by repair) at the message's new id.
+
+        The server's own date replaces a date repair could only take from the Date header.
+        """
+        dated = {"internal_date": message.internal_date.isoformat()} if message.internal_date else {}
         with self.engine.begin() as conn:
             conn.execute(
                 messages.update()
@@ -606,8 +610,10 @@ class Catalog:
                 .values(
                     uid=message.uid,
                     uid_validity=uid_validity,
+                    source_id=message.source_id,
                     flags=flags_text(message.flags),
                     location=location,
+                    **dated,
                 )
             )
 

@@ -130,7 +130,7 @@ def test_special_use_folders_map_by_role(dovecot, tmp_path: Path) -> None:  # ty
     url = archive_url("sqlite", tmp_path)
     run_backup(source, url)
     # An archive from a server whose \Sent folder is called "Gesendet".
-    store = open_store(url, mode="read")
+    store = open_store(url, mode="write")
     folder = store.catalog.ensure_folder(Folder("Gesendet", "/", frozenset({"\\Sent"})), "Gesendet")
     message = Message(raw=b"Subject: sent\r\n\r\nbody\r\n", flags=("\\Seen",), internal_date=datetime(2021, 1, 2, tzinfo=timezone.utc))
     store.catalog.add(folder.id, 1, list(zip([message], store.put(folder, [message]))))
