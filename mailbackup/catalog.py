@@ -10,7 +10,7 @@ import os
 from array import array
 from urllib.request import pathname2url, url2pathname
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,9 @@ from .model import ArchivedFolder, Entry, Folder, Message
 
 # 2: folders belong to an account (accounts table); a schema-1 catalog is upgraded in place.
 SCHEMA_VERSION = "2"
+# A folder attribute: repair put messages here whose folder the store does not keep (SQL
+# blobs). Their locations do not depend on a folder, so a backup may move them to theirs.
+RECOVERED_MARK = "$MailbackupRecovered"
 UNKNOWN_ACCOUNT = ""  # an archive written before it recorded whose mail it holds
 
 metadata = sa.MetaData()
@@ -492,8 +495,12 @@ class Catalog:
         with self.engine.connect() as conn:
             return [self._entry(r) for r in conn.execute(query)]
 
-    def stale_entry(self, folder_id: int, sha256: str, uid_validity: int) -> Entry | None:
-        """A live entry with these bytes left over from an older UIDVALIDITY, or rebuilt by repair."""
+    def stale_entry(self, folder_id: int, sha256: str, uid_validity: int | None) -> Entry | None:
+        """A live entry with these bytes left over from an older UIDVALIDITY, or rebuilt by repair.
+
+        An entry repair could give no folder (see RECOVERED_MARK) moves into this folder
+        when it is found here: the server just showed where the message belongs.
+        """
         query = (
             sa.select(messages)
             .where(
@@ -504,18 +511,41 @@ class Catalog:
             )
             .limit(1)
         )
-        with self.engine.connect() as conn:
+        homeless = (
+            sa.select(messages)
+            .where(
+                messages.c.folder_id.in_(self._recovered_folder_ids()),
+                messages.c.sha256 == sha256,
+                messages.c.gone_at.is_(None),
+                _stale(None),
+            )
+            .limit(1)
+        )
+        with self.engine.begin() as conn:
             row = conn.execute(query).first()
-        return self._entry(row) if row else None
+            if row is None:
+                row = conn.execute(homeless).first()
+                if row is None:
+                    return None
+                conn.execute(messages.update().where(messages.c.id == row.id).values(folder_id=folder_id))
+                return replace(self._entry(row), folder_id=folder_id)
+        return self._entry(row)
 
-    def has_stale(self, folder_id: int, uid_validity: int) -> bool:
-        query = sa.select(messages.c.id).where(
+    def has_stale(self, folder_id: int, uid_validity: int | None) -> bool:
+        """Whether stale_entry may find anything for this folder."""
+        own = sa.select(messages.c.id).where(
             messages.c.folder_id == folder_id,
             _stale(uid_validity),
             messages.c.gone_at.is_(None),
         )
+        homeless = sa.select(messages.c.id).where(
+            messages.c.folder_id.in_(self._recovered_folder_ids()), _stale(None), messages.c.gone_at.is_(None)
+        )
         with self.engine.connect() as conn:
-            return conn.execute(query.limit(1)).first() is not None
+            return conn.execute(own.limit(1)).first() is not None or conn.execute(homeless.limit(1)).first() is not None
+
+    def _recovered_folder_ids(self) -> sa.Select:  # type: ignore[type-arg]
+        return sa.select(folders.c.id).where(self._own(), folders.c.attributes.contains(RECOVERED_MARK))
 
     def source_ids(self, folder_id: int) -> dict[str, str]:
         """POP3 ids held for this folder, with when each was first downloaded."""
@@ -866,12 +896,15 @@ def live_at(when: datetime) -> tuple[sa.ColumnElement[bool], ...]:
     return (messages.c.fetched_at <= moment, sa.or_(messages.c.gone_at.is_(None), messages.c.gone_at > moment))
 
 
-def _stale(uid_validity: int) -> sa.ColumnElement[bool]:
-    """Entries a new UID may claim by SHA-256: from an older UIDVALIDITY, or rebuilt by repair (no id at all)."""
-    return sa.or_(
-        messages.c.uid_validity != uid_validity,  # NULL (a POP3 entry) never matches
-        sa.and_(messages.c.uid.is_(None), messages.c.source_id.is_(None)),
-    )
+def _stale(uid_validity: int | None) -> sa.ColumnElement[bool]:
+    """Entries a new UID may claim by SHA-256: from an older UIDVALIDITY, or rebuilt by repair (no id at all).
+
+    For a POP3 message (uid_validity None) only the entries repair rebuilt.
+    """
+    unkeyed = sa.and_(messages.c.uid.is_(None), messages.c.source_id.is_(None))
+    if uid_validity is None:
+        return unkeyed
+    return sa.or_(messages.c.uid_validity != uid_validity, unkeyed)  # NULL (a POP3 entry) never matches
 
 
 def _shown(name: str) -> str:

@@ -288,6 +288,7 @@ class Pop3Sync:
         archived = self.catalog.ensure_folder(folder, self.store.folder_path(folder))
         listing = self.identified(self.source.listing())
         known = self.catalog.source_ids(archived.id)
+        rebuilt = self.catalog.has_stale(archived.id, None)  # entries repair rebuilt carry no UIDL
         on_server = {m.uidl for m in listing}
         gone = [i for i in known if i not in on_server]
         if gone:
@@ -308,6 +309,7 @@ class Pop3Sync:
                     Message(raw=outcome, internal_date=when or datetime.now(timezone.utc), source_id=listed.uidl, date_source=how)
                 )
                 stored.append(listed.number)
+            messages = self.adopt(archived, messages) if rebuilt else messages
             commit(self.store, archived, None, messages, self.indexer)
             self.tally.stored(messages)
             self.progress.stored(len(messages), sum(m.size for m in messages))
@@ -315,6 +317,18 @@ class Pop3Sync:
                 self.delete(stored)
         self.delete(self.old_enough([m for m in listing if m.uidl in known], known))
         return replace(self.tally.report(folder.name), notes=tuple(self.notes))
+
+    def adopt(self, archived: ArchivedFolder, messages: list[Message]) -> list[Message]:
+        """Claim entries rebuilt by repair by SHA-256 instead of storing their messages again."""
+        fresh = []
+        for message in messages:
+            stale = self.catalog.stale_entry(archived.id, message.sha256, None)
+            if stale is None:
+                fresh.append(message)
+                continue
+            self.catalog.rekey(stale.id, message, None, stale.location)
+            self.tally.adopted += 1
+        return fresh
 
     def identified(self, listing: list[Listed]) -> list[Listed]:
         """Give every message an id: its UIDL, or the documented fallback; drop repeated ids."""

@@ -322,9 +322,14 @@ def test_an_emptied_catalog_is_not_an_empty_archive(dovecot, account, tmp_path: 
         assert contents(url) == expected
         assert back_up(account, url).new == 0
         assert contents(url) == expected
-    else:  # the database keeps no folder for a blob: they come back in one folder
+    else:  # the database keeps no folder for a blob: they come back in one folder...
         assert sorted(sha for _, sha in contents(url)) == sorted(sha for _, sha in expected)
         assert {folder for folder, _ in contents(url)} == {"Recovered"}
+        # ...until a backup sees where each one is on the server, and moves it there.
+        again = back_up(account, url)
+        assert again.new == 0 and sum(f.adopted for f in again.folders) == 5
+        assert contents(url) == expected
+        assert verify(url).ok
 
 
 def test_a_lost_catalog_comes_back_with_folders_and_flags(dovecot, account, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -420,3 +425,29 @@ CREATE TABLE messages (id BIGSERIAL NOT NULL, folder_id BIGINT NOT NULL, uid BIG
     PRIMARY KEY (id), FOREIGN KEY(folder_id) REFERENCES folders (id));
 CREATE UNIQUE INDEX ix_messages_folder_uid ON messages (folder_id, uid_validity, uid);
 """
+
+
+@pytest.mark.parametrize("kind", ["mbox", "sqlite"])
+def test_after_repair_a_pop3_backup_claims_messages_by_hash_and_stores_nothing_twice(dovecot, account, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    for i in range(3):
+        dovecot.append(account, "INBOX", b"Subject: pop %d\r\nDate: Mon, 4 Jan 2021 10:00:00 +0000\r\n\r\nbody %d\r\n" % (i, i))
+    url = archive_url(kind, tmp_path)
+    pop3 = lambda: backup(account.url("pop3"), url, password=account.password, options=BackupOptions(no_tls=True))  # noqa: E731
+    assert pop3().new == 3
+    expected = contents(url)
+    if kind == "mbox":
+        os.truncate(catalog_file(url), catalog_file(url).stat().st_size // 2)
+    else:
+        with sqlite3.connect(url) as db:
+            db.execute("DELETE FROM messages")
+        db.close()
+    mbox = archive_root(url) / "INBOX.mbox"
+    before = mbox.read_bytes() if kind == "mbox" else b""
+    assert repair(url).messages == 3
+    again = pop3()
+    assert again.new == 0 and again.folders[0].adopted == 3
+    if kind == "mbox":
+        assert mbox.read_bytes() == before  # nothing appended a second time
+    assert contents(url) == expected
+    assert verify(url).ok
+    assert pop3().new == 0  # and the UIDLs are known again

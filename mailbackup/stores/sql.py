@@ -13,7 +13,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..catalog import Catalog, create_engine
+from ..catalog import RECOVERED_MARK, Catalog, create_engine
 from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError
 from ..model import ArchivedFolder, Folder, Message
 from . import Finding, Recovered
@@ -108,7 +108,7 @@ class SqlStore:
 
     def recover(self) -> Iterator[Recovered]:
         """Blobs no entry names, rehashed; a blob whose bytes do not match its key is left out."""
-        folder = Folder(RECOVERED, "/")
+        folder = Folder(RECOVERED, "/", frozenset({RECOVERED_MARK}))
         for sha256, _size in list(self._orphans()):
             raw = self.get(sha256)
             if hashlib.sha256(raw).hexdigest() == sha256:
