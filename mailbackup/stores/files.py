@@ -188,7 +188,10 @@ def open_catalog(root: Path, kind: str, mode: str, account: str | None) -> Catal
         check_kind(root, marker, kind)
         if not database.exists():
             raise CatalogDamaged(f"the catalog of {root} is missing; run 'mailbackup repair {kind}:{root}'")
-        catalog = Catalog(create_engine(f"sqlite:///{database}", read_only=True), read_only=True)
+        try:
+            catalog = Catalog(create_engine(f"sqlite:///{database}", read_only=True), read_only=True)
+        except NotAnArchive:  # the marker says it is one: its catalog is what is wrong
+            raise CatalogDamaged(f"the catalog of {root} is empty or lost; run 'mailbackup repair {kind}:{root}'") from None
         catalog.choose_account(account, claim=False, several=False)
         return catalog
     if not root.exists():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,7 +102,12 @@ class MaildirStore:
             try:
                 # Creating a file is a slow, latency-bound syscall on many filesystems; a few
                 # threads overlap them. The batch as a whole still goes write -> sync -> rename.
-                list(self._pool.map(lambda item: self._write(base / "tmp" / item[0], item[1]), pending.items()))
+                writes = [self._pool.submit(self._write, base / "tmp" / name, message) for name, message in pending.items()]
+                # Every write ends before any error is raised, so the clean-up below cannot
+                # run while another thread is still creating its file.
+                wait(writes)
+                for write in writes:
+                    write.result()
                 # One flush for the batch instead of one fsync per file.
                 if not syncfs(base):
                     for name in pending:
