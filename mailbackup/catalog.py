@@ -167,6 +167,8 @@ def create_engine(url: str, *, read_only: bool = False) -> sa.Engine:
         engine = sa.create_engine(url)
     except (ImportError, sa.exc.ArgumentError) as exc:
         raise StoreError(f"cannot open database {url!r}: {exc}") from exc
+    if read_only and engine.dialect.name == "postgresql":
+        engine = engine.execution_options(postgresql_readonly=True)  # the server refuses any write
     where = str(path) if path is not None else engine.url.render_as_string()
 
     @event.listens_for(engine, "handle_error")

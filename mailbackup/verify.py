@@ -120,6 +120,9 @@ def verify(
     store = open_store(archive, mode="read", account=mailbox)
     counter = _Counter(report)
     try:
+        if mailbox is None and endpoint is not None and len(store.catalog.accounts()) > 1:
+            # Several accounts and none named: the one --against logs in as.
+            store.catalog.choose_account(f"{endpoint.user}@{endpoint.host}", claim=False, several=True)
         folders = {f.id: f for f in store.catalog.folders()}
         checked, size = check_stored(store, folders, counter)
         check_unrecorded(store, counter)
