@@ -20,7 +20,7 @@ from mailbackup.errors import AccountMismatch, CatalogDamaged, UsageError
 from mailbackup.repair import repair
 from mailbackup.show import listing
 from mailbackup.stores import open_store
-from mailbackup.verify import DUPLICATE, Problem, verify
+from mailbackup.verify import DUPLICATE, AgainstOptions, Problem, verify
 
 STORES = ["maildir", "mbox", "sqlite"]
 NO_OVERRIDE = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"]
@@ -212,6 +212,8 @@ def test_two_accounts_in_one_sqlite_archive_stay_apart(dovecot, account, tmp_pat
         verify(url)
     assert verify(url, mailbox=alice).checked == 4
     assert verify(url, mailbox=carol).checked == 1
+    checked = verify(url, against=AgainstOptions(other.url("imap"), other.password, no_tls=True))
+    assert checked.ok and checked.checked == 1 and checked.compared == 1  # the account --against logs in as
     # What restore reads: the folders and entries of one account.
     store = open_store(url, mode="read", account=carol)
     try:
