@@ -686,7 +686,7 @@ class Catalog:
             )
             return result.rowcount or 0
 
-    def mark_stale_gone(self, folder_id: int, uid_validity: int) -> int:
+    def mark_stale_gone(self, folder_id: int, uid_validity: int | None) -> int:
         """Entries from an older UIDVALIDITY that no new UID claimed are gone from the server."""
         with self.engine.begin() as conn:
             result = conn.execute(
