@@ -5,8 +5,9 @@ The library API; `mailbackup.cli` is a thin shell around it.
 
 from .errors import MailbackupError
 from .model import Folder, Message, Summary
-from .pipeline import BackupOptions, Progress, archive_stats, backup
+from .pipeline import BackupOptions, Progress, backup
 from .prune import prune_server
+from .show import listing
 from .restore import RestoreOptions, migrate, restore
 from .stores import open_store
 from .verify import verify
@@ -19,8 +20,8 @@ __all__ = [
     "Progress",
     "RestoreOptions",
     "Summary",
-    "archive_stats",
     "backup",
+    "listing",
     "migrate",
     "open_store",
     "prune_server",

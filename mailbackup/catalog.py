@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import os
 from array import array
+from urllib.request import pathname2url, url2pathname
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from .errors import DiskFullError, StoreError
+from .errors import AccountMismatch, ArchiveReadOnly, CatalogDamaged, DiskFullError, NotAnArchive, StoreError, UsageError
 from .model import ArchivedFolder, Entry, Folder, Message
 
-SCHEMA_VERSION = "1"
+# 2: folders belong to an account (accounts table); a schema-1 catalog is upgraded in place.
+SCHEMA_VERSION = "2"
+# A folder attribute: repair put messages here whose folder the store does not keep (SQL
+# blobs). Their locations do not depend on a folder, so a backup may move them to theirs.
+RECOVERED_MARK = "$MailbackupRecovered"
+UNKNOWN_ACCOUNT = ""  # an archive written before it recorded whose mail it holds
 
 metadata = sa.MetaData()
 # SQLite only aliases rowid for INTEGER PRIMARY KEY; elsewhere ids are 64-bit.
@@ -32,16 +39,25 @@ meta = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.Text, nullable=False, unique=True),  # user@host
+)
+
 folders = sa.Table(
     "folders",
     metadata,
     sa.Column("id", BigId, primary_key=True, autoincrement=True),
-    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("account_id", BigId, sa.ForeignKey("accounts.id")),
+    sa.Column("name", sa.Text, nullable=False),
     sa.Column("delimiter", sa.String(8)),
     sa.Column("attributes", sa.Text, nullable=False, server_default=""),
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("uid_validity", sa.BigInteger),
     sa.Column("highest_modseq", sa.BigInteger),
+    sa.Index("ix_folders_account_name", "account_id", "name", unique=True),
 )
 
 messages = sa.Table(
@@ -92,33 +108,91 @@ def disk_full(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == 13 or getattr(exc, "sqlstate", None) == "53100"
 
 
-def create_engine(url: str) -> sa.Engine:
-    url = engine_url(url)
+def damaged(exc: BaseException) -> bool:
+    """SQLite's SQLITE_CORRUPT ("malformed") or SQLITE_NOTADB: the file is not a sound database."""
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in (11, 26)
+
+
+def read_only_error(exc: BaseException) -> bool:
+    """SQLITE_READONLY in any of its forms, or PostgreSQL's read_only_sql_transaction / insufficient_privilege."""
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == 8 or getattr(exc, "sqlstate", None) in ("25006", "42501")
+
+
+def sqlite_path(url: str) -> Path | None:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        path = Path(url[len("sqlite:///") :])
-        if not path.exists():
-            # SQLite gives its -wal and -shm files the mode of the database file.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        return Path(url[len("sqlite:///") :])
+    return None
+
+
+def read_only_url(path: Path) -> str:
+    """A URI that opens path without writing anything, even in a directory nobody may write.
+
+    mode=ro reads a WAL database only where it can create the -shm file; where it cannot,
+    immutable=1 reads the file as it stands, which is exact as long as no -wal holds
+    commits that were never checkpointed into it.
+    """
+    wal = Path(f"{path}-wal")
+    if not os.access(path.parent, os.W_OK) and (not wal.exists() or wal.stat().st_size == 0):
+        option = "immutable=1"
+    else:
+        option = "mode=ro"
+    return f"sqlite:///file:{pathname2url(str(path))}?{option}&uri=true"
+
+
+def _empty_or_ours(cursor: Any) -> bool:
+    tables = {row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return not tables or "meta" in tables or "restore_journal" in tables
+
+
+def engine_where(engine: sa.Engine) -> str:
+    """What to call the database in a message: its file, or its URL without the password."""
+    if engine.dialect.name == "sqlite":
+        database = engine.url.database or ":memory:"
+        return url2pathname(database[len("file:") :]) if database.startswith("file:") else database
+    return engine.url.render_as_string()
+
+
+def create_engine(url: str, *, read_only: bool = False) -> sa.Engine:
+    """An engine on url; read_only opens a SQLite file so that no byte of it (or beside it) changes."""
+    url = engine_url(url)
+    path = sqlite_path(url)
+    if path is not None and read_only:
+        if not path.is_file():
+            raise NotAnArchive(f"no archive at {path}")
+        url = read_only_url(path)
+    elif path is not None and not path.exists():
+        # SQLite gives its -wal and -shm files the mode of the database file.
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     try:
         engine = sa.create_engine(url)
     except (ImportError, sa.exc.ArgumentError) as exc:
         raise StoreError(f"cannot open database {url!r}: {exc}") from exc
-    where = engine.url.database if engine.dialect.name == "sqlite" else engine.url.render_as_string()
+    if read_only and engine.dialect.name == "postgresql":
+        engine = engine.execution_options(postgresql_readonly=True)  # the server refuses any write
+    where = str(path) if path is not None else engine.url.render_as_string()
 
     @event.listens_for(engine, "handle_error")
-    def _disk_full(context):  # type: ignore[no-untyped-def]
-        # One error for a full disk wherever it strikes: store, catalog, journal, index.
-        if disk_full(context.original_exception):
-            raise DiskFullError(f"disk full while writing {where}; free space and rerun") from context.original_exception
+    def _known_errors(context):  # type: ignore[no-untyped-def]
+        # One error per cause wherever it strikes: store, catalog, journal, index.
+        original = context.original_exception
+        if disk_full(original):
+            raise DiskFullError(f"disk full while writing {where}; free space and rerun") from original
+        if damaged(original):
+            raise CatalogDamaged(f"the catalog in {where} is damaged ({original}); run 'mailbackup repair' on the archive") from original
+        if read_only_error(original):
+            raise ArchiveReadOnly(f"cannot write {where}: {original}; this command needs write access to the archive") from original
 
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed row survives power loss, so POP3 may DELE after it.
-            cursor.execute("PRAGMA synchronous=FULL")
+            # WAL is a change to the file: a reader leaves the mode as it is, and so does a
+            # writer that finds someone else's database (the catalog then refuses it).
+            if not read_only and _empty_or_ours(cursor):
+                cursor.execute("PRAGMA journal_mode=WAL")
+                # FULL: a committed row survives power loss, so POP3 may DELE after it.
+                cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
@@ -127,44 +201,258 @@ def create_engine(url: str) -> sa.Engine:
 
 
 class Catalog:
-    def __init__(self, engine: sa.Engine) -> None:
+    """The catalog of one archive, scoped to one account (see choose_account).
+
+    read_only: nothing is created, migrated or written; a database without
+    mailbackup's tables is refused instead of being given them.
+    """
+
+    def __init__(self, engine: sa.Engine, *, read_only: bool = False) -> None:
         self.engine = engine
+        self.read_only = read_only
+        self.where = engine_where(engine)
+        self.account: str | None = None  # the account this catalog is scoped to
+        self.account_id: int | None = None
+        self.scoped = True  # False: a schema-1 catalog read as it is, one account, no accounts table
+        self._ambiguous: list[str] = []
+        self._committed = False
         try:
-            metadata.create_all(engine)
-            with engine.begin() as conn:
-                version = conn.scalar(sa.select(meta.c.value).where(meta.c.key == "schema"))
-                if version is None:
-                    conn.execute(meta.insert().values(key="schema", value=SCHEMA_VERSION))
-                elif version != SCHEMA_VERSION:
-                    raise StoreError(f"catalog schema {version} is not supported (want {SCHEMA_VERSION})")
+            if read_only:
+                self._check_readable()
+            else:
+                self._prepare()
         except sa.exc.OperationalError as exc:
-            raise StoreError(f"cannot open catalog: {exc.orig}") from exc
+            raise StoreError(f"cannot open catalog {self.where}: {exc.orig}") from exc
+        except sa.exc.DatabaseError as exc:
+            raise CatalogDamaged(
+                f"the catalog in {self.where} is damaged ({exc.orig}); run 'mailbackup repair' on the archive"
+            ) from exc
+
+    def _version(self, conn: sa.Connection) -> str | None:
+        tables = set(sa.inspect(conn).get_table_names())
+        if "meta" not in tables:
+            if tables and self.engine.dialect.name == "sqlite":
+                raise NotAnArchive(f"{self.where} is a database but not a mailbackup archive; it is left as it is")
+            return None
+        return conn.scalar(sa.select(meta.c.value).where(meta.c.key == "schema"))
+
+    def _check_readable(self) -> None:
+        with self.engine.connect() as conn:
+            version = self._version(conn)
+        if version is None:
+            raise NotAnArchive(f"{self.where} is not a mailbackup archive")
+        if version == "1":
+            self.scoped = False
+        elif version != SCHEMA_VERSION:
+            raise StoreError(f"catalog schema {version} is not supported (want {SCHEMA_VERSION})")
+
+    def _prepare(self) -> None:
+        with self.engine.connect() as conn:
+            version = self._version(conn)
+        if version not in (None, "1", SCHEMA_VERSION):
+            raise StoreError(f"catalog schema {version} is not supported (want {SCHEMA_VERSION})")
+        if version == "1":
+            self._upgrade_from_1()
+        metadata.create_all(self.engine)
+        if version is None:
+            with self.engine.begin() as conn:
+                conn.execute(meta.insert().values(key="schema", value=SCHEMA_VERSION))
+
+    def _upgrade_from_1(self) -> None:
+        """Schema 1 -> 2: folders gain an account; the one account there was is not known by name yet."""
+        accounts.create(self.engine, checkfirst=True)
+        if self.engine.dialect.name == "sqlite":
+            self._upgrade_sqlite_from_1()
+            return
+        with self.engine.connect() as conn:
+            with conn.begin():
+                conn.exec_driver_sql("ALTER TABLE folders ADD COLUMN account_id BIGINT REFERENCES accounts (id)")
+                conn.exec_driver_sql("ALTER TABLE folders DROP CONSTRAINT IF EXISTS folders_name_key")
+                conn.exec_driver_sql("CREATE UNIQUE INDEX ix_folders_account_name ON folders (account_id, name)")
+                account_id = self._unknown_account(conn)
+                conn.execute(folders.update().values(account_id=account_id))
+                conn.execute(meta.update().where(meta.c.key == "schema").values(value=SCHEMA_VERSION))
+
+    def _upgrade_sqlite_from_1(self) -> None:
+        """SQLite cannot drop the UNIQUE(name) constraint: rebuild the folders table in one transaction,
+        with foreign keys off so that messages' references to it stay as they are."""
+        dialect = self.engine.dialect
+        create_table = str(sa.schema.CreateTable(folders).compile(dialect=dialect))
+        create_index = "CREATE UNIQUE INDEX ix_folders_account_name ON folders (account_id, name)"
+        raw = self.engine.raw_connection()
+        try:
+            db = raw.driver_connection
+            db.commit()  # type: ignore[union-attr]
+            previous = db.isolation_level  # type: ignore[union-attr]
+            db.isolation_level = None  # type: ignore[union-attr]  # BEGIN and COMMIT are ours below
+            try:
+                db.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+                db.execute("PRAGMA legacy_alter_table=ON")  # type: ignore[union-attr]
+                db.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+                try:
+                    db.execute("ALTER TABLE folders RENAME TO folders_v1")  # type: ignore[union-attr]
+                    db.execute(create_table)  # type: ignore[union-attr]
+                    db.execute(create_index)  # type: ignore[union-attr]
+                    account_id = db.execute("INSERT INTO accounts (name) VALUES (?)", (UNKNOWN_ACCOUNT,)).lastrowid  # type: ignore[union-attr]
+                    db.execute(  # type: ignore[union-attr]
+                        "INSERT INTO folders (id, account_id, name, delimiter, attributes, path, uid_validity, highest_modseq) "
+                        "SELECT id, ?, name, delimiter, attributes, path, uid_validity, highest_modseq FROM folders_v1",
+                        (account_id,),
+                    )
+                    db.execute("DROP TABLE folders_v1")  # type: ignore[union-attr]
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))  # type: ignore[union-attr]
+                    db.execute("COMMIT")  # type: ignore[union-attr]
+                except BaseException:
+                    db.execute("ROLLBACK")  # type: ignore[union-attr]
+                    raise
+                finally:
+                    db.execute("PRAGMA legacy_alter_table=OFF")  # type: ignore[union-attr]
+                    db.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
+            finally:
+                db.isolation_level = previous  # type: ignore[union-attr]
+        finally:
+            raw.close()
+
+    @staticmethod
+    def _unknown_account(conn: sa.Connection) -> int:
+        return int(conn.execute(accounts.insert().values(name=UNKNOWN_ACCOUNT)).inserted_primary_key[0])
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # accounts
+
+    def accounts(self) -> list[str]:
+        """Every account the archive holds, by name ('' for one recorded before names were)."""
+        if not self.scoped:
+            return [UNKNOWN_ACCOUNT]
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(accounts.c.name).order_by(accounts.c.name)).scalars())
+
+    def choose_account(self, name: str | None, *, claim: bool, several: bool) -> None:
+        """Scope every folder query to one account.
+
+        claim: a writer records `name` (or an unnamed account) if the archive lacks it.
+        several: the archive may hold more than one account (a SQL database can; a
+        Maildir or mbox tree holds one). A reader of several accounts that names none
+        may still list them; anything else then says which to pick.
+        """
+        self.account, self.account_id, self._ambiguous = name, None, []
+        if not self.scoped:
+            return  # schema 1, read as it stands: one account, whoever it is
+        with self.engine.begin() as conn:
+            rows = {r.name: r.id for r in conn.execute(sa.select(accounts))}
+            if name is not None and name in rows:
+                self.account_id = rows[name]
+            elif name is not None and not claim:
+                held = ", ".join(_shown(n) for n in sorted(rows)) or "none"
+                raise UsageError(f"{self.where} holds no mail of {name}; it holds: {held}")
+            elif name is not None:
+                if list(rows) == [UNKNOWN_ACCOUNT]:
+                    # The one account of an archive from before identities: it is this one now.
+                    conn.execute(accounts.update().where(accounts.c.id == rows[UNKNOWN_ACCOUNT]).values(name=name))
+                    self.account_id = rows[UNKNOWN_ACCOUNT]
+                elif rows and not several:
+                    other = next(iter(rows))
+                    raise AccountMismatch(
+                        f"{self.where} holds the mail of {_shown(other)}, not {name}; back up {name} into an archive of its own"
+                    )
+                else:
+                    self.account_id = int(conn.execute(accounts.insert().values(name=name)).inserted_primary_key[0])
+            elif len(rows) == 1:
+                self.account, self.account_id = next(iter(rows.items()))
+            elif not rows and claim:
+                self.account = UNKNOWN_ACCOUNT
+                self.account_id = int(conn.execute(accounts.insert().values(name=UNKNOWN_ACCOUNT)).inserted_primary_key[0])
+            elif rows:
+                self._ambiguous = sorted(rows)
+
+    def _own(self) -> sa.ColumnElement[bool]:
+        """The condition that keeps a folder query inside this catalog's account."""
+        if not self.scoped:
+            return sa.true()
+        if self._ambiguous:
+            held = ", ".join(_shown(n) for n in self._ambiguous)
+            raise UsageError(f"{self.where} holds {len(self._ambiguous)} accounts ({held}); pick one with --mailbox USER@HOST")
+        return folders.c.account_id == self.account_id
+
+    def _folder_columns(self) -> list[sa.Column[Any]]:
+        return [c for c in folders.c if self.scoped or c.name != "account_id"]
+
+    def _own_folder_ids(self) -> sa.Select:  # type: ignore[type-arg]
+        return sa.select(folders.c.id).where(self._own())
+
+    # the state of the catalog as a whole (repair, and refusing a lost catalog)
+
+    def lost(self) -> bool:
+        """True when the catalog holds no message but once did, or holds nothing at all.
+
+        A new archive holds folders before its first message is committed, so a store
+        file left by a crash then is adopted; an archive with no folder rows or with a
+        'committed' mark and no messages has lost its catalog.
+        """
+        with self.engine.connect() as conn:
+            if conn.execute(sa.select(messages.c.id).limit(1)).first() is not None:
+                return False
+            if conn.execute(sa.select(folders.c.id).limit(1)).first() is None:
+                return True
+            if "meta" not in sa.inspect(conn).get_table_names():
+                return False
+            return conn.execute(sa.select(meta.c.key).where(meta.c.key == "committed")).first() is not None
+
+    def sound(self) -> bool:
+        """SQLite's quick_check passes (a server database checks itself)."""
+        if self.engine.dialect.name != "sqlite":
+            return True
+        try:
+            with self.engine.connect() as conn:
+                return conn.exec_driver_sql("PRAGMA quick_check").scalar() == "ok"
+        except (CatalogDamaged, sa.exc.DatabaseError):
+            return False
+
+    def _mark_committed(self, conn: sa.Connection) -> None:
+        if self._committed:
+            return
+        if conn.execute(sa.select(meta.c.key).where(meta.c.key == "committed")).first() is None:
+            conn.execute(meta.insert().values(key="committed", value=now_iso()))
+        self._committed = True
+
+    def sqlite_file(self) -> str | None:
+        """The database file, when the catalog is a SQLite file (the search index lives in it)."""
+        where = engine_where(self.engine)
+        return where if self.engine.dialect.name == "sqlite" and where != ":memory:" else None
 
     # folders
 
     def folders(self) -> list[ArchivedFolder]:
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(folders).order_by(folders.c.name)).all()
+            rows = conn.execute(sa.select(*self._folder_columns()).where(self._own()).order_by(folders.c.name)).all()
         return [self._folder(r) for r in rows]
 
     def folder(self, name: str) -> ArchivedFolder | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(folders).where(folders.c.name == name)).first()
+            row = conn.execute(sa.select(*self._folder_columns()).where(folders.c.name == name, self._own())).first()
+        return self._folder(row) if row else None
+
+    def folder_at(self, path: str) -> ArchivedFolder | None:
+        """The folder whose messages live at path in the store."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(*self._folder_columns()).where(folders.c.path == path, self._own()).limit(1)).first()
         return self._folder(row) if row else None
 
     def ensure_folder(self, folder: Folder, path: str) -> ArchivedFolder:
         attributes = " ".join(sorted(folder.attributes))
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(folders).where(folders.c.name == folder.name)).first()
+            row = conn.execute(sa.select(*self._folder_columns()).where(folders.c.name == folder.name, self._own())).first()
             if row is None:
-                conn.execute(
-                    folders.insert().values(
-                        name=folder.name, delimiter=folder.delimiter, attributes=attributes, path=path
-                    )
-                )
+                # A folder rebuilt by repair has a name guessed from its path (the delimiter is
+                # not on disk); the same path is the same folder, so it takes the server's name.
+                row = conn.execute(sa.select(*self._folder_columns()).where(folders.c.path == path, self._own())).first()
+                if row is not None:
+                    conn.execute(folders.update().where(folders.c.id == row.id).values(name=folder.name))
+            if row is None:
+                values = dict(name=folder.name, delimiter=folder.delimiter, attributes=attributes, path=path)
+                conn.execute(folders.insert().values(**values, **({"account_id": self.account_id} if self.scoped else {})))
             elif (row.delimiter, row.attributes) != (folder.delimiter, attributes):
                 conn.execute(
                     folders.update()
@@ -209,30 +497,57 @@ class Catalog:
         with self.engine.connect() as conn:
             return [self._entry(r) for r in conn.execute(query)]
 
-    def stale_entry(self, folder_id: int, sha256: str, uid_validity: int) -> Entry | None:
-        """A live entry with these bytes left over from an older UIDVALIDITY."""
+    def stale_entry(self, folder_id: int, sha256: str, uid_validity: int | None) -> Entry | None:
+        """A live entry with these bytes left over from an older UIDVALIDITY, or rebuilt by repair.
+
+        An entry repair could give no folder (see RECOVERED_MARK) moves into this folder
+        when it is found here: the server just showed where the message belongs.
+        """
         query = (
             sa.select(messages)
             .where(
                 messages.c.folder_id == folder_id,
                 messages.c.sha256 == sha256,
                 messages.c.gone_at.is_(None),
-                messages.c.uid_validity != uid_validity,  # NULL (a POP3 entry) never matches
+                _stale(uid_validity),
             )
             .limit(1)
         )
-        with self.engine.connect() as conn:
+        homeless = (
+            sa.select(messages)
+            .where(
+                messages.c.folder_id.in_(self._recovered_folder_ids()),
+                messages.c.sha256 == sha256,
+                messages.c.gone_at.is_(None),
+                _stale(None),
+            )
+            .limit(1)
+        )
+        with self.engine.begin() as conn:
             row = conn.execute(query).first()
-        return self._entry(row) if row else None
+            if row is None:
+                row = conn.execute(homeless).first()
+                if row is None:
+                    return None
+                conn.execute(messages.update().where(messages.c.id == row.id).values(folder_id=folder_id))
+                return replace(self._entry(row), folder_id=folder_id)
+        return self._entry(row)
 
-    def has_stale(self, folder_id: int, uid_validity: int) -> bool:
-        query = sa.select(messages.c.id).where(
+    def has_stale(self, folder_id: int, uid_validity: int | None) -> bool:
+        """Whether stale_entry may find anything for this folder."""
+        own = sa.select(messages.c.id).where(
             messages.c.folder_id == folder_id,
-            messages.c.uid_validity != uid_validity,
+            _stale(uid_validity),
             messages.c.gone_at.is_(None),
         )
+        homeless = sa.select(messages.c.id).where(
+            messages.c.folder_id.in_(self._recovered_folder_ids()), _stale(None), messages.c.gone_at.is_(None)
+        )
         with self.engine.connect() as conn:
-            return conn.execute(query.limit(1)).first() is not None
+            return conn.execute(own.limit(1)).first() is not None or conn.execute(homeless.limit(1)).first() is not None
+
+    def _recovered_folder_ids(self) -> sa.Select:  # type: ignore[type-arg]
+        return sa.select(folders.c.id).where(self._own(), folders.c.attributes.contains(RECOVERED_MARK))
 
     def source_ids(self, folder_id: int) -> dict[str, str]:
         """POP3 ids held for this folder, with when each was first downloaded."""
@@ -285,10 +600,41 @@ class Catalog:
             for message, location in stored
         ]
         with self.engine.begin() as conn:
+            self._mark_committed(conn)
             conn.execute(messages.insert(), rows)
 
-    def rekey(self, entry_id: int, message: Message, uid_validity: int, location: str) -> None:
-        """Point an entry from an old UIDVALIDITY at the message's new UID."""
+    def add_found(
+        self, folder_id: int, found: Sequence[tuple[str, int, tuple[str, ...], datetime | None, datetime | None, str]]
+    ) -> None:
+        """Record messages repair found in the store: (SHA-256, size, flags, internal date, archived at, location).
+
+        They carry no UID or POP3 id; the next backup claims each by SHA-256 (see _stale).
+        """
+        if not found:
+            return
+        now = now_iso()
+        rows = [
+            {
+                "folder_id": folder_id,
+                "sha256": sha256,
+                "size": size,
+                "flags": flags_text(flags),
+                "internal_date": internal_date.isoformat() if internal_date else None,
+                "fetched_at": _iso(archived_at) if archived_at else now,
+                "location": location,
+            }
+            for sha256, size, flags, internal_date, archived_at, location in found
+        ]
+        with self.engine.begin() as conn:
+            self._mark_committed(conn)
+            conn.execute(messages.insert(), rows)
+
+    def rekey(self, entry_id: int, message: Message, uid_validity: int | None, location: str) -> None:
+        """Point an entry from an old UIDVALIDITY (or rebuilt by repair) at the message's new id.
+
+        The server's own date replaces a date repair could only take from the Date header.
+        """
+        dated = {"internal_date": message.internal_date.isoformat()} if message.internal_date else {}
         with self.engine.begin() as conn:
             conn.execute(
                 messages.update()
@@ -296,8 +642,10 @@ class Catalog:
                 .values(
                     uid=message.uid,
                     uid_validity=uid_validity,
+                    source_id=message.source_id,
                     flags=flags_text(message.flags),
                     location=location,
+                    **dated,
                 )
             )
 
@@ -338,14 +686,14 @@ class Catalog:
             )
             return result.rowcount or 0
 
-    def mark_stale_gone(self, folder_id: int, uid_validity: int) -> int:
+    def mark_stale_gone(self, folder_id: int, uid_validity: int | None) -> int:
         """Entries from an older UIDVALIDITY that no new UID claimed are gone from the server."""
         with self.engine.begin() as conn:
             result = conn.execute(
                 messages.update()
                 .where(
                     messages.c.folder_id == folder_id,
-                    messages.c.uid_validity != uid_validity,
+                    _stale(uid_validity),
                     messages.c.gone_at.is_(None),
                 )
                 .values(gone_at=now_iso())
@@ -357,19 +705,32 @@ class Catalog:
         with self.engine.connect() as conn:
             return conn.scalar(query)
 
-    def entries(self, folder_id: int | None = None) -> Iterator[Entry]:
-        """Every entry, streamed in id order."""
+    def entries(self, folder_id: int | None = None, *, as_of: datetime | None = None) -> Iterator[Entry]:
+        """Every entry of the folder (or the account), streamed in id order; with as_of, those live then."""
         query = sa.select(messages).order_by(messages.c.id)
         if folder_id is not None:
             query = query.where(messages.c.folder_id == folder_id)
+        else:
+            query = query.where(messages.c.folder_id.in_(self._own_folder_ids()))
+        if as_of is not None:
+            query = query.where(*live_at(as_of))
         with self.engine.connect() as conn:
             result = conn.execution_options(yield_per=500).execute(query)
             for row in result:
                 yield self._entry(row)
 
-    def stats(self) -> list[tuple[ArchivedFolder, int, int, int]]:
-        """Per folder: (folder, live messages, bytes, gone messages)."""
-        live = sa.case((messages.c.gone_at.is_(None), 1), else_=0)
+    def stats(self, *, as_of: datetime | None = None) -> list[tuple[ArchivedFolder, int, int, int]]:
+        """Per folder: (folder, live messages, bytes, gone messages); with as_of, as the archive stood then.
+
+        As of a moment, an entry counts once it was archived; it is live if it was not
+        gone yet, and gone if it went before that moment.
+        """
+        if as_of is None:
+            live = sa.case((messages.c.gone_at.is_(None), 1), else_=0)
+            archived = sa.true()
+        else:
+            live = sa.case((sa.and_(*live_at(as_of)), 1), else_=0)
+            archived = messages.c.fetched_at <= _iso(as_of)
         query = (
             sa.select(
                 messages.c.folder_id,
@@ -377,6 +738,7 @@ class Catalog:
                 sa.func.sum(messages.c.size * live),
                 sa.func.count() - sa.func.sum(live),
             )
+            .where(messages.c.folder_id.in_(self._own_folder_ids()), archived)
             .group_by(messages.c.folder_id)
         )
         with self.engine.connect() as conn:
@@ -417,13 +779,15 @@ class Catalog:
 
     def entry(self, entry_id: int) -> Entry | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(messages).where(messages.c.id == entry_id)).first()
+            query = sa.select(messages).where(messages.c.id == entry_id, messages.c.folder_id.in_(self._own_folder_ids()))
+            row = conn.execute(query).first()
         return self._entry(row) if row else None
 
     def entries_with_sha256_prefix(self, prefix: str, limit: int = 50) -> list[Entry]:
         query = (
             sa.select(messages)
             .where(messages.c.sha256 >= prefix, messages.c.sha256 < prefix + "g")  # hex digits sort below 'g'
+            .where(messages.c.folder_id.in_(self._own_folder_ids()))
             .order_by(messages.c.id)
             .limit(limit)
         )
@@ -461,7 +825,92 @@ class Catalog:
         for row in rows:
             del row["id"]
         with self.engine.begin() as conn:
+            self._mark_committed(conn)
             conn.execute(messages.insert(), rows)
+
+    def duplicates(self, folder_id: int) -> list[tuple[str, int]]:
+        """(SHA-256, copies) of live messages held more than once in a folder with no server id apart.
+
+        Two UIDs (or POP3 ids) with the same bytes are the server's own duplicates; an
+        entry without any id, next to another with the same bytes, is a second copy.
+        """
+        key = sa.func.coalesce(
+            sa.cast(messages.c.uid_validity, sa.Text) + ":" + sa.cast(messages.c.uid, sa.Text), messages.c.source_id
+        )
+        query = (
+            sa.select(messages.c.sha256, sa.func.count())
+            .where(messages.c.folder_id == folder_id, messages.c.gone_at.is_(None))
+            .group_by(messages.c.sha256)
+            .having(sa.func.count() > sa.func.count(sa.distinct(key)), sa.func.count() > 1)
+            .order_by(messages.c.sha256)
+        )
+        with self.engine.connect() as conn:
+            return [(sha256, int(count)) for sha256, count in conn.execute(query)]
+
+    def copies(self, folder_id: int, sha256: str) -> int:
+        """How many entries of a folder (live or gone) hold these bytes."""
+        query = sa.select(sa.func.count()).where(messages.c.folder_id == folder_id, messages.c.sha256 == sha256)
+        with self.engine.connect() as conn:
+            return int(conn.scalar(query) or 0)
+
+    def contents(self, after: str, limit: int) -> list[tuple[str, str, str | None]]:
+        """(SHA-256, a location, internal date) per distinct content after `after`, in SHA-256 order (every account)."""
+        query = (
+            sa.select(messages.c.sha256, sa.func.min(messages.c.location), sa.func.min(messages.c.internal_date))
+            .where(messages.c.sha256 > after)
+            .group_by(messages.c.sha256)
+            .order_by(messages.c.sha256)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(row[0], row[1], row[2]) for row in conn.execute(query)]
+
+    def entries_with_contents(self, hashes: Sequence[str], folder: str | None = None) -> list[tuple[Entry, str]]:
+        """(entry, folder name) of every entry in this account holding one of these contents, in id order."""
+        query = (
+            sa.select(messages, folders.c.name.label("folder_name"))
+            .join(folders, folders.c.id == messages.c.folder_id)
+            .where(messages.c.sha256.in_(list(hashes)), self._own())
+            .order_by(messages.c.id)
+        )
+        if folder is not None:
+            query = query.where(folders.c.name == folder)
+        with self.engine.connect() as conn:
+            return [(self._entry(row), row.folder_name) for row in conn.execute(query)]
+
+    def stored_hashes(self) -> Iterator[str]:
+        """Every SHA-256 any entry of any account refers to, ascending, streamed."""
+        query = sa.select(messages.c.sha256).distinct().order_by(messages.c.sha256)
+        with self.engine.connect() as conn:
+            yield from conn.execution_options(yield_per=1000).execute(query).scalars()
+
+
+def _iso(when: datetime) -> str:
+    """when as the catalog writes times (UTC, ISO 8601), so text comparison orders them."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def live_at(when: datetime) -> tuple[sa.ColumnElement[bool], ...]:
+    """An entry is in the archive at `when` if archived by then and not yet gone from the server."""
+    moment = _iso(when)
+    return (messages.c.fetched_at <= moment, sa.or_(messages.c.gone_at.is_(None), messages.c.gone_at > moment))
+
+
+def _stale(uid_validity: int | None) -> sa.ColumnElement[bool]:
+    """Entries a new UID may claim by SHA-256: from an older UIDVALIDITY, or rebuilt by repair (no id at all).
+
+    For a POP3 message (uid_validity None) only the entries repair rebuilt.
+    """
+    unkeyed = sa.and_(messages.c.uid.is_(None), messages.c.source_id.is_(None))
+    if uid_validity is None:
+        return unkeyed
+    return sa.or_(messages.c.uid_validity != uid_validity, unkeyed)  # NULL (a POP3 entry) never matches
+
+
+def _shown(name: str) -> str:
+    return name or "(an account not yet named)"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .accounts import backup_accounts
 from .credentials import Login, resolve_secret
 from .errors import ConfigError, MailbackupError, PartialFailure, UsageError
 from .model import FolderReport, Summary
-from .pipeline import BackupOptions, Progress, archive_stats, backup
+from .pipeline import BackupOptions, Progress, backup
 from .prune import PruneReport, parse_age, prune_server
 
 log = logging.getLogger("mailbackup")
@@ -477,21 +477,62 @@ def token_command(account_name: str, config_path: Path | None) -> None:
     click.echo(run(False, lambda: oauth.access_token(settings)))
 
 
+MAILBOX_HELP = "The account (USER@HOST) to read, in an archive that holds several."
+AS_OF_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
+
+
 @main.command("ls")
 @click.argument("archive")
+@click.option("--mailbox", metavar="USER@HOST", help="Only this account, in an archive that holds several.")
+@click.option("--as-of", "as_of", type=click.DateTime(AS_OF_FORMATS), help="The archive as it stood then (UTC).")
 @click.option("--json", "json_output", is_flag=True, help="One JSON object per folder.")
-def ls_command(archive: str, json_output: bool) -> None:
-    """List the folders in ARCHIVE with message counts and sizes."""
-    rows = run(json_output, lambda: archive_stats(archive))
+def ls_command(archive: str, mailbox: str | None, as_of: Any, json_output: bool) -> None:
+    """List the folders in ARCHIVE with message counts and sizes (per account, if it holds several)."""
+    from .show import FolderListing, listing
+
+    rows: list[FolderListing] = run(json_output, lambda: listing(archive, mailbox=mailbox, as_of=as_of))
+    accounts = sorted({r.account for r in rows})
     if json_output:
-        for folder, count, size, gone in rows:
-            click.echo(json.dumps({"folder": folder.name, "messages": count, "bytes": size, "gone": gone}))
+        for r in rows:
+            click.echo(json.dumps({"account": r.account, "folder": r.folder.name, "messages": r.messages, "bytes": r.bytes, "gone": r.gone}))
         return
-    width = max([len(f.name) for f, *_ in rows] + [6])
-    click.echo(f"{'FOLDER':<{width}}  {'MESSAGES':>8}  {'SIZE':>9}  {'GONE':>5}")
-    for folder, count, size, gone in rows:
-        click.echo(f"{folder.name:<{width}}  {count:>8}  {human_bytes(size):>9}  {gone:>5}")
-    click.echo(f"{'total':<{width}}  {sum(r[1] for r in rows):>8}  {human_bytes(sum(r[2] for r in rows)):>9}  {sum(r[3] for r in rows):>5}")
+    width = max([len(r.folder.name) for r in rows] + [6])
+    for account in accounts:
+        if len(accounts) > 1 or account:
+            click.echo(f"account {account or '(not yet named)'}")
+        mine = [r for r in rows if r.account == account]
+        click.echo(f"{'FOLDER':<{width}}  {'MESSAGES':>8}  {'SIZE':>9}  {'GONE':>5}")
+        for r in mine:
+            click.echo(f"{r.folder.name:<{width}}  {r.messages:>8}  {human_bytes(r.bytes):>9}  {r.gone:>5}")
+        click.echo(
+            f"{'total':<{width}}  {sum(r.messages for r in mine):>8}  {human_bytes(sum(r.bytes for r in mine)):>9}  "
+            f"{sum(r.gone for r in mine):>5}"
+        )
+    if not rows:
+        click.echo(f"{'FOLDER':<{width}}  {'MESSAGES':>8}  {'SIZE':>9}  {'GONE':>5}")
+        click.echo(f"{'total':<{width}}  {0:>8}  {human_bytes(0):>9}  {0:>5}")
+
+
+@main.command("repair")
+@click.argument("archive")
+@click.option("--mailbox", metavar="USER@HOST", help="The account that gets recovered messages, in an archive that holds several.")
+@click.option("--json", "json_output", is_flag=True, help="The summary as one JSON object.")
+def repair_command(archive: str, mailbox: str | None, json_output: bool) -> None:
+    """Rebuild a lost or damaged catalog of ARCHIVE from the messages its store holds.
+
+    A damaged catalog file is renamed, not deleted. UIDs cannot come back: the next
+    backup recognises each message by SHA-256 and stores nothing twice.
+    """
+    from .repair import RepairSummary, repair
+
+    summary: RepairSummary = run(json_output, lambda: repair(archive, mailbox=mailbox))
+    if json_output:
+        click.echo(json.dumps(summary.as_dict()))
+        return
+    if summary.set_aside:
+        click.echo(f"the damaged catalog was moved to {summary.set_aside}")
+    click.echo(f"{summary.messages} messages ({human_bytes(summary.bytes)}) in {summary.folders} folders "
+               f"put back into the catalog in {summary.elapsed:.1f} s")
 
 
 # verify, search, reindex, show, export
@@ -504,8 +545,10 @@ def ls_command(archive: str, json_output: bool) -> None:
 @login_options(what="the --against server")
 @tls_options(what="the --against server")
 @output_options("One JSON object per problem, then a summary object.")
+@click.option("--mailbox", metavar="USER@HOST", help=MAILBOX_HELP)
 def verify_command(
     archive: str,
+    mailbox: str | None,
     source: str | None,
     sample: float,
     include: tuple[str, ...],
@@ -540,7 +583,7 @@ def verify_command(
             )
         elif include or exclude or sample != 100.0:
             raise UsageError("--sample, --folder and --exclude go with --against SOURCE")
-        return verify(archive, report=report, against=against)
+        return verify(archive, report=report, against=against, mailbox=mailbox)
 
     summary: VerifySummary = run(out.json, action)
     if out.json:
@@ -565,8 +608,10 @@ def verify_command(
 @click.option("--folder", metavar="NAME", help="Only this folder (the server's name).")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many hits.")
 @click.option("--json", "json_output", is_flag=True, help="One JSON object per hit.")
+@click.option("--mailbox", metavar="USER@HOST", help=MAILBOX_HELP)
 def search_command(
     archive: str,
+    mailbox: str | None,
     query: tuple[str, ...],
     sender: str | None,
     recipient: str | None,
@@ -588,7 +633,7 @@ def search_command(
     filters = Filters(" ".join(query), sender, recipient, subject, since, before, folder, limit)
 
     def action() -> None:
-        for hit in search(archive, filters):
+        for hit in search(archive, filters, mailbox=mailbox):
             if json_output:
                 click.echo(json.dumps(hit.as_dict()))
             else:
@@ -622,11 +667,12 @@ def reindex_command(archive: str, rebuild: bool, json_output: bool) -> None:
 @click.argument("archive")
 @click.argument("ident", metavar="ID")
 @click.option("--eml", type=click.Path(dir_okay=False), help="Write the message to this file (mode 0600) instead of stdout.")
-def show_command(archive: str, ident: str, eml: str | None) -> None:
+@click.option("--mailbox", metavar="USER@HOST", help=MAILBOX_HELP)
+def show_command(archive: str, ident: str, eml: str | None, mailbox: str | None) -> None:
     """Print a message's original bytes: ID is an id from 'search' or a SHA-256 prefix."""
     from .show import show, write_eml
 
-    shown = run(False, lambda: show(archive, ident))
+    shown = run(False, lambda: show(archive, ident, mailbox=mailbox))
     if eml:
         run(False, lambda: write_eml(eml, shown.raw))
         click.echo(f"wrote {human_bytes(len(shown.raw))} from {shown.folder} to {eml}", err=True)
@@ -640,7 +686,8 @@ def show_command(archive: str, ident: str, eml: str | None) -> None:
 @click.argument("archive")
 @click.argument("destination")
 @click.option("--json", "json_output", is_flag=True, help="The summary as one JSON object.")
-def export_command(archive: str, destination: str, json_output: bool) -> None:
+@click.option("--mailbox", metavar="USER@HOST", help=MAILBOX_HELP)
+def export_command(archive: str, destination: str, json_output: bool, mailbox: str | None) -> None:
     """Copy ARCHIVE into a new archive DESTINATION of any kind, catalog included.
 
     DESTINATION is maildir:DIR, mbox:DIR, a .sqlite path or a SQLAlchemy URL. The
@@ -649,7 +696,7 @@ def export_command(archive: str, destination: str, json_output: bool) -> None:
     """
     from .export import ExportSummary, export
 
-    summary: ExportSummary = run(json_output, lambda: export(archive, destination))
+    summary: ExportSummary = run(json_output, lambda: export(archive, destination, mailbox=mailbox))
     if json_output:
         click.echo(json.dumps(summary.as_dict()))
     else:

@@ -87,3 +87,21 @@ class QueueError(MailbackupError):
 
 class QueueNotDrained(MailbackupError):
     """Jobs were still queued or running when the wait ran out."""
+
+
+class NotAnArchive(UsageError):
+    """The path is not a mailbackup archive."""
+
+
+class ArchiveReadOnly(StoreError):
+    """This command writes to the archive, and the archive cannot be written."""
+
+    exit_code = 2
+
+
+class AccountMismatch(UsageError):
+    """The archive holds another account's mail."""
+
+
+class CatalogDamaged(StoreError):
+    """The archive's catalog is damaged or lost; run 'mailbackup repair ARCHIVE'."""

@@ -43,12 +43,19 @@ class ExportSummary:
         }
 
 
-def export(archive: str, destination: str, *, progress: Callable[[int, int], None] = lambda messages, size: None) -> ExportSummary:
-    """Copy every folder and entry of `archive` into a new, empty `destination`."""
+def export(
+    archive: str,
+    destination: str,
+    *,
+    progress: Callable[[int, int], None] = lambda messages, size: None,
+    mailbox: str | None = None,
+) -> ExportSummary:
+    """Copy every folder and entry of `archive` (of one account) into a new, empty `destination`."""
     started = time.monotonic()
-    source = open_store(archive, create=False)
+    source = open_store(archive, mode="read", account=mailbox)
     try:
-        target = open_store(destination)
+        # The copy holds the same account's mail, under the same name when the source knows it.
+        target = open_store(destination, mode="write", account=source.catalog.account or None)
         try:
             if target.url == source.url:
                 raise UsageError("export needs a destination other than the archive itself")

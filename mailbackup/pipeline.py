@@ -20,7 +20,7 @@ from typing import TypeVar
 from .errors import ConnectionLost, ServerError, UsageError
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
 from .search import Indexer
-from .sources import Checkpoint, Connect, Fetched, Listed, OpenFolder, Source, SourceId, Traits, open_source, source_kind
+from .sources import Checkpoint, Connect, Fetched, Listed, OpenFolder, Source, SourceId, Traits, account_name, open_source, source_kind
 from .stores import Store, open_store
 
 
@@ -272,6 +272,7 @@ class FolderSync:
         rescan = False
         first_seen: dict[str, str] = {}
         if validity is None:  # ids that never change meaning (POP3 UIDLs)
+            rescan = self.catalog.has_stale(archived.id, None)  # entries rebuilt by repair carry no id
             first_seen = self.catalog.source_ids(archived.id)
             on_server = set(ids)
             gone: Sequence[SourceId] = [i for i in first_seen if i not in on_server]
@@ -292,7 +293,7 @@ class FolderSync:
         self.tally.gone += len(gone)
         self.fetch_new(archived, validity, new, rescan)
         if rescan and not self.tally.failed:
-            self.tally.gone += self.catalog.mark_stale_gone(archived.id, validity)  # type: ignore[arg-type]  # validity is not None on a rescan
+            self.tally.gone += self.catalog.mark_stale_gone(archived.id, validity)
         if validity is not None:
             self.catalog.set_folder_state(archived.id, validity, checkpoint.modseq)
         self.delete([i for i in ids if i in first_seen and self.may_delete(first_seen[i])])  # type: ignore[index]  # only str ids are in first_seen
@@ -388,12 +389,12 @@ class FolderSync:
     def store_batch(self, archived: ArchivedFolder, validity: int | None, messages: list[Message], rescan: bool) -> None:
         fresh = []
         for message in messages:
-            stale = self.catalog.stale_entry(archived.id, message.sha256, validity) if rescan and validity is not None else None
+            stale = self.catalog.stale_entry(archived.id, message.sha256, validity) if rescan else None
             if stale is None:
                 fresh.append(message)
                 continue
             location = self.store.set_flags(stale.location, message.flags)
-            self.catalog.rekey(stale.id, message, validity, location)  # type: ignore[arg-type]  # validity is not None on a rescan
+            self.catalog.rekey(stale.id, message, validity, location)
             self.tally.adopted += 1
         commit(self.store, archived, validity, fresh, self.indexer)
         self.tally.stored(fresh)
@@ -560,7 +561,7 @@ def backup(
     )
     address = kind.address(source_url, connect)  # a bad URL fails here, before the archive is touched
     check_options(kind.traits, options)
-    store = open_store(archive)
+    store = open_store(archive, mode="write", account=account_name(source_url))
     try:
         reports: list[FolderReport] = []
         run = Run(options)
@@ -579,13 +580,3 @@ def backup(
     finally:
         store.close()
     return Summary(address, store.url, merged(reports), time.monotonic() - started)
-
-
-def archive_stats(archive: str) -> list[tuple[ArchivedFolder, int, int, int]]:
-    """Per folder: (folder, messages, bytes, gone) for `mailbackup ls`."""
-    store = open_store(archive, create=False)
-    try:
-        return store.catalog.stats()
-    finally:
-        store.close()
-

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from .errors import MailbackupError, UsageError
 from .model import ArchivedFolder, Entry, Folder
 from .pipeline import BackupOptions, chunks, wanted
-from .sources import Connect, Source, SourceId, open_source, source_kind
+from .sources import Connect, Source, SourceId, account_name, open_source, source_kind
 from .stores import Store, open_store
 
 _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([dwy]?)")
@@ -151,7 +151,7 @@ def prune_server(
     )
     address = kind.address(source_url, connect)
     cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
-    store = open_store(archive, create=False)
+    store = open_store(archive, mode="write", account=account_name(source_url))
     folders: list[FolderPrune] = []
     try:
         with store.lock():

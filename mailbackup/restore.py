@@ -312,7 +312,7 @@ def restore(
         raise UsageError("restore over SMTP needs at least one --to address")
     if not smtp and (options.recipients or options.sender or options.resent or options.rate_per_minute):
         raise UsageError("--to, --from, --resent and --rate apply to SMTP targets only")
-    store = open_store(archive, create=False)
+    store = open_store(archive, mode="read" if options.dry_run else "write")
     reports: list[TransferReport] = []
     try:
         folders = [

@@ -1,7 +1,7 @@
 """Full-text search: an SQLite FTS5 index beside the catalog, keyed by content SHA-256.
 
-A message that sits in three folders is indexed once; hits are joined with the
-catalog's `messages` table for folder, date and id. The index holds headers and
+A message that sits in three folders is indexed once; the catalog gives each hit
+its entries (folder, date, id) by content. The index holds headers and
 the decoded text of text/plain and text/html parts (HTML reduced to text), at most
 BODY_CAP characters per message. It is an aid, not part of the backup: backup
 indexes each committed batch and a failure only logs a warning (`reindex` catches up).
@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 
 import sqlalchemy as sa
 
-from .catalog import folders, messages
 from .errors import StoreError, UsageError
 from . import mime
 from .mime import PARSE_CAP, SCHEMA, Document, _send, document
@@ -120,7 +119,7 @@ class Indexer:
             return
         try:
             if self.worker is None:
-                database = self.store.catalog.engine.url.database
+                database = self.store.catalog.sqlite_file()
                 self.worker = subprocess.Popen(
                     [sys.executable, "-c", mime.SERVE, mime.__file__, str(database)], stdin=subprocess.PIPE
                 )
@@ -171,7 +170,7 @@ class ReindexSummary:
 def reindex(archive: str, *, rebuild: bool = False, batch_size: int = 200) -> ReindexSummary:
     """Index every message content the catalog holds and the index lacks (all of it with rebuild)."""
     started = time.monotonic()
-    store = open_store(archive, create=False)
+    store = open_store(archive, mode="write")
     try:
         _require_sqlite(store)
         engine = store.catalog.engine
@@ -185,10 +184,13 @@ def reindex(archive: str, *, rebuild: bool = False, batch_size: int = 200) -> Re
         after = ""
         while True:
             # Keyset pages: no cursor stays open while the index is written.
-            page = _unindexed(engine, after, batch_size)
-            if not page:
+            contents = store.catalog.contents(after, batch_size)
+            if not contents:
                 break
-            after = page[-1][0]
+            after = contents[-1][0]
+            with engine.connect() as conn:
+                fresh = mime.missing(conn.connection.driver_connection, [c[0] for c in contents])  # type: ignore[arg-type]
+            page = [c for c in contents if c[0] in fresh]
             docs = []
             for sha256, location, internal_date in page:
                 try:
@@ -201,16 +203,6 @@ def reindex(archive: str, *, rebuild: bool = False, batch_size: int = 200) -> Re
     finally:
         store.close()
     return ReindexSummary(store.url, indexed, tuple(failed), time.monotonic() - started)
-
-
-def _unindexed(engine: sa.Engine, after: str, limit: int) -> list[tuple[str, str, str | None]]:
-    query = """
-        SELECT m.sha256, MIN(m.location), MIN(m.internal_date) FROM messages m
-        WHERE m.sha256 > ? AND NOT EXISTS (SELECT 1 FROM search_docs d WHERE d.sha256 = m.sha256)
-        GROUP BY m.sha256 ORDER BY m.sha256 LIMIT ?
-    """
-    with engine.connect() as conn:
-        return [tuple(row) for row in conn.exec_driver_sql(query, (after, limit))]  # type: ignore[misc]
 
 
 # querying
@@ -240,32 +232,57 @@ def match_expression(filters: Filters) -> str:
     return " AND ".join(terms)
 
 
-def search(archive: str, filters: Filters) -> Iterator[Hit]:
+def search(archive: str, filters: Filters, *, mailbox: str | None = None) -> Iterator[Hit]:
     """Hits newest first, one per catalog entry (a message in three folders is three hits)."""
-    store = open_store(archive, create=False)
+    store = open_store(archive, mode="read", account=mailbox)
     try:
         _require_sqlite(store)
-        with store.catalog.engine.begin() as conn:
-            _ensure_schema(conn)
-        sql, params = _query(filters)
         with store.catalog.engine.connect() as conn:
-            try:
-                result = conn.exec_driver_sql(sql, tuple(params))
-            except sa.exc.OperationalError as exc:
-                raise UsageError(f"bad search query: {exc.orig}") from exc
-            for row in result:
+            if not sa.inspect(conn).has_table("search_docs"):
+                return  # nothing indexed yet ('mailbackup reindex' builds it); a reader creates nothing
+        found = 0
+        for page in _documents(store, filters):
+            by_content = {row[0]: row for row in page}
+            entries = store.catalog.entries_with_contents(list(by_content), filters.folder)
+            # Newest first, then in catalog order, as one query over both tables would give.
+            entries.sort(key=lambda item: item[0].id)
+            entries.sort(key=lambda item: by_content[item[0].sha256][1] or "", reverse=True)
+            for entry, folder in entries:
+                _, sent_at, sender, subject = by_content[entry.sha256]
                 yield Hit(
-                    id=row.id,
-                    sha256=row.sha256,
-                    folder=row.folder,
-                    date=row.sent_at or row.internal_date,
-                    sender=row.sender,
-                    subject=row.subject,
-                    uid=row.uid,
-                    gone=row.gone_at is not None,
+                    id=entry.id,
+                    sha256=entry.sha256,
+                    folder=folder,
+                    date=sent_at or (entry.internal_date.isoformat() if entry.internal_date else None),
+                    sender=sender,
+                    subject=subject,
+                    uid=entry.uid,
+                    gone=entry.gone,
                 )
+                found += 1
+                if filters.limit is not None and found >= filters.limit:
+                    return
     finally:
         store.close()
+
+
+PAGE = 500
+
+
+def _documents(store: Store, filters: Filters) -> Iterator[list[tuple[str, str | None, str, str]]]:
+    """Indexed documents that match, newest first, a page at a time (the index's own tables only)."""
+    sql, params = _query(filters)
+    offset = 0
+    while True:
+        with store.catalog.engine.connect() as conn:
+            try:
+                page = [tuple(row) for row in conn.exec_driver_sql(sql, (*params, PAGE, offset))]
+            except sa.exc.OperationalError as exc:
+                raise UsageError(f"bad search query: {exc.orig}") from exc
+        if not page:
+            return
+        yield page  # type: ignore[misc]
+        offset += PAGE
 
 
 def _query(filters: Filters) -> tuple[str, list[object]]:
@@ -281,20 +298,11 @@ def _query(filters: Filters) -> tuple[str, list[object]]:
     if filters.before is not None:
         where.append("d.sent_at < ?")
         params.append(_utc(filters.before))
-    if filters.folder is not None:
-        where.append("f.name = ?")
-        params.append(filters.folder)
     sql = f"""
-        SELECT m.id, m.sha256, m.uid, m.internal_date, m.gone_at, f.name AS folder, d.sent_at, d.sender, d.subject
-        FROM search_docs d
-        JOIN {messages.name} m ON m.sha256 = d.sha256
-        JOIN {folders.name} f ON f.id = m.folder_id
+        SELECT d.sha256, d.sent_at, d.sender, d.subject FROM search_docs d
         {"WHERE " + " AND ".join(where) if where else ""}
-        ORDER BY d.sent_at DESC, m.id
+        ORDER BY d.sent_at DESC, d.sha256 LIMIT ? OFFSET ?
     """
-    if filters.limit is not None:
-        sql += " LIMIT ?"
-        params.append(filters.limit)
     return sql, params
 
 

@@ -1,13 +1,14 @@
-"""Reading one message back: by catalog entry id or by a SHA-256 prefix."""
+"""Reading an archive back: its listing (ls), and one message by catalog entry id or SHA-256 prefix."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from dataclasses import dataclass
+from datetime import datetime
 
 from .errors import ArchiveCorrupt, StoreError, UsageError
-from .model import Entry
+from .model import ArchivedFolder, Entry
 from .stores import Store, open_store
 
 
@@ -37,9 +38,37 @@ def find_entry(store: Store, ident: str) -> Entry:
     return (live or found)[0]
 
 
-def show(archive: str, ident: str) -> Shown:
+@dataclass(frozen=True)
+class FolderListing:
+    account: str  # user@host, or '' for an archive that has not recorded whose mail it holds
+    folder: ArchivedFolder
+    messages: int
+    bytes: int
+    gone: int
+
+
+def listing(archive: str, *, mailbox: str | None = None, as_of: datetime | None = None) -> list[FolderListing]:
+    """Per account and folder: live messages, bytes, gone messages; with as_of, as the archive stood then.
+
+    Without mailbox, every account the archive holds is listed.
+    """
+    store = open_store(archive, mode="read", account=mailbox)
+    try:
+        names = [mailbox] if mailbox is not None else store.catalog.accounts()
+        rows = []
+        for name in names:
+            if mailbox is None and len(names) > 1:
+                store.catalog.choose_account(name, claim=False, several=True)
+            for folder, count, size, gone in store.catalog.stats(as_of=as_of):
+                rows.append(FolderListing(store.catalog.account or name or "", folder, count, size, gone))
+        return rows
+    finally:
+        store.close()
+
+
+def show(archive: str, ident: str, *, mailbox: str | None = None) -> Shown:
     """The original bytes of one message, checked against its recorded SHA-256."""
-    store = open_store(archive, create=False)
+    store = open_store(archive, mode="read", account=mailbox)
     try:
         entry = find_entry(store, ident)
         raw = store.get(entry.location)

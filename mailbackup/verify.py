@@ -8,28 +8,19 @@ many messages (or problems) the archive holds.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import re
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import sqlalchemy as sa
-
-from .catalog import Catalog, messages
+from .catalog import Catalog
 from .errors import StoreError, UsageError
 from .model import ArchivedFolder, Entry, Folder
 from .net import parse_url
 from .pipeline import batches, diff_sorted, wanted
 from .sources.imap import ImapSource
 from .stores import Store, open_store
-from .stores.files import CATALOG_DIR
-from .stores.maildir import MaildirStore
-from .stores.mbox import MboxStore, parse_location
-from .stores.sql import SqlStore, blobs
 
 # Problem kinds, stable for --json.
 MISSING = "missing"  # the catalog has an entry whose bytes are not in the store
@@ -39,8 +30,7 @@ NOT_ARCHIVED = "not-archived"  # on the server, not in the archive
 NOT_ON_SERVER = "not-on-server"  # live in the archive, gone from the server
 DIFFERS = "differs"  # the server's bytes hash differently from the archive's
 UID_VALIDITY = "uidvalidity"  # the server folder was reset since the last backup
-
-_FROM_LINE = re.compile(rb"From [^\n]*\n")
+DUPLICATE = "duplicate"  # one message stored twice in one folder
 
 
 @dataclass(frozen=True)
@@ -111,20 +101,33 @@ class _Counter:
         self.report(problem)
 
 
-def verify(archive: str, *, report: Report = lambda problem: None, against: AgainstOptions | None = None) -> VerifySummary:
-    """Check ARCHIVE (and, with `against`, the server); every problem goes to `report`."""
+def verify(
+    archive: str,
+    *,
+    report: Report = lambda problem: None,
+    against: AgainstOptions | None = None,
+    mailbox: str | None = None,
+) -> VerifySummary:
+    """Check ARCHIVE (and, with `against`, the server); every problem goes to `report`.
+
+    mailbox (user@host) picks one account of an archive that holds several.
+    """
     started = time.monotonic()
     endpoint = None
     if against is not None:
         endpoint = parse_url(against.source, no_tls=against.no_tls, schemes=("imap", "imaps"))
         if not 0 < against.sample <= 100:
             raise UsageError("--sample needs a percentage above 0 and at most 100")
-    store = open_store(archive, create=False)
+    store = open_store(archive, mode="read", account=mailbox)
     counter = _Counter(report)
     try:
+        if mailbox is None and endpoint is not None and len(store.catalog.accounts()) > 1:
+            # Several accounts and none named: the one --against logs in as.
+            store.catalog.choose_account(f"{endpoint.user}@{endpoint.host}", claim=False, several=True)
         folders = {f.id: f for f in store.catalog.folders()}
         checked, size = check_stored(store, folders, counter)
-        check_unrecorded(store, list(folders.values()), counter)
+        check_unrecorded(store, counter)
+        check_duplicates(store, list(folders.values()), counter)
         compared = 0
         if against is not None and endpoint is not None:
             source = ImapSource.connect(
@@ -165,83 +168,18 @@ def check_stored(store: Store, folders: dict[int, ArchivedFolder], report: Repor
     return checked, size
 
 
-def check_unrecorded(store: Store, folders: list[ArchivedFolder], report: Report) -> None:
-    if isinstance(store, MaildirStore):
-        _maildir_unrecorded(store, folders, report)
-    elif isinstance(store, MboxStore):
-        _mbox_unrecorded(store, folders, report)
-    elif isinstance(store, SqlStore):
-        _sql_unrecorded(store, report)
+def check_unrecorded(store: Store, report: Report) -> None:
+    for finding in store.unrecorded():
+        report(Problem(UNRECORDED, finding.folder, finding.detail))
 
 
-def _maildir_unrecorded(store: MaildirStore, folders: list[ArchivedFolder], report: Report) -> None:
-    """Every file in a cur/, new/ or tmp/ must be a catalogued message file."""
-    by_path = {f.path: f for f in folders}
-    for directory, subdirs, files in os.walk(store.root):
-        here = Path(directory)
-        if here == store.root:
-            subdirs[:] = [d for d in subdirs if d != CATALOG_DIR]
-        if here.name not in ("cur", "new", "tmp") or here == store.root:
-            continue
-        path = here.parent.relative_to(store.root).as_posix()
-        folder = by_path.get(path)
-        for name in files:
-            relative = f"{path}/{here.name}/{name}"
-            unique = name.partition(":")[0]
-            # Only cur/ holds finished messages; the info after ':' may lag a flag rename.
-            known = (
-                folder is not None
-                and here.name == "cur"
-                and store.catalog.has_location_prefix(folder.id, f"{path}/cur/{unique}:")
-            )
-            if not known:
-                report(Problem(UNRECORDED, folder.name if folder else None, f"file the catalog does not know: {relative}"))
-
-
-def _mbox_unrecorded(store: MboxStore, folders: list[ArchivedFolder], report: Report) -> None:
-    """Between catalogued messages an mbox may hold only the separator and the next From line."""
-    known_paths = {f.path for f in folders}
+def check_duplicates(store: Store, folders: Sequence[ArchivedFolder], report: Report) -> None:
+    """Second copies of one message in one folder: in the store's files, or as catalog entries."""
+    for finding in store.duplicates():
+        report(Problem(DUPLICATE, finding.folder, finding.detail))
     for folder in folders:
-        path = store.root / folder.path
-        if not path.exists():
-            continue  # every entry of it was already reported missing
-        with open(path, "rb") as mbox:
-            end = 0  # where the last catalogued message ended
-            separator = b""  # what must follow it before the next From line
-            for location in store.catalog.locations(folder.id):
-                _, offset, length, _ = parse_location(location)
-                if offset < end:
-                    continue  # two entries for one location: checked once
-                gap = _read(mbox, end, offset - end)
-                if not (gap.startswith(separator) and _FROM_LINE.fullmatch(gap[len(separator) :])):
-                    report(
-                        Problem(UNRECORDED, folder.name, f"{folder.path}: {offset - end} unexpected bytes at offset {end}")
-                    )
-                end = offset + length
-                separator = b"\n" if length and _read(mbox, end - 1, 1) == b"\n" else b"\n\n"
-            size = mbox.seek(0, os.SEEK_END)
-            if size > end + len(separator) or (size > end and _read(mbox, end, size - end) != separator):
-                report(Problem(UNRECORDED, folder.name, f"{folder.path}: {size - end} bytes past the last message"))
-    for path in store.root.rglob("*.mbox"):
-        relative = path.relative_to(store.root).as_posix()
-        if relative not in known_paths and not relative.startswith(CATALOG_DIR + "/"):
-            report(Problem(UNRECORDED, None, f"mbox file the catalog does not know: {relative}"))
-
-
-def _read(mbox: object, offset: int, length: int) -> bytes:
-    # A long gap cannot be a separator; reading 4 KB of it is enough to say so.
-    mbox.seek(offset)  # type: ignore[attr-defined]
-    return mbox.read(min(length, 4096)) + (b"\0" if length > 4096 else b"")  # type: ignore[attr-defined,no-any-return]
-
-
-def _sql_unrecorded(store: SqlStore, report: Report) -> None:
-    """A blob no entry references is unrecorded."""
-    orphans = sa.select(blobs.c.sha256, blobs.c.size).where(
-        ~sa.exists().where(messages.c.sha256 == blobs.c.sha256)
-    )
-    with store.catalog.engine.connect() as conn:
-        for sha256, size in conn.execution_options(yield_per=1000).execute(orphans):
-            report(Problem(UNRECORDED, None, f"blob {sha256} ({size} bytes) that no entry references"))
+        for sha256, copies in store.catalog.duplicates(folder.id):
+            report(Problem(DUPLICATE, folder.name, f"{copies} entries hold {sha256[:16]}… and no server id tells them apart"))
 
 
 def compare_with_server(source: ImapSource, store: Store, options: AgainstOptions, report: Report) -> int:

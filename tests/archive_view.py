@@ -19,7 +19,7 @@ class Archived:
 
 def archived(url: str, *, include_gone: bool = False) -> dict[str, list[Archived]]:
     """Folder name -> its messages in UID order, with bytes as the store gives them back."""
-    store = open_store(url, create=False)
+    store = open_store(url, mode="read")
     try:
         names = {f.id: f.name for f in store.catalog.folders()}
         out: dict[str, list[Archived]] = {name: [] for name in names.values()}

@@ -285,7 +285,7 @@ def test_special_use_and_delimiter_are_kept(dovecot, account, tmp_path: Path) ->
     run_backup(account, url)
     from mailbackup.stores import open_store
 
-    store = open_store(url, create=False)
+    store = open_store(url, mode="read")
     folders = {f.name: f for f in store.catalog.folders()}
     store.close()
     assert "\\Sent" in folders["Sent"].attributes

@@ -103,13 +103,13 @@ def test_one_failing_account_does_not_stop_the_others(dovecot, tmp_path: Path) -
 def test_second_writer_is_refused_and_nothing_is_corrupted(dovecot, account, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
     dovecot.seed_maildir(account, "INBOX", ((b"Subject: %d\r\n\r\n%s\r\n" % (i, b"z" * 4000), "", 1.6e9 + i) for i in range(1500)))
     url = f"maildir:{tmp_path / 'md'}" if kind == "maildir" else str(tmp_path / "a.sqlite")
-    store = open_store(url)
+    store = open_store(url, mode="write")
     with store.lock():  # a run in progress
         result = invoke("backup", account.url("imap"), url, "--no-tls", "--password-command", f"echo {account.password}")
         assert result.exit_code == 4, result.output  # type: ignore[attr-defined]
         assert "another mailbackup run" in result.output  # type: ignore[attr-defined]
         with pytest.raises(ArchiveLocked):
-            with open_store(url).lock():
+            with open_store(url, mode="write").lock():
                 pass
     store.close()
     env = {**os.environ, "MAILBACKUP_PASSWORD": account.password}

@@ -165,7 +165,7 @@ def test_messages_cyrus_refuses_are_reported_not_fatal(dovecot, account, cyrus, 
     from mailbackup.model import Folder, Message
     from mailbackup.stores import open_store
 
-    store = open_store(url)
+    store = open_store(url, mode="write")
     folder = store.catalog.ensure_folder(Folder("INBOX", "/"), "INBOX")
     messages = [Message(raw=raw, uid=i + 1) for i, raw in enumerate(raws)]
     store.catalog.add(folder.id, 1, list(zip(messages, store.put(folder, messages))))

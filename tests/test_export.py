@@ -20,7 +20,7 @@ from tests.test_backup_imap import seed_tricky
 
 def catalog_rows(url: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], list[str]]:
     """Folders and entries with every column except ids and store locations, plus each entry's bytes' SHA-256."""
-    store = open_store(url, create=False)
+    store = open_store(url, mode="read")
     try:
         with store.catalog.engine.connect() as conn:
             folder_rows = conn.execute(sa.select(folders).order_by(folders.c.name)).all()

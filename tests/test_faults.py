@@ -50,7 +50,7 @@ def batch(count: int, size: int) -> list[Message]:
 @pytest.mark.parametrize("kind", ["maildir", "mbox"])
 def test_a_write_that_hits_enospc_leaves_nothing_behind(tmp_path: Path, kind: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     url = f"{kind}:{tmp_path / kind}"
-    store = open_store(url)
+    store = open_store(url, mode="write")
     folder = store.catalog.ensure_folder(Folder("INBOX"), store.folder_path(Folder("INBOX")))
     first = batch(3, 100)
     store.catalog.add(folder.id, 1, list(zip(first, store.put(folder, first))))
@@ -91,7 +91,7 @@ def test_a_write_that_hits_enospc_leaves_nothing_behind(tmp_path: Path, kind: st
 
 
 def test_sqlite_database_or_disk_is_full_becomes_disk_full_error(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path / "a.sqlite"))
+    store = open_store(str(tmp_path / "a.sqlite"), mode="write")
     folder = store.catalog.ensure_folder(Folder("INBOX"), "INBOX")
     with store.catalog.engine.connect() as conn:
         pages = conn.exec_driver_sql("PRAGMA page_count").scalar()

@@ -130,7 +130,7 @@ def test_special_use_folders_map_by_role(dovecot, tmp_path: Path) -> None:  # ty
     url = archive_url("sqlite", tmp_path)
     run_backup(source, url)
     # An archive from a server whose \Sent folder is called "Gesendet".
-    store = open_store(url, create=False)
+    store = open_store(url, mode="write")
     folder = store.catalog.ensure_folder(Folder("Gesendet", "/", frozenset({"\\Sent"})), "Gesendet")
     message = Message(raw=b"Subject: sent\r\n\r\nbody\r\n", flags=("\\Seen",), internal_date=datetime(2021, 1, 2, tzinfo=timezone.utc))
     store.catalog.add(folder.id, 1, list(zip([message], store.put(folder, [message]))))
@@ -173,7 +173,7 @@ def test_dry_run_prints_the_plan_and_leaves_target_untouched(dovecot, tmp_path: 
     assert "Entwürfe/Ökonomie -> Entwürfe/Ökonomie: 34 messages" in done.stdout
     assert f"total: {count} messages" in done.stdout
     assert bodies(dovecot, target) == before == {"INBOX": []}
-    store = open_store(url, create=False)
+    store = open_store(url, mode="read")
     assert not Journal(store.catalog.engine, "x", create=False).exists
     store.close()
 
@@ -289,7 +289,7 @@ def test_dropped_connection_mid_append_then_rerun_completes_without_duplicates(d
     options = RestoreOptions(no_tls=True, batch_messages=20)
     with pytest.raises(ConnectionLost):
         restore(url, proxy.url(target), password=target.password, options=options)
-    store = open_store(url, create=False)
+    store = open_store(url, mode="read")
     journal = Journal(store.catalog.engine, f"imap://{target.user}@127.0.0.1:{proxy.local_port}", create=False)
     in_flight = sum(r.state == IN_FLIGHT for folder in ("INBOX", "Notes") for r in journal.records(folder).values())
     store.close()

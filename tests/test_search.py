@@ -174,7 +174,7 @@ def test_indexing_leaves_the_catalog_connection_fully_synchronous(tmp_path: Path
     from mailbackup.model import Message
     from mailbackup.stores import open_store
 
-    store = open_store(str(tmp_path / "a.sqlite"))
+    store = open_store(str(tmp_path / "a.sqlite"), mode="write")
     indexer = search_module.Indexer(store)
     indexer.add([Message(raw=b"Subject: durable\r\n\r\nbody words\r\n")])
     indexer.close()

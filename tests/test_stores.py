@@ -37,7 +37,7 @@ def store_urls(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture(params=["maildir", "mbox", "sqlite"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    opened = open_store(store_urls(tmp_path)[request.param])
+    opened = open_store(store_urls(tmp_path)[request.param], mode="write")
     yield opened
     opened.close()
 
@@ -68,7 +68,7 @@ def test_flags_change_keeps_bytes(store: Store) -> None:
 
 def test_archive_files_are_private(tmp_path: Path) -> None:
     for url in store_urls(tmp_path).values():
-        store = open_store(url)
+        store = open_store(url, mode="write")
         put_all(store, Folder("A/B"), [b"Subject: x\r\n\r\ny\r\n"])
         store.close()
     for path in tmp_path.rglob("*"):
@@ -82,7 +82,7 @@ def test_python_mailbox_reads_maildir_and_mbox(tmp_path: Path) -> None:
     raws = sample_messages()
     urls = store_urls(tmp_path)
     for kind in ("maildir", "mbox"):
-        store = open_store(urls[kind])
+        store = open_store(urls[kind], mode="write")
         put_all(store, Folder("Archive/2024"), raws, ("\\Seen", "\\Flagged"))
         store.close()
     md = mailbox.Maildir(tmp_path / "md" / "Archive" / "2024", create=False)
@@ -93,7 +93,7 @@ def test_python_mailbox_reads_maildir_and_mbox(tmp_path: Path) -> None:
 
 
 def test_maildir_adopts_a_file_left_by_a_crash(tmp_path: Path) -> None:
-    store = open_store(f"maildir:{tmp_path / 'md'}")
+    store = open_store(f"maildir:{tmp_path / 'md'}", mode="write")
     folder = store.catalog.ensure_folder(Folder("INBOX"), "INBOX")
     message = Message(raw=b"Subject: x\r\n\r\ny\r\n", uid=1)
     [first] = store.put(folder, [message])  # written, but the catalog never heard of it
@@ -103,7 +103,7 @@ def test_maildir_adopts_a_file_left_by_a_crash(tmp_path: Path) -> None:
 
 
 def test_mbox_cuts_a_torn_tail_before_appending(tmp_path: Path) -> None:
-    store = open_store(f"mbox:{tmp_path / 'mb'}")
+    store = open_store(f"mbox:{tmp_path / 'mb'}", mode="write")
     raws = [b"Subject: one\r\n\r\nFrom me\r\n", b"Subject: two\r\n\r\n>From you\r\n"]
     locations = put_all(store, Folder("INBOX"), raws[:1])
     path = tmp_path / "mb" / "INBOX.mbox"
@@ -111,7 +111,7 @@ def test_mbox_cuts_a_torn_tail_before_appending(tmp_path: Path) -> None:
     with open(path, "ab") as f:  # a crashed run: written, never catalogued
         f.write(b"From MAILER-DAEMON Thu Jan  1 00:00:00 2021\nSubject: torn")
     store.close()
-    store = open_store(f"mbox:{tmp_path / 'mb'}")
+    store = open_store(f"mbox:{tmp_path / 'mb'}", mode="write")
     locations += put_all(store, Folder("INBOX"), raws[1:], first_uid=2)
     assert path.read_bytes().startswith(committed)
     assert b"torn" not in path.read_bytes()
@@ -122,7 +122,7 @@ def test_mbox_cuts_a_torn_tail_before_appending(tmp_path: Path) -> None:
 def test_sqlite_stores_shared_bytes_once(tmp_path: Path) -> None:
     import sqlalchemy as sa
 
-    store = open_store(str(tmp_path / "a.sqlite"))
+    store = open_store(str(tmp_path / "a.sqlite"), mode="write")
     raw = b"Subject: same\r\n\r\nbody\r\n"
     for name in ("INBOX", "Archive", "Sent"):
         put_all(store, Folder(name), [raw])
@@ -132,21 +132,21 @@ def test_sqlite_stores_shared_bytes_once(tmp_path: Path) -> None:
 
 
 def test_wrong_kind_of_archive_is_refused(tmp_path: Path) -> None:
-    open_store(f"maildir:{tmp_path / 'x'}").close()
+    open_store(f"maildir:{tmp_path / 'x'}", mode="write").close()
     with pytest.raises(UsageError, match="maildir archive"):
-        open_store(f"mbox:{tmp_path / 'x'}")
+        open_store(f"mbox:{tmp_path / 'x'}", mode="write")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file").write_text("mine")
     with pytest.raises(UsageError, match="not empty"):
-        open_store(f"maildir:{tmp_path / 'other'}")
+        open_store(f"maildir:{tmp_path / 'other'}", mode="write")
     with pytest.raises(UsageError):
-        open_store(str(tmp_path / "archive.txt"))
+        open_store(str(tmp_path / "archive.txt"), mode="write")
 
 
 def test_sqlite_streams_a_big_message_and_still_stores_it_once(tmp_path: Path) -> None:
     import sqlalchemy as sa
 
-    store = open_store(str(tmp_path / "a.sqlite"))
+    store = open_store(str(tmp_path / "a.sqlite"), mode="write")
     raw = b"Subject: big\r\n\r\n" + bytes(range(256)) * 12000 + b"\r\n"  # about 3 MB, every byte value
     locations = put_all(store, Folder("INBOX"), [raw, raw])
     locations += put_all(store, Folder("Archive"), [raw])

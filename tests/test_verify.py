@@ -44,7 +44,7 @@ def problems(url: str, against: AgainstOptions | None = None) -> list[Problem]:
 
 
 def first_location(url: str) -> tuple[str, str]:
-    store = open_store(url, create=False)
+    store = open_store(url, mode="read")
     try:
         inbox = store.catalog.folder("INBOX")
         assert inbox is not None
@@ -129,7 +129,7 @@ def test_extra_bytes_are_reported_unrecorded(dovecot, account, tmp_path: Path, k
 
 def test_bytes_planted_between_mbox_messages_are_unrecorded(dovecot, account, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     url = seeded(dovecot, account, tmp_path, "mbox")
-    store = open_store(url, create=False)
+    store = open_store(url, mode="read")
     try:
         second = sorted(e.location for e in store.catalog.entries() if e.location.startswith("INBOX"))[1]
     finally:

@@ -181,6 +181,18 @@ def open_source(url: str, connect: Connect) -> Source:
     return source_kind(url).opener(url, connect)
 
 
+def account_name(url: str) -> str:
+    """USER@HOST, the account an archive records for scheme://user@host[:port] (the user may hold '@')."""
+    rest = url.partition("://")[2]
+    user, _, host = rest.rpartition("@")
+    host = host.split("/", 1)[0]
+    if host.startswith("["):  # [IPv6]:port
+        host = host[: host.find("]") + 1]
+    else:
+        host = host.rsplit(":", 1)[0]
+    return f"{user}@{host.lower()}"
+
+
 def _open_imap(url: str, connect: Connect) -> Source:
     from .imap import ImapSource
 

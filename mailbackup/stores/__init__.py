@@ -1,23 +1,57 @@
 """Archive stores: where message bytes live. The catalog lives beside them.
 
-Adding a store means adding one module with a class that fits `Store`.
+Adding a store means adding one module with a class that fits `Store` and one
+line in REGISTRY.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
 
 from ..catalog import Catalog
-from ..errors import UsageError
+from ..errors import CatalogDamaged, UsageError
 from ..model import ArchivedFolder, Folder, Message
+
+Mode = Literal["read", "write"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something in the store that verify reports: where (folder name, if known) and what."""
+
+    folder: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """One message found in the store by repair, with what the store itself keeps about it."""
+
+    folder: Folder
+    path: str  # the folder's place in the store (ArchivedFolder.path)
+    location: str
+    known_by: str  # any catalog entry for this copy has a location starting so (flags may have moved on)
+    sha256: str
+    size: int
+    flags: tuple[str, ...] = ()
+    internal_date: datetime | None = None
+    archived_at: datetime | None = None  # when the store got it, if it keeps that (a file's mtime)
 
 
 class Store(Protocol):
     kind: str
     url: str
     catalog: Catalog
+    writable: bool
+
+    @staticmethod
+    def accepts(url: str) -> str | None:
+        """The store's own address inside url (a directory, a database URL), or None if url is not for this store."""
 
     def folder_path(self, folder: Folder) -> str:
         """Where this folder lives inside the archive (never outside it)."""
@@ -34,22 +68,79 @@ class Store(Protocol):
     def lock(self) -> AbstractContextManager[None]:
         """Exclusive for one writing run; raises ArchiveLocked at once when taken."""
 
+    def holds_messages(self) -> bool:
+        """True if the store holds any message bytes, whatever the catalog says."""
+
+    def unrecorded(self) -> Iterator[Finding]:
+        """Bytes in the store that no catalog entry accounts for."""
+
+    def duplicates(self) -> Iterator[Finding]:
+        """Second copies of one message in one folder that the store itself can see."""
+
+    def recover(self) -> Iterator[Recovered]:
+        """Every message the store holds, as far as it can tell without a catalog (for repair)."""
+
+    @staticmethod
+    def set_catalog_aside(where: str) -> str:
+        """Move a damaged catalog out of the way (repair then builds a new one); return where it went."""
+
     def close(self) -> None: ...
 
 
-def open_store(url: str, *, create: bool = True) -> Store:
-    """Open the archive named by `url`: maildir:DIR, mbox:DIR, a .sqlite/.db path or a SQLAlchemy URL."""
-    from .maildir import MaildirStore
-    from .mbox import MboxStore
-    from .sql import SqlStore
+# kind -> "module:class"; the first store whose accepts() takes the URL opens it.
+REGISTRY: dict[str, str] = {
+    "maildir": "mailbackup.stores.maildir:MaildirStore",
+    "mbox": "mailbackup.stores.mbox:MboxStore",
+    "sql": "mailbackup.stores.sql:SqlStore",
+}
 
-    if url.startswith("maildir:"):
-        return MaildirStore(url[len("maildir:") :], create=create)
-    if url.startswith("mbox:"):
-        return MboxStore(url[len("mbox:") :], create=create)
-    if "://" in url or url.endswith((".sqlite", ".db", ".sqlite3")):
-        return SqlStore(url, create=create)
+
+def store_class(name: str) -> type:
+    module, _, cls = name.partition(":")
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+def resolve(url: str) -> tuple[type, str]:
+    """The store class for url and the address it takes."""
+    for name in REGISTRY.values():
+        cls = store_class(name)
+        where = cls.accepts(url)
+        if where is not None:
+            return cls, where
     raise UsageError(
         f"unknown archive {url!r}: use maildir:DIR, mbox:DIR, a path ending in .sqlite or .db, "
         "or a SQLAlchemy URL such as postgresql://user@host/db"
     )
+
+
+def open_store(
+    url: str,
+    *,
+    mode: Mode = "read",
+    account: str | None = None,
+    create: bool | None = None,
+    check: bool = True,
+) -> Store:
+    """Open the archive named by `url`: maildir:DIR, mbox:DIR, a .sqlite/.db path or a SQLAlchemy URL.
+
+    mode="read" changes nothing on disk and refuses what is not an archive; "write"
+    creates the archive if needed and says at once if it cannot be written.
+    account ("user@host") scopes the catalog: a writer records it and a Maildir or
+    mbox archive refuses a second one; a reader picks it among several.
+    check=False lets repair open an archive whose catalog is lost.
+    `create` is the old spelling of mode (True: write, False: read), kept while callers move.
+    """
+    if create is not None:
+        mode = "write" if create else "read"
+    cls, where = resolve(url)
+    store: Store = cls(where, mode=mode, account=account)
+    try:
+        if check and store.catalog.lost() and store.holds_messages():
+            raise CatalogDamaged(
+                f"the catalog of {store.url} lists no messages but the store holds some; "
+                f"run 'mailbackup repair {url}' to rebuild it"
+            )
+    except BaseException:
+        store.close()
+        raise
+    return store

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import email.utils
 import errno
 import fcntl
 import hashlib
@@ -10,10 +11,20 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..catalog import Catalog, create_engine
-from ..errors import ArchiveLocked, DiskFullError, StoreError, UsageError
+from ..errors import (
+    AccountMismatch,
+    ArchiveLocked,
+    ArchiveReadOnly,
+    CatalogDamaged,
+    DiskFullError,
+    NotAnArchive,
+    StoreError,
+    UsageError,
+)
 from ..model import Folder
 
 CHUNK = 1 << 20
@@ -144,28 +155,133 @@ def file_lock(path: Path, what: str) -> Iterator[None]:
         os.close(fd)  # closing drops the lock
 
 
-def open_catalog(root: Path, kind: str, create: bool) -> Catalog:
-    """The catalog of a directory archive: a SQLite file inside it."""
+def directory_location(url: str, prefix: str) -> str | None:
+    """DIR from 'prefix:DIR', with ~ expanded (a shell leaves 'maildir:~/x' alone)."""
+    if not url.startswith(prefix + ":"):
+        return None
+    return str(Path(url[len(prefix) + 1 :]).expanduser().absolute())
+
+
+def require_writable(path: Path, what: str) -> None:
+    """Say in one line that a writing command cannot write here (read-only mount, snapshot, chmod)."""
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ArchiveReadOnly(f"cannot write {what}: {path} is read-only; this command needs write access to the archive")
+
+
+def open_catalog(root: Path, kind: str, mode: str, account: str | None) -> Catalog:
+    """The catalog of a directory archive: a SQLite file inside it, scoped to its one account.
+
+    Reading creates nothing: an empty directory reads as an empty archive, and any
+    other directory that is not a mailbackup archive is refused.
+    """
+    marker = root / CATALOG_DIR / "kind"
+    database = root / CATALOG_DIR / "catalog.sqlite"
+    if mode == "read":
+        if not root.is_dir():
+            raise NotAnArchive(f"no archive at {root}" if not root.exists() else f"{root} is not a directory")
+        if not marker.exists():
+            if any(root.iterdir()):
+                raise NotAnArchive(f"{root} is not a mailbackup archive")
+            catalog = Catalog(create_engine("sqlite:///:memory:"))  # an empty directory: an empty archive
+            catalog.choose_account(account, claim=False, several=False)
+            return catalog
+        check_kind(root, marker, kind)
+        if not database.exists():
+            raise CatalogDamaged(f"the catalog of {root} is missing; run 'mailbackup repair {kind}:{root}'")
+        try:
+            catalog = Catalog(create_engine(f"sqlite:///{database}", read_only=True), read_only=True)
+        except NotAnArchive:  # the marker says it is one: its catalog is what is wrong
+            raise CatalogDamaged(f"the catalog of {root} is empty or lost; run 'mailbackup repair {kind}:{root}'") from None
+        catalog.choose_account(account, claim=False, several=False)
+        return catalog
     if not root.exists():
-        if not create:
-            raise UsageError(f"no archive at {root}")
         with store_errors(root):
             make_dirs(root)
     elif not root.is_dir():
         raise UsageError(f"{root} is not a directory")
-    marker = root / CATALOG_DIR / "kind"
+    require_writable(root, f"{kind}:{root}")
+    require_writable(root / CATALOG_DIR, f"{kind}:{root}")
+    require_writable(database, f"{kind}:{root}")
     with store_errors(root):
-        make_dirs(root / CATALOG_DIR)
         if marker.exists():
-            found = marker.read_text().strip()
-            if found != kind:
-                raise UsageError(f"{root} is a {found} archive, not {kind}: use {found}:{root}")
+            check_kind(root, marker, kind)
         else:
             if any(p.name != CATALOG_DIR for p in root.iterdir()):
                 raise UsageError(f"{root} is not empty and not a mailbackup archive")
+            make_dirs(root / CATALOG_DIR)
             marker.write_text(kind + "\n")
             marker.chmod(0o600)
-    return Catalog(create_engine(f"sqlite:///{root / CATALOG_DIR / 'catalog.sqlite'}"))
+    recorded = root / CATALOG_DIR / "account"
+    held = recorded.read_text().strip() if recorded.exists() else None
+    if account is not None and held and held != account:
+        raise AccountMismatch(
+            f"{kind}:{root} holds the mail of {held}, not {account}; back up {account} into an archive of its own"
+        )
+    catalog = Catalog(create_engine(f"sqlite:///{database}"))
+    try:
+        catalog.choose_account(account or held, claim=True, several=False)
+    except BaseException:
+        catalog.close()
+        raise
+    if catalog.account and not held:
+        # Beside the catalog too, so the identity outlives a lost catalog (repair reads it).
+        with store_errors(recorded):
+            recorded.write_text(catalog.account + "\n")
+            recorded.chmod(0o600)
+    return catalog
+
+
+def set_catalog_aside(root: Path) -> str:
+    """Rename the catalog (and its -wal/-shm) to catalog.sqlite.damaged-<time>; nothing is deleted."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    database = root / CATALOG_DIR / "catalog.sqlite"
+    aside = database.with_name(f"catalog.sqlite.damaged-{stamp}")
+    with store_errors(database):
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(f"{database}{suffix}")
+            if part.exists():
+                os.rename(part, Path(f"{aside}{suffix}"))
+    return str(aside)
+
+
+def check_kind(root: Path, marker: Path, kind: str) -> None:
+    found = marker.read_text().strip()
+    if found != kind:
+        raise UsageError(f"{root} is a {found} archive, not {kind}: use {found}:{root}")
+
+
+def header_date(raw: bytes) -> datetime | None:
+    """The Date: header as a datetime, or None; what a store without dates of its own can offer."""
+    head = raw[:65536].split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    match = re.search(rb"^Date:[ \t]*(.*(?:\r?\n[ \t].*)*)", head, re.MULTILINE | re.IGNORECASE)
+    if match is None:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(match.group(1).decode("ascii", "replace").strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def unescape_part(name: str) -> str:
+    """safe_part backwards: '%XX' escapes to their bytes (a shortened long name stays as it is)."""
+    if name == "%":
+        return ""
+    if "%~" in name or "%" not in name:
+        return name
+    raw = bytearray()
+    i = 0
+    while i < len(name):
+        if name[i] == "%" and i + 3 <= len(name):
+            try:
+                raw.append(int(name[i + 1 : i + 3], 16))
+                i += 3
+                continue
+            except ValueError:
+                pass
+        raw.extend(name[i].encode("utf-8", "surrogatepass"))
+        i += 1
+    return raw.decode("utf-8", "surrogatepass")
 
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)

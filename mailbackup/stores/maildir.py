@@ -8,15 +8,19 @@ before a crash but never catalogued is found and adopted on the next run.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import StoreError
 from ..model import ArchivedFolder, Folder, Message
+from . import Finding, Recovered
 from .files import (
     CATALOG_DIR,
+    directory_location,
+    header_date,
     file_lock,
     crlf_foldable,
     folded_chunks,
@@ -24,8 +28,10 @@ from .files import (
     make_dirs,
     open_catalog,
     safe_parts,
+    set_catalog_aside,
     store_errors,
     syncfs,
+    unescape_part,
     unfold_crlf,
 )
 
@@ -58,11 +64,20 @@ def flags_from_name(name: str) -> tuple[str, ...]:
 class MaildirStore:
     kind = "maildir"
 
-    def __init__(self, root: str, *, create: bool = True) -> None:
+    def __init__(self, root: str, *, mode: str = "read", account: str | None = None) -> None:
         self.root = Path(root).absolute()
         self.url = f"maildir:{self.root}"
-        self.catalog = open_catalog(self.root, self.kind, create)
+        self.writable = mode == "write"
+        self.catalog = open_catalog(self.root, self.kind, mode, account)
         self._pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="maildir-write")
+
+    @staticmethod
+    def accepts(url: str) -> str | None:
+        return directory_location(url, "maildir")
+
+    @staticmethod
+    def set_catalog_aside(where: str) -> str:
+        return set_catalog_aside(Path(where))
 
     def folder_path(self, folder: Folder) -> str:
         return "/".join(safe_parts(folder))
@@ -138,6 +153,71 @@ class MaildirStore:
             with store_errors(path):
                 os.rename(path, new_path)
         return new_location
+
+    def _message_dirs(self) -> Iterator[tuple[str, Path]]:
+        """(folder path, directory) of every cur/, new/ and tmp/ below the root, the catalog's own aside."""
+        for directory, subdirs, _files in os.walk(self.root):
+            here = Path(directory)
+            if here == self.root:
+                subdirs[:] = [d for d in subdirs if d != CATALOG_DIR]
+                continue
+            subdirs.sort()
+            if here.name in ("cur", "new", "tmp"):
+                yield here.parent.relative_to(self.root).as_posix(), here
+
+    def holds_messages(self) -> bool:
+        return any(any(here.iterdir()) for path, here in self._message_dirs() if here.name == "cur")
+
+    def unrecorded(self) -> Iterator[Finding]:
+        """Every file in a cur/, new/ or tmp/ must be a catalogued message file."""
+        by_path = {f.path: f for f in self.catalog.folders()}
+        for path, here in self._message_dirs():
+            folder = by_path.get(path)
+            for name in sorted(os.listdir(here)):
+                unique = name.partition(":")[0]
+                # Only cur/ holds finished messages; the info after ':' may lag a flag rename.
+                known = (
+                    folder is not None
+                    and here.name == "cur"
+                    and self.catalog.has_location_prefix(folder.id, f"{path}/cur/{unique}:")
+                )
+                if not known:
+                    yield Finding(folder.name if folder else None, f"file the catalog does not know: {path}/{here.name}/{name}")
+
+    def duplicates(self) -> Iterator[Finding]:
+        """More files in one folder holding one SHA-256 than the catalog has entries for it.
+
+        Two server messages with the same bytes and other flags are two files and two
+        entries; a third file with those bytes is a copy nothing accounts for.
+        """
+        by_path = {f.path: f for f in self.catalog.folders()}
+        for path, here in self._message_dirs():
+            if here.name != "cur":
+                continue
+            seen: dict[str, list[str]] = {}
+            for name in os.listdir(here):
+                seen.setdefault(name.partition(".")[0], []).append(name)
+            folder = by_path.get(path)
+            for sha256, names in sorted(seen.items()):
+                if len(names) > 1 and (folder is None or len(names) > self.catalog.copies(folder.id, sha256)):
+                    where = folder.name if folder else None
+                    yield Finding(where, f"{len(names)} files hold {sha256[:16]}… in {path}/cur: {', '.join(sorted(names))}")
+
+    def recover(self) -> Iterator[Recovered]:
+        """Name, flags and bytes from each file in cur/; the date from the Date header (Maildir keeps no other)."""
+        for path, here in self._message_dirs():
+            if here.name != "cur":
+                continue
+            folder = Folder("/".join(unescape_part(p) for p in path.split("/")), "/")
+            for name in sorted(os.listdir(here)):
+                sha256 = name.partition(".")[0]
+                if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+                    continue  # not a file mailbackup wrote; verify lists it as unrecorded
+                location = f"{path}/cur/{name}"
+                raw = self.get(location)
+                # The file was renamed into cur/ once its bytes were durable: its mtime is when it was archived.
+                written = datetime.fromtimestamp((here / name).stat().st_mtime, timezone.utc)
+                yield Recovered(folder, path, location, f"{path}/cur/{name.partition(':')[0]}:", sha256, len(raw), flags_from_name(name), header_date(raw), written)
 
     def lock(self) -> AbstractContextManager[None]:
         return file_lock(self.root / CATALOG_DIR / "lock", self.url)

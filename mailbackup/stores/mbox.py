@@ -7,16 +7,22 @@ tells where the committed part of the file ends.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..errors import StoreError
 from ..model import ArchivedFolder, Folder, Message
+from . import Finding, Recovered
 from .files import (
     CATALOG_DIR,
+    directory_location,
+    header_date,
     file_lock,
     crlf_foldable,
     folded_chunks,
@@ -24,15 +30,21 @@ from .files import (
     open_catalog,
     quote_from,
     safe_parts,
+    set_catalog_aside,
     store_errors,
+    unescape_part,
     unfold_crlf,
     unquote_from,
 )
 
+_FROM_LINE = re.compile(rb"From [^\n]*\n")
+_SEPARATOR = re.compile(rb"^From ([^ \n]*) ([^\n]*)\n", re.MULTILINE)
+
 
 def from_line(message: Message) -> bytes:
+    """The separator carries the SHA-256, so repair can tell exactly where a message ends."""
     stamp = message.internal_date.timestamp() if message.internal_date else time.time()
-    return b"From MAILER-DAEMON " + time.asctime(time.gmtime(stamp)).encode() + b"\n"
+    return b"From " + message.sha256.encode() + b"@mailbackup " + time.asctime(time.gmtime(stamp)).encode() + b"\n"
 
 
 def parse_location(location: str) -> tuple[str, int, int, str]:
@@ -43,11 +55,81 @@ def parse_location(location: str) -> tuple[str, int, int, str]:
 class MboxStore:
     kind = "mbox"
 
-    def __init__(self, root: str, *, create: bool = True) -> None:
+    def __init__(self, root: str, *, mode: str = "read", account: str | None = None) -> None:
         self.root = Path(root).absolute()
         self.url = f"mbox:{self.root}"
-        self.catalog = open_catalog(self.root, self.kind, create)
+        self.writable = mode == "write"
+        self.catalog = open_catalog(self.root, self.kind, mode, account)
         self._ends: dict[int, int] = {}
+
+    @staticmethod
+    def accepts(url: str) -> str | None:
+        return directory_location(url, "mbox")
+
+    @staticmethod
+    def set_catalog_aside(where: str) -> str:
+        return set_catalog_aside(Path(where))
+
+    def _files(self) -> Iterator[tuple[str, Path]]:
+        for path in sorted(self.root.rglob("*.mbox")):
+            relative = path.relative_to(self.root).as_posix()
+            if not relative.startswith(CATALOG_DIR + "/") and path.is_file():
+                yield relative, path
+
+    def holds_messages(self) -> bool:
+        return any(path.stat().st_size > 0 for _, path in self._files())
+
+    def unrecorded(self) -> Iterator[Finding]:
+        """Between catalogued messages an mbox may hold only the separator and the next From line."""
+        folders = self.catalog.folders()
+        known_paths = {f.path for f in folders}
+        for folder in folders:
+            path = self.root / folder.path
+            if not path.exists():
+                continue  # every entry of it was already reported missing
+            with open(path, "rb") as mbox:
+                end = 0  # where the last catalogued message ended
+                separator = b""  # what must follow it before the next From line
+                for location in self.catalog.locations(folder.id):
+                    _, offset, length, _ = parse_location(location)
+                    if offset < end:
+                        continue  # two entries for one location: checked once
+                    gap = _read(mbox, end, offset - end)
+                    if not (gap.startswith(separator) and _FROM_LINE.fullmatch(gap[len(separator) :])):
+                        yield Finding(folder.name, f"{folder.path}: {offset - end} unexpected bytes at offset {end}")
+                    end = offset + length
+                    separator = b"\n" if length and _read(mbox, end - 1, 1) == b"\n" else b"\n\n"
+                size = mbox.seek(0, os.SEEK_END)
+                if size > end + len(separator) or (size > end and _read(mbox, end, size - end) != separator):
+                    yield Finding(folder.name, f"{folder.path}: {size - end} bytes past the last message")
+        for relative, _ in self._files():
+            if relative not in known_paths:
+                yield Finding(None, f"mbox file the catalog does not know: {relative}")
+
+    def duplicates(self) -> Iterator[Finding]:
+        return iter(())  # every copy in an mbox has its own catalog entry: the catalog sees them
+
+    def recover(self) -> Iterator[Recovered]:
+        """Rescan every mbox file: From lines split it; the SHA-256 in each From line tells the exact bytes.
+
+        Files from before the From line carried the SHA-256 give the likeliest reading
+        (CRLF folded when the text has no CR; one separator newline) and the date of the From line.
+        """
+        for relative, path in self._files():
+            parts = [unescape_part(p[:-2] if p.endswith(".d") else p[:-5] if p.endswith(".mbox") else p) for p in relative.split("/")]
+            folder = Folder("/".join(parts), "/")
+            data = path.read_bytes()
+            marks = list(_SEPARATOR.finditer(data))
+            for number, mark in enumerate(marks):
+                start = mark.end()
+                stop = marks[number + 1].start() if number + 1 < len(marks) else len(data)
+                found = _reading(data[start:stop], mark.group(1).decode("ascii", "replace").partition("@")[0])
+                if found is None:
+                    continue  # not a whole message (a torn tail): verify reports the bytes
+                length, tag, raw, sha256 = found
+                when = _asctime(mark.group(2)) or header_date(raw)
+                location = f"{relative}:{start:015d}:{length}:{tag}"
+                yield Recovered(folder, relative, location, location, sha256, len(raw), (), when)
 
     def folder_path(self, folder: Folder) -> str:
         parts = safe_parts(folder)
@@ -135,3 +217,41 @@ class MboxStore:
 
     def close(self) -> None:
         self.catalog.close()
+
+
+def _reading(chunk: bytes, recorded: str) -> tuple[int, str, bytes, str] | None:
+    """(length, eol tag, original bytes, SHA-256) of the message in chunk, the bytes between two From lines."""
+    candidates = []
+    for cut in (1, 2):
+        if len(chunk) < cut or chunk[len(chunk) - cut :] != b"\n" * cut:
+            continue
+        body = chunk[: len(chunk) - cut]
+        for tag in ("lf", "raw"):
+            raw = unquote_from(body)
+            raw = unfold_crlf(raw) if tag == "lf" else raw
+            candidates.append((len(body), tag, raw))
+    for length, tag, raw in candidates:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == recorded:
+            return length, tag, raw, digest
+    if len(recorded) == 64 or not candidates:
+        return None  # a SHA-256 that no reading matches: damaged bytes, left for verify
+    # An older file: CRLF was folded when the text has no CR at all; one newline separates.
+    body_has_cr = b"\r" in chunk
+    for length, tag, raw in candidates:
+        if (tag == "raw") == body_has_cr:
+            return length, tag, raw, hashlib.sha256(raw).hexdigest()
+    return None
+
+
+def _asctime(text: bytes) -> datetime | None:
+    try:
+        return datetime.strptime(text.decode("ascii").strip(), "%a %b %d %H:%M:%S %Y").replace(tzinfo=timezone.utc)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _read(mbox: object, offset: int, length: int) -> bytes:
+    # A long gap cannot be a separator; reading 4 KB of it is enough to say so.
+    mbox.seek(offset)  # type: ignore[attr-defined]
+    return mbox.read(min(length, 4096)) + (b"\0" if length > 4096 else b"")  # type: ignore[attr-defined,no-any-return]

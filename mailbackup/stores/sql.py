@@ -5,6 +5,7 @@ A message that sits in three folders is one blob and three catalog entries.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,10 +13,13 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..catalog import Catalog, create_engine
-from ..errors import ArchiveLocked, StoreError
+from ..catalog import RECOVERED_MARK, Catalog, create_engine
+from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError
 from ..model import ArchivedFolder, Folder, Message
-from .files import file_lock
+from . import Finding, Recovered
+from .files import file_lock, header_date, require_writable
+
+RECOVERED = "Recovered"  # where repair puts blobs no entry names: the database keeps no folder for them
 
 LOCK_KEY = 0x6D61696C6261636B  # "mailback": one advisory lock per database
 BIG = 1 << 20
@@ -40,21 +44,75 @@ def database_url(url: str) -> str:
 class SqlStore:
     kind = "sql"
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
+    def __init__(self, url: str, *, mode: str = "read", account: str | None = None) -> None:
         self.url = database_url(url)
+        self.writable = mode == "write"
         if self.url.startswith("sqlite:///"):
             path = Path(self.url[len("sqlite:///") :])
-            if not create and not path.exists():
-                raise StoreError(f"no archive at {path}")
+            if not self.writable and not path.exists():
+                raise NotAnArchive(f"no archive at {path}")
             if not path.parent.is_dir():
                 raise StoreError(f"directory {path.parent} does not exist")
-        engine = create_engine(self.url)
+            if self.writable:
+                # WAL writes its -wal and -shm files beside the database.
+                require_writable(path.parent, str(path))
+                require_writable(path, str(path))
+        engine = create_engine(self.url, read_only=not self.writable)
         try:
-            blob_metadata.create_all(engine)
+            # The catalog first: it refuses a database that is not a mailbackup archive.
+            self.catalog = Catalog(engine, read_only=not self.writable)
+            if self.writable:
+                blob_metadata.create_all(engine)
+            self.catalog.choose_account(account, claim=self.writable, several=True)
         except sa.exc.SQLAlchemyError as exc:
+            engine.dispose()
             raise StoreError(f"cannot open {self.url}: {exc}") from exc
-        self.catalog = Catalog(engine)
+        except BaseException:
+            engine.dispose()
+            raise
         self._insert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
+
+    @staticmethod
+    def accepts(url: str) -> str | None:
+        return url if "://" in url or url.endswith((".sqlite", ".db", ".sqlite3")) else None
+
+    def holds_messages(self) -> bool:
+        with self.catalog.engine.connect() as conn:
+            return conn.execute(sa.select(blobs.c.sha256).limit(1)).first() is not None
+
+    def _orphans(self) -> Iterator[tuple[str, int]]:
+        """Blobs no entry of any account names, by walking both sorted lists side by side."""
+        referenced = self.catalog.stored_hashes()
+        following = next(referenced, None)
+        query = sa.select(blobs.c.sha256, blobs.c.size).order_by(blobs.c.sha256)
+        with self.catalog.engine.connect() as conn:
+            for sha256, size in conn.execution_options(yield_per=1000).execute(query):
+                while following is not None and following < sha256:
+                    following = next(referenced, None)
+                if following != sha256:
+                    yield sha256, size
+
+    @staticmethod
+    def set_catalog_aside(where: str) -> str:
+        raise CatalogDamaged(
+            f"{where} is damaged, and its catalog and messages share the database; restore the file from a copy, "
+            "or salvage it with sqlite3's .recover into a new file and run 'mailbackup repair' on that"
+        )
+
+    def unrecorded(self) -> Iterator[Finding]:
+        for sha256, size in self._orphans():
+            yield Finding(None, f"blob {sha256} ({size} bytes) that no entry references")
+
+    def duplicates(self) -> Iterator[Finding]:
+        return iter(())  # content-addressed: one blob per content, whatever the catalog says
+
+    def recover(self) -> Iterator[Recovered]:
+        """Blobs no entry names, rehashed; a blob whose bytes do not match its key is left out."""
+        folder = Folder(RECOVERED, "/", frozenset({RECOVERED_MARK}))
+        for sha256, _size in list(self._orphans()):
+            raw = self.get(sha256)
+            if hashlib.sha256(raw).hexdigest() == sha256:
+                yield Recovered(folder, RECOVERED, sha256, sha256, sha256, len(raw), (), header_date(raw))
 
     def folder_path(self, folder: Folder) -> str:
         return folder.name
