@@ -592,6 +592,8 @@ def print_transfer(summary: Any, verb: str) -> None:
                 f"  {report.source} -> {report.target}: {report.planned} messages, {human_bytes(report.planned_bytes)}"
                 f"{f', {report.done_before} done before' if report.done_before else ''}{note}"
             )
+            for text in report.notes:
+                click.echo(f"    note: {text}")
         click.echo(f"total: {info['planned']} messages, {human_bytes(info['planned_bytes'])}")
         return
     click.echo(
@@ -602,6 +604,8 @@ def print_transfer(summary: Any, verb: str) -> None:
     for report in summary.folders:
         if report.skipped:
             click.echo(f"skipped {report.source}: {report.skipped}")
+    for folder, text in summary.notes:
+        click.echo(f"note {folder}: {text}")
     for folder, item in summary.failed:
         click.echo(f"failed {folder}: {item}", err=True)
 
@@ -630,6 +634,8 @@ def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--no-tls", is_flag=True, help="Allow cleartext on imap:// or smtp:// (no STARTTLS). Unsafe."),
             click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Network read timeout, seconds."),
             click.option("--batch-messages", type=click.IntRange(1, 10000), default=100, hidden=True),
+            click.option("--force", is_flag=True, help="Check every message on the target by Message-ID and size (or hash) instead of trusting the journal."),
+            click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True, help="Reconnects to a dropped server without progress in between, with backoff."),
             click.option("--json", "json_output", is_flag=True, help="Print the summary as one JSON object on stdout."),
             click.option("-v", "--verbose", count=True, help="More detail (-vv for debug)."),
             click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary, errors only."),
@@ -646,6 +652,8 @@ def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), help="Only messages dated on or after YYYY-MM-DD.")
 @click.option("--before", type=click.DateTime(formats=["%Y-%m-%d"]), help="Only messages dated before YYYY-MM-DD.")
 @click.option("--include-gone", is_flag=True, help="Also restore messages that were gone from the server at backup time.")
+@click.option("--as-of", metavar="DATE", help="The mailbox as it stood then: YYYY-MM-DD (end of that day) or YYYY-MM-DDTHH:MM[:SS][+HH:MM]; local time.")
+@click.option("--state", type=click.Path(dir_okay=False), help="Journal database (default: $XDG_STATE_HOME/mailbackup/restore.sqlite).")
 @click.option("--password-file", type=click.Path(dir_okay=False), help="Read the target's password from this file.")
 @click.option("--password-command", metavar="CMD", help="Run CMD and use its output as the target's password.")
 @click.option("--to", "recipients", multiple=True, metavar="ADDRESS", help="SMTP: a recipient (required, repeatable).")
@@ -666,12 +674,16 @@ def restore_command(
     no_tls: bool,
     timeout: float,
     batch_messages: int,
+    force: bool,
+    retries: int,
     json_output: bool,
     verbose: int,
     quiet: bool,
     since: Any,
     before: Any,
     include_gone: bool,
+    as_of: str | None,
+    state: str | None,
     password_file: str | None,
     password_command: str | None,
     recipients: tuple[str, ...],
@@ -688,7 +700,7 @@ def restore_command(
     to the --to addresses, bytes as archived). Reruns resume; nothing is sent twice.
     """
     setup_logging(verbose, quiet)
-    from .restore import RestoreOptions, restore
+    from .restore import RestoreOptions, parse_as_of, restore
 
     bars = Bars(enabled=not quiet and not json_output and not dry_run and sys.stderr.isatty())
 
@@ -699,9 +711,12 @@ def restore_command(
             since=since.date() if since else None,
             before=before.date() if before else None,
             include_gone=include_gone,
+            as_of=parse_as_of(as_of) if as_of is not None else None,
             into=into,
             automap=not no_automap,
             dry_run=dry_run,
+            force=force,
+            reconnects=retries,
             no_tls=no_tls,
             ca_file=ca_file,
             timeout=timeout,
@@ -714,7 +729,7 @@ def restore_command(
         )
         password = secret(password_file, password_command, oauth2_token_command, target, "the target")
         try:
-            return restore(archive, target, password=password, options=options, progress=bars)
+            return restore(archive, target, password=password, options=options, state=state, progress=bars)
         finally:
             bars.close()
 
@@ -746,6 +761,8 @@ def migrate_command(
     no_tls: bool,
     timeout: float,
     batch_messages: int,
+    force: bool,
+    retries: int,
     json_output: bool,
     verbose: int,
     quiet: bool,
@@ -777,6 +794,8 @@ def migrate_command(
             into=into,
             automap=not no_automap,
             dry_run=dry_run,
+            force=force,
+            reconnects=retries,
             no_tls=no_tls,
             ca_file=ca_file,
             timeout=timeout,

@@ -45,6 +45,10 @@ class Destination:
     uid_validity: int | None = None
     # (Message-ID or None, size) of every message already there, with multiplicity.
     present: Counter[tuple[str | None, int]] = field(default_factory=Counter)
+    # The UIDs there now; None when the target cannot be asked (SMTP).
+    uids: frozenset[int] | None = None
+    exists: bool = True  # False: a dry run found no such folder
+    created: bool = False  # this run created the folder
 
 
 class Target(Protocol):
@@ -55,7 +59,10 @@ class Target(Protocol):
         """The destination name for an archived or source folder."""
 
     def open(self, name: str, *, create: bool = True) -> Destination:
-        """Make the destination ready (create the folder) and say what it holds already."""
+        """Make the destination ready (create the folder) and say what it holds already.
+
+        With create=False (a dry run) nothing changes: a missing folder comes back with exists=False.
+        """
 
     def copies(self, destination: Destination, size: int, sha256: str) -> int:
         """How many messages in the destination have exactly these bytes."""
@@ -73,6 +80,9 @@ class Target(Protocol):
 
     def collect(self) -> list[Delivered]:
         """Wait for the oldest batch sent and return its outcome, one per message."""
+
+    def store_flags(self, name: str, changes: dict[tuple[str, ...], list[int]]) -> None:
+        """Replace the flags of messages in the named destination, by target UID, grouped by new flag set."""
 
     def close(self) -> None: ...
 

@@ -218,7 +218,7 @@ class ImapTarget:
         existing = self._existing(name)
         if existing is None:
             if not create:
-                return Destination(name=name)
+                return Destination(name=name, uids=frozenset(), exists=False)
             with command_errors():
                 try:
                     if not self._create_with_role(name):
@@ -253,7 +253,13 @@ class ImapTarget:
         self._hashes[name] = Counter()
         self._hashed[name] = set()
         self._leave()
-        return Destination(name=name, uid_validity=int(validity) if validity is not None else None, present=present)
+        return Destination(
+            name=name,
+            uid_validity=int(validity) if validity is not None else None,
+            present=present,
+            uids=frozenset(uid for uids in sizes.values() for uid in uids),
+            created=existing is None,
+        )
 
     def _create_with_role(self, name: str) -> bool:
         """CREATE name (USE (role)) when the server takes it; False to create it plainly."""

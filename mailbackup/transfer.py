@@ -1,0 +1,463 @@
+"""The transfer engine: restore (archive -> target) and migrate (server -> target) in one loop.
+
+For each folder, every message is in one of three places: done in the journal and
+still on the target (skip it), already on the target by Message-ID and size or by
+hash (record it as found, send nothing), or to be sent. The journal is trusted
+only as far as the target bears it out: a target folder that is gone, has a new
+UIDVALIDITY or lost the recorded UIDs is filled again. A batch is marked in flight
+in a committed transaction before it leaves and marked done when the target
+confirms it. A message left in flight by a crash is looked up on the target
+before it is sent again.
+
+A dropped connection ends the attempt; the engine reconnects (both ends, through
+the `connect` it was given) and resumes from the journal, up to `retries`
+consecutive attempts that made no progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from .errors import ConnectionLost, ServerError
+from .journal import DONE, FAILED, FOUND, IN_FLIGHT, Journal, Record
+from .model import Folder, FolderReport, Message, TransferReport
+from .pipeline import Progress, batches, wanted
+from .prefetch import prefetched
+from .targets import Delivered, Destination, Outgoing, Target, message_id
+
+log = logging.getLogger("mailbackup")
+
+Key = tuple[str | None, int]  # (Message-ID or None, size)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The messages of one source folder to transfer, by journal item, in order."""
+
+    items: list[str]
+    # The folder holds no message at all (not merely none selected): create it empty.
+    empty: bool = False
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One batch from the source: messages by journal item, and items it could not read."""
+
+    messages: list[tuple[str, Message]]
+    failed: list[str]  # "item: reason"
+
+
+class TransferSource(Protocol):
+    """What the engine reads from: an archive (sources/archive.py) or a live server."""
+
+    identity: str  # the journal's name for the source
+
+    def folders(self) -> list[Folder]:
+        """Every folder, as the source names it."""
+
+    def relative(self, folder: Folder) -> Folder:
+        """The folder as the target should name it (without the source's namespace prefix)."""
+
+    def open(self, folder: Folder) -> Listing | None:
+        """Select a folder; None if it cannot be read (not selectable)."""
+
+    def sizes(self, items: Sequence[str]) -> dict[str, int]:
+        """Sizes of items in the open folder."""
+
+    def fetch(self, items: Sequence[str], sizes: dict[str, int]) -> Fetched:
+        """Read a batch of the open folder; may run on the prefetch thread."""
+
+    def flags(self, items: Sequence[str]) -> dict[str, tuple[str, ...]] | None:
+        """Current flags of items in the open folder, or None if the source has no live flags."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    dry_run: bool = False
+    force: bool = False  # trust no journal row: check every message on the target
+    batch_messages: int = 100
+    batch_bytes: int = 4 << 20
+    retries: int = 3  # consecutive reconnects that made no progress
+    retry_delay: float = 2.0
+
+
+def finished(record: Record | None) -> bool:
+    return record is not None and record.state in (DONE, FOUND)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What the journal says is done and the target still bears out."""
+
+    done: set[str]
+    available: Counter[Key]  # copies on the target not claimed by a trusted row
+    notes: tuple[str, ...]
+
+
+def trusted(records: dict[str, Record], destination: Destination, *, force: bool) -> Trust:
+    """Check the journal's finished rows against the target folder as it is now."""
+    rows = [r for r in records.values() if finished(r)]
+    if destination.uids is None:  # SMTP: nothing to ask, the journal is all there is
+        return Trust({r.item for r in rows}, Counter(), ())
+    available = destination.present.copy()
+    name = destination.name
+    if force:
+        return Trust(set(), available, ("forced: every message was checked on the target",) if rows else ())
+    if not rows:
+        return Trust(set(), available, ())
+    if not destination.exists:
+        return Trust(set(), available, (f"{name} is not on the target: it would be created and filled in full",))
+    if destination.created:
+        return Trust(set(), available, (f"{name} was no longer on the target: created again and filled in full",))
+    done: set[str] = set()
+    reset = missing = 0
+    old_validity = None
+    for record in rows:
+        if record.target_uid_validity is not None and record.target_uid_validity != destination.uid_validity:
+            reset += 1
+            old_validity = record.target_uid_validity
+            continue
+        key = (record.message_id, record.size or 0)
+        if (record.target_uid is not None and record.target_uid not in destination.uids) or available[key] <= 0:
+            missing += 1
+            continue
+        available[key] -= 1
+        done.add(record.item)
+    notes = []
+    if reset:
+        notes.append(
+            f"{name} has a new UIDVALIDITY ({old_validity} -> {destination.uid_validity}): it was re-created "
+            "or reset, so its messages were checked and sent again"
+        )
+    if missing:
+        notes.append(f"{missing} messages an earlier run put in {name} are no longer there: sent again")
+    return Trust(done, available, tuple(notes))
+
+
+class FolderTransfer:
+    """Deliver one source folder's messages to one destination, journalled, without duplicates."""
+
+    def __init__(
+        self,
+        target: Target,
+        journal: Journal,
+        source_folder: str,
+        destination: Destination,
+        records: dict[str, Record],
+        available: Counter[Key],
+        *,
+        batch_messages: int,
+        batch_bytes: int,
+        progress: Progress,
+    ) -> None:
+        self.target = target
+        self.journal = journal
+        self.source_folder = source_folder
+        self.destination = destination
+        self.records = records
+        self.batch_messages = batch_messages
+        self.batch_bytes = batch_bytes
+        self.progress = progress
+        # Copies on the target not yet claimed by a message the journal knows is there.
+        self.available = available
+        self.hash_claimed: Counter[str] = Counter()
+        self.batch: list[Outgoing] = []
+        self.batch_size = 0
+        self.pending: dict[str, Record] = {}
+        self.found_records: list[Record] = []
+        self.sent = self.bytes = self.found = self.recovered = 0
+        self.failed: list[str] = []
+
+    def offer(self, item: str, message: Message) -> None:
+        raw = message.raw
+        previous = self.records.get(item)
+        key = (message_id(raw), len(raw))
+        record = Record(
+            item=item,
+            state=IN_FLIGHT,
+            target_folder=self.destination.name,
+            target_uid_validity=self.destination.uid_validity,
+            message_id=key[0],
+            size=key[1],
+            sha256=message.sha256,
+            flags=message.flags,
+        )
+        if self.on_target(key, message.sha256):
+            self.available[key] -= 1
+            self.found_records.append(replace(record, state=FOUND))
+            if previous is not None and previous.state == IN_FLIGHT:
+                self.recovered += 1
+            else:
+                self.found += 1
+            if len(self.found_records) >= 500:
+                self.flush_found()
+            self.progress.stored(1, 0)
+            return
+        if not raw:
+            self.fail(record, "empty message: no server accepts it")
+            return
+        if self.batch and (len(self.batch) >= self.batch_messages or self.batch_size + len(raw) > self.batch_bytes):
+            self.flush()
+        self.batch.append(Outgoing(item=item, raw=raw, flags=message.flags, internal_date=message.internal_date))
+        self.batch_size += len(raw)
+        self.pending[item] = record
+
+    def on_target(self, key: Key, sha256: str) -> bool:
+        if self.available[key] <= 0:
+            return False
+        if key[0] is not None:
+            return True
+        # No Message-ID: only the same bytes count.
+        if self.target.copies(self.destination, key[1], sha256) > self.hash_claimed[sha256]:
+            self.hash_claimed[sha256] += 1
+            return True
+        return False
+
+    def fail(self, record: Record, reason: str) -> None:
+        self.journal.write(self.source_folder, [replace(record, state=FAILED, detail=reason)])
+        self.failed.append(f"{record.item}: {reason}")
+
+    def flush_found(self) -> None:
+        self.journal.write(self.source_folder, self.found_records)
+        self.found_records = []
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        batch, self.batch, self.batch_size = self.batch, [], 0
+        self.journal.write(self.source_folder, [self.pending[m.item] for m in batch])
+        self.target.send(self.destination, batch)
+        while self.target.full:
+            self.record(self.target.collect())
+
+    def record(self, outcome: Sequence[Delivered]) -> None:
+        rows = []
+        size = 0
+        for delivered in outcome:
+            record = self.pending.pop(delivered.item)
+            if delivered.ok:
+                validity = delivered.uid_validity if delivered.uid_validity is not None else record.target_uid_validity
+                rows.append(replace(record, state=DONE, target_uid=delivered.uid, target_uid_validity=validity))
+                self.sent += 1
+                size += record.size or 0
+                if delivered.detail:  # e.g. SMTP: accepted for some recipients only
+                    self.failed.append(f"{record.item}: {delivered.detail}")
+            else:
+                rows.append(replace(record, state=FAILED, detail=delivered.detail))
+                self.failed.append(f"{record.item}: {delivered.detail}")
+        self.journal.write(self.source_folder, rows)
+        self.bytes += size
+        self.progress.stored(len(outcome), size)
+
+    def finish(self) -> None:
+        self.flush_found()
+        self.flush()
+        while self.target.pending:
+            self.record(self.target.collect())
+
+
+class Engine:
+    """One folder loop for every transfer; `connect` opens both ends for each attempt."""
+
+    def __init__(
+        self,
+        connect: Callable[[], tuple[TransferSource, Target]],
+        journal: Journal,
+        options: TransferOptions,
+        progress: Progress,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.connect = connect
+        self.journal = journal
+        self.options = options
+        self.progress = progress
+        self.sleep = sleep
+        self.completed: dict[str, TransferReport] = {}  # by source folder, across attempts
+        self.partial: dict[str, list[TransferReport]] = {}  # cut short by a dropped line
+        self.planned = False
+
+    def run(self) -> list[TransferReport]:
+        idle = 0  # drops since the last attempt that made progress
+        while True:
+            attempt: list[TransferReport] = []
+            try:
+                self.attempt(attempt)
+                return list(self.completed.values())
+            except ConnectionLost as exc:
+                # This drop is a retry used; an attempt that got something done gives the rest back.
+                idle = 1 if any(r.progressed for r in attempt) else idle + 1
+                if idle > self.options.retries:
+                    raise
+                wait = self.options.retry_delay * 2 ** (idle - 1)
+                log.warning("%s; reconnecting in %.0f s (retry %d of %d)", exc, wait, idle, self.options.retries)
+                self.sleep(wait)
+
+    def attempt(self, reports: list[TransferReport]) -> None:
+        source, target = self.connect()
+        try:
+            folders = [f for f in source.folders() if wanted(f, self.options.include, self.options.exclude)]
+            if not self.planned:
+                self.progress.plan(len(folders))
+                self.planned = True
+            for folder in folders:
+                if folder.name in self.completed:
+                    continue
+                work = FolderWork(source, target, self.journal, folder, self.options, self.progress)
+                try:
+                    report = work.run()
+                except ServerError as exc:
+                    report = replace(work.report(), failed=(*work.report().failed, str(exc)))
+                except ConnectionLost:
+                    partial = work.report()
+                    reports.append(partial)
+                    self.partial.setdefault(folder.name, []).append(partial)
+                    raise
+                reports.append(report)
+                self.completed[folder.name] = merged([*self.partial.pop(folder.name, []), report])
+                self.progress.folder_done(FolderReport(name=folder.name))
+        finally:
+            target.close()
+            source.close()
+
+
+def merged(attempts: Sequence[TransferReport]) -> TransferReport:
+    """One report from the attempts at a folder: the plan is the first's, counts add up, failures are the last's."""
+    first, last = attempts[0], attempts[-1]
+    notes = tuple(dict.fromkeys(note for r in attempts for note in r.notes))
+    return replace(
+        first,
+        sent=sum(r.sent for r in attempts),
+        bytes=sum(r.bytes for r in attempts),
+        found=sum(r.found for r in attempts),
+        recovered=sum(r.recovered for r in attempts),
+        flags_updated=sum(r.flags_updated for r in attempts),
+        failed=last.failed,
+        skipped=last.skipped,
+        notes=notes,
+    )
+
+
+class FolderWork:
+    """One source folder, one attempt: plan against the journal and the target, then send."""
+
+    def __init__(
+        self,
+        source: TransferSource,
+        target: Target,
+        journal: Journal,
+        folder: Folder,
+        options: TransferOptions,
+        progress: Progress,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.journal = journal
+        self.folder = folder
+        self.options = options
+        self.progress = progress
+        relative = source.relative(folder)
+        self.name = target.destination(relative.name, relative.delimiter, relative.attributes)
+        self.base = TransferReport(source=folder.name, target=self.name)
+        self.transfer: FolderTransfer | None = None
+        self.flags_updated = 0
+        self.failed: list[str] = []
+
+    def report(self) -> TransferReport:
+        transfer = self.transfer
+        if transfer is None:
+            return replace(self.base, flags_updated=self.flags_updated, failed=tuple(self.failed))
+        return replace(
+            self.base,
+            sent=transfer.sent,
+            bytes=transfer.bytes,
+            found=transfer.found,
+            recovered=transfer.recovered,
+            flags_updated=self.flags_updated,
+            failed=tuple(self.failed + transfer.failed),
+        )
+
+    def run(self) -> TransferReport:
+        listing = self.source.open(self.folder)
+        if listing is None:
+            self.base = replace(self.base, skipped="not selectable")
+            return self.report()
+        if not listing.items and not listing.empty:
+            return self.report()  # everything filtered out: leave the target alone
+        source_name, options = self.folder.name, self.options
+        destination = self.target.open(self.name, create=not options.dry_run)
+        records = self.journal.records(source_name, self.name)
+        trust = trusted(records, destination, force=options.force)
+        todo = [i for i in listing.items if i not in trust.done]
+        sizes = self.source.sizes(todo) if todo else {}
+        self.base = replace(
+            self.base,
+            planned=len(todo),
+            planned_bytes=sum(sizes.values()),
+            done_before=len(listing.items) - len(todo),
+            notes=trust.notes,
+        )
+        if options.dry_run:
+            return self.report()
+        done = [i for i in listing.items if i in trust.done]
+        self.flags_updated = self.propagate_flags(destination, done, records)
+        if not todo:
+            return self.report()
+        transfer = self.transfer = FolderTransfer(
+            self.target,
+            self.journal,
+            source_name,
+            destination,
+            {i: records[i] for i in todo if i in records},
+            trust.available,
+            # SMTP cannot be asked what arrived: keep at most one message in doubt.
+            batch_messages=1 if self.target.window == 1 else options.batch_messages,
+            batch_bytes=options.batch_bytes,
+            progress=self.progress,
+        )
+        self.progress.folder_started(source_name, len(todo), self.base.planned_bytes)
+        present = [i for i in todo if i in sizes]  # gone since it was listed: nothing to send
+        planned = batches(present, sizes, options.batch_messages, options.batch_bytes)  # type: ignore[arg-type]
+        for batch, fetched in prefetched(planned, lambda part: self.source.fetch(part, sizes)):
+            result = fetched.result()
+            self.failed.extend(result.failed)
+            for item, message in result.messages:
+                transfer.offer(item, message)
+        transfer.finish()
+        return self.report()
+
+    def propagate_flags(self, destination: Destination, done: Sequence[str], records: dict[str, Record]) -> int:
+        """Set on the target the flags that changed on the source since they were last copied."""
+        known = {
+            item: records[item]
+            for item in done
+            if records[item].state == DONE and records[item].target_uid is not None
+            and records[item].target_uid_validity == destination.uid_validity
+        }
+        if not known:
+            return 0
+        changes: dict[tuple[str, ...], list[int]] = {}
+        remembered: list[tuple[str, tuple[str, ...]]] = []
+        items = list(known)
+        for start in range(0, len(items), 2000):
+            current = self.source.flags(items[start : start + 2000])
+            if current is None:
+                return 0  # the source has no live flags (an archive)
+            for item, flags in current.items():
+                record = known.get(item)
+                if record is not None and set(flags) != set(record.flags):
+                    changes.setdefault(tuple(sorted(flags)), []).append(record.target_uid)  # type: ignore[arg-type]
+                    remembered.append((item, flags))
+        self.target.store_flags(destination.name, changes)
+        self.journal.set_flags(self.folder.name, destination.name, remembered)
+        return len(remembered)
+
