@@ -177,35 +177,15 @@ def restore(
             def connect() -> tuple[TransferSource, Target]:
                 return source, connect_target(endpoint, password, options)
 
-            first = connect_target(endpoint, password, options)
-            journal = Journal(engine, archive_identity(store.url), first.identity, create=not options.dry_run)
-            reports = run_engine(first, connect, source, journal, options, progress)
+            def journal(source: TransferSource, target: Target) -> Journal:
+                return Journal(engine, archive_identity(store.url), target.identity, create=not options.dry_run)
+
+            reports = Engine(connect, journal, options.transfer(), progress).run()
         finally:
             engine.dispose()
     finally:
         store.close()
     return TransferSummary(archive, str(endpoint), tuple(reports), time.monotonic() - started, options.dry_run)
-
-
-def run_engine(
-    first: Target,
-    connect,  # type: ignore[no-untyped-def]
-    source: TransferSource,
-    journal: Journal,
-    options: RestoreOptions,
-    progress: Progress,
-) -> list[TransferReport]:
-    """Run the engine, using the already connected target for the first attempt."""
-    ready: list[tuple[TransferSource, Target]] = [(source, first)]
-
-    def attempt() -> tuple[TransferSource, Target]:
-        return ready.pop() if ready else connect()
-
-    try:
-        return Engine(attempt, journal, options.transfer(), progress).run()
-    finally:
-        if ready:  # never used
-            first.close()
 
 
 # migrate
@@ -313,11 +293,12 @@ def migrate(
             raise
         return ServerSource(session), target
 
+    def journal(source: TransferSource, target: Target) -> Journal:
+        return Journal(engine, source.identity, target.identity, create=not options.dry_run)
+
     engine = state_engine(Path(state) if state else default_state_path("migrate"), dry_run=options.dry_run)
     try:
-        source, target = connect()
-        journal = Journal(engine, source.identity, target.identity, create=not options.dry_run)
-        reports = run_engine(target, connect, source, journal, options, progress)
+        reports = Engine(connect, journal, options.transfer(), progress).run()
     finally:
         engine.dispose()
     return TransferSummary(

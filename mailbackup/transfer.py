@@ -234,7 +234,9 @@ class FolderTransfer:
         if not self.batch:
             return
         batch, self.batch, self.batch_size = self.batch, [], 0
-        self.journal.write(self.source_folder, [self.pending[m.item] for m in batch])
+        # Found ones go with them: after a dropped line the journal then says all it knew.
+        self.journal.write(self.source_folder, self.found_records + [self.pending[m.item] for m in batch])
+        self.found_records = []
         self.target.send(self.destination, batch)
         while self.target.full:
             self.record(self.target.collect())
@@ -271,14 +273,15 @@ class Engine:
     def __init__(
         self,
         connect: Callable[[], tuple[TransferSource, Target]],
-        journal: Journal,
+        journal: Callable[[TransferSource, Target], Journal],
         options: TransferOptions,
         progress: Progress,
         *,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.connect = connect
-        self.journal = journal
+        self.open_journal = journal  # called once, after the first connect: it needs both identities
+        self.journal: Journal | None = None
         self.options = options
         self.progress = progress
         self.sleep = sleep
@@ -305,6 +308,9 @@ class Engine:
     def attempt(self, reports: list[TransferReport]) -> None:
         source, target = self.connect()
         try:
+            if self.journal is None:
+                self.journal = self.open_journal(source, target)
+            journal = self.journal
             folders = [f for f in source.folders() if wanted(f, self.options.include, self.options.exclude)]
             if not self.planned:
                 self.progress.plan(len(folders))
@@ -312,7 +318,7 @@ class Engine:
             for folder in folders:
                 if folder.name in self.completed:
                     continue
-                work = FolderWork(source, target, self.journal, folder, self.options, self.progress)
+                work = FolderWork(source, target, journal, folder, self.options, self.progress)
                 try:
                     report = work.run()
                 except ServerError as exc:
