@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, time as day_time
 from pathlib import Path
@@ -23,11 +23,12 @@ from .journal import Journal, default_state_path, state_engine
 from .model import Entry, Folder, TransferReport, TransferSummary
 from .net import Endpoint, parse_url
 from .pipeline import Progress
+from .sources import IMAP, LIST_SLICE, Checkpoint, Fetched, Listed, OpenFolder, Source, SourceId
 from .sources.archive import ArchiveSource
 from .sources.imap import ImapSource
 from .stores import open_store
 from .targets import Target
-from .transfer import Engine, Fetched, Listing, TransferOptions, TransferSource
+from .transfer import Engine, TransferOptions
 
 IMAP_SCHEMES = ("imap", "imaps")
 SMTP_SCHEMES = ("smtp", "smtps")
@@ -174,10 +175,10 @@ def restore(
         engine = state_engine(Path(state) if state else default_state_path("restore"), dry_run=options.dry_run)
         try:
 
-            def connect() -> tuple[TransferSource, Target]:
+            def connect() -> tuple[Source, Target]:
                 return source, connect_target(endpoint, password, options)
 
-            def journal(source: TransferSource, target: Target) -> Journal:
+            def journal(target: Target) -> Journal:
                 return Journal(engine, archive_identity(store.url), target.identity, create=not options.dry_run)
 
             reports = Engine(connect, journal, options.transfer(), progress).run()
@@ -199,60 +200,60 @@ def without_prefix(name: str, prefix: str) -> str:
 
 
 class ServerSource:
-    """A live IMAP account as a transfer source; journal items are "UIDVALIDITY:UID"."""
+    """The Source protocol over this branch's ImapSource, for migrate.
+
+    Transitional: where sources.imap.ImapSource implements Source itself, migrate
+    uses it directly and this class goes.
+    """
+
+    traits = IMAP
 
     def __init__(self, session: ImapSource) -> None:
         self.session = session
-        endpoint = session.endpoint
-        self.identity = f"imap://{endpoint.user}@{endpoint.host}:{endpoint.port}"
-        self.prefix: str | None = None
-        self.validity = 0
+
+    def __str__(self) -> str:
+        return str(self.session.endpoint)
 
     def folders(self) -> list[Folder]:
         return self.session.folders()
 
-    def relative(self, folder: Folder) -> Folder:
-        # Cyrus keeps every personal folder under "INBOX.": that is the namespace, not a parent.
-        if self.prefix is None:
-            self.prefix = self.session.personal_prefix()
-        return replace(folder, name=without_prefix(folder.name, self.prefix))
+    def personal_prefix(self) -> str:
+        return self.session.personal_prefix()
 
-    def open(self, folder: Folder) -> Listing | None:
-        if not folder.selectable:
-            return None
-        state = self.session.examine(folder)
-        self.validity = state.uid_validity
-        uids = self.session.uids() if state.exists else []
-        return Listing(items=[f"{self.validity}:{uid}" for uid in uids], empty=not uids)
+    def open(self, folder: Folder, *, writable: bool = False) -> OpenFolder:
+        state = self.session.examine(folder, writable=writable)
+        uids = list(self.session.uids()) if state.exists else []
+        return OpenFolder(folder, Checkpoint(state.uid_validity, state.highest_modseq), uids)
 
-    @staticmethod
-    def uid(item: str) -> int:
-        return int(item.partition(":")[2])
+    def listing(self, ids: Sequence[SourceId]) -> Iterator[list[Listed]]:
+        for start in range(0, len(ids), LIST_SLICE):
+            part = [int(i) for i in ids[start : start + LIST_SLICE]]
+            sizes = self.session.sizes(part)
+            yield [Listed(uid, sizes[uid]) for uid in part if uid in sizes]
 
-    def sizes(self, items: Sequence[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for start in range(0, len(items), 5000):
-            sizes = self.session.sizes([self.uid(i) for i in items[start : start + 5000]])
-            out.update((f"{self.validity}:{uid}", size) for uid, size in sizes.items())
-        return out
-
-    def fetch(self, items: Sequence[str], sizes: dict[str, int]) -> Fetched:
-        uids = [self.uid(i) for i in items]
-        # The literal guard takes its limit from these sizes (and not from the last sizes() call).
-        self.session.known_sizes = {self.uid(i): sizes[i] for i in items if i in sizes}
+    def fetch(self, batch: Sequence[Listed], resume: Mapping[SourceId, bytes] = {}) -> Iterator[Fetched]:
+        uids = [int(item.id) for item in batch]
+        # The literal guard takes its limit from these sizes, not from the last listing.
+        self.session.known_sizes = {int(item.id): item.size for item in batch}
         try:
             messages, missing = self.session.fetch(uids)
         except ServerError as exc:
-            return Fetched([], [f"UID {uid}: {exc}" for uid in uids])
-        return Fetched(
-            [(f"{self.validity}:{m.uid}", m) for m in messages], [f"UID {uid}: source sent no body" for uid in missing]
-        )
+            yield from (Fetched(uid, None, str(exc)) for uid in uids)
+            return
+        yield from (Fetched(m.uid or 0, m) for m in messages)
+        yield from (Fetched(uid, None, "server sent no body") for uid in missing)
 
-    def flags(self, items: Sequence[str]) -> dict[str, tuple[str, ...]]:
-        current = self.session.flags([self.uid(i) for i in items])
-        return {f"{self.validity}:{uid}": flags for uid, flags in current.items()}
+    def flag_changes(self, since: Checkpoint, ids: Sequence[SourceId]) -> Iterator[dict[SourceId, tuple[str, ...]]]:
+        for start in range(0, len(ids), 2000):
+            yield dict(self.session.flags([int(i) for i in ids[start : start + 2000]]))
 
-    def close(self) -> None:
+    def before(self, cutoff: datetime) -> None:
+        return None
+
+    def delete(self, ids: Sequence[SourceId]) -> None:
+        raise UsageError("migrate never deletes at the source")
+
+    def close(self, *, commit: bool = True) -> None:
         self.session.close()
 
 
@@ -274,11 +275,17 @@ def migrate(
     source_endpoint = parse_url(source_url, no_tls=options.no_tls, schemes=IMAP_SCHEMES)
     target_endpoint = parse_url(target_url, no_tls=options.no_tls, schemes=IMAP_SCHEMES)
 
-    def connect() -> tuple[TransferSource, Target]:
+    prefix = ""
+
+    def connect() -> tuple[Source, Target]:
+        nonlocal prefix
         session = ImapSource.connect(
             source_endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.source_auth
         )
+        source = ServerSource(session)
         try:
+            # Cyrus keeps every personal folder under "INBOX.": that is the namespace, not a parent.
+            prefix = source.personal_prefix()
             target = ImapTarget.connect(
                 target_endpoint,
                 target_password,
@@ -289,16 +296,20 @@ def migrate(
                 auth=options.auth,
             )
         except BaseException:
-            session.close()
+            source.close(commit=False)
             raise
-        return ServerSource(session), target
+        return source, target
 
-    def journal(source: TransferSource, target: Target) -> Journal:
-        return Journal(engine, source.identity, target.identity, create=not options.dry_run)
+    def relative(folder: Folder) -> Folder:
+        return replace(folder, name=without_prefix(folder.name, prefix))
+
+    def journal(target: Target) -> Journal:
+        source = f"imap://{source_endpoint.user}@{source_endpoint.host}:{source_endpoint.port}"
+        return Journal(engine, source, target.identity, create=not options.dry_run)
 
     engine = state_engine(Path(state) if state else default_state_path("migrate"), dry_run=options.dry_run)
     try:
-        reports = Engine(connect, journal, options.transfer(), progress).run()
+        reports = Engine(connect, journal, options.transfer(), progress, relative=relative).run()
     finally:
         engine.dispose()
     return TransferSummary(

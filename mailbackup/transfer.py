@@ -1,5 +1,9 @@
 """The transfer engine: restore (archive -> target) and migrate (server -> target) in one loop.
 
+It reads through the Source protocol (sources/__init__.py): an archive
+(sources/archive.py) or a live account, and writes through the Target protocol
+(targets/__init__.py).
+
 For each folder, every message is in one of three places: done in the journal and
 still on the target (skip it), already on the target by Message-ID and size or by
 hash (record it as found, send nothing), or to be sent. The journal is trusted
@@ -28,6 +32,7 @@ from .journal import DONE, FAILED, FOUND, IN_FLIGHT, Journal, Record
 from .model import Folder, FolderReport, Message, TransferReport
 from .pipeline import Progress, batches, wanted
 from .prefetch import prefetched
+from .sources import Checkpoint, Fetched, Listed, Source, SourceId
 from .targets import Delivered, Destination, Outgoing, Target, message_id
 
 log = logging.getLogger("mailbackup")
@@ -35,47 +40,9 @@ log = logging.getLogger("mailbackup")
 Key = tuple[str | None, int]  # (Message-ID or None, size)
 
 
-@dataclass(frozen=True)
-class Listing:
-    """The messages of one source folder to transfer, by journal item, in order."""
-
-    items: list[str]
-    # The folder holds no message at all (not merely none selected): create it empty.
-    empty: bool = False
-
-
-@dataclass(frozen=True)
-class Fetched:
-    """One batch from the source: messages by journal item, and items it could not read."""
-
-    messages: list[tuple[str, Message]]
-    failed: list[str]  # "item: reason"
-
-
-class TransferSource(Protocol):
-    """What the engine reads from: an archive (sources/archive.py) or a live server."""
-
-    identity: str  # the journal's name for the source
-
-    def folders(self) -> list[Folder]:
-        """Every folder, as the source names it."""
-
-    def relative(self, folder: Folder) -> Folder:
-        """The folder as the target should name it (without the source's namespace prefix)."""
-
-    def open(self, folder: Folder) -> Listing | None:
-        """Select a folder; None if it cannot be read (not selectable)."""
-
-    def sizes(self, items: Sequence[str]) -> dict[str, int]:
-        """Sizes of items in the open folder."""
-
-    def fetch(self, items: Sequence[str], sizes: dict[str, int]) -> Fetched:
-        """Read a batch of the open folder; may run on the prefetch thread."""
-
-    def flags(self, items: Sequence[str]) -> dict[str, tuple[str, ...]] | None:
-        """Current flags of items in the open folder, or None if the source has no live flags."""
-
-    def close(self) -> None: ...
+def journal_item(validity: int | None, source_id: SourceId) -> str:
+    """A message's name in the journal: "UIDVALIDITY:UID" on a server, the entry id in an archive."""
+    return str(source_id) if validity is None else f"{validity}:{source_id}"
 
 
 @dataclass(frozen=True)
@@ -272,14 +239,16 @@ class Engine:
 
     def __init__(
         self,
-        connect: Callable[[], tuple[TransferSource, Target]],
-        journal: Callable[[TransferSource, Target], Journal],
+        connect: Callable[[], tuple[Source, Target]],
+        journal: Callable[[Target], Journal],
         options: TransferOptions,
         progress: Progress,
         *,
+        relative: Callable[[Folder], Folder] = lambda folder: folder,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.connect = connect
+        self.relative = relative  # the name the target should give a source folder
         self.open_journal = journal  # called once, after the first connect: it needs both identities
         self.journal: Journal | None = None
         self.options = options
@@ -309,7 +278,7 @@ class Engine:
         source, target = self.connect()
         try:
             if self.journal is None:
-                self.journal = self.open_journal(source, target)
+                self.journal = self.open_journal(target)
             journal = self.journal
             folders = [f for f in source.folders() if wanted(f, self.options.include, self.options.exclude)]
             if not self.planned:
@@ -318,7 +287,7 @@ class Engine:
             for folder in folders:
                 if folder.name in self.completed:
                     continue
-                work = FolderWork(source, target, journal, folder, self.options, self.progress)
+                work = FolderWork(source, target, journal, folder, self.relative(folder), self.options, self.progress)
                 try:
                     report = work.run()
                 except ServerError as exc:
@@ -333,7 +302,7 @@ class Engine:
                 self.progress.folder_done(FolderReport(name=folder.name))
         finally:
             target.close()
-            source.close()
+            source.close(commit=False)  # a transfer never deletes at the source
 
 
 def merged(attempts: Sequence[TransferReport]) -> TransferReport:
@@ -358,10 +327,11 @@ class FolderWork:
 
     def __init__(
         self,
-        source: TransferSource,
+        source: Source,
         target: Target,
         journal: Journal,
         folder: Folder,
+        relative: Folder,
         options: TransferOptions,
         progress: Progress,
     ) -> None:
@@ -371,7 +341,6 @@ class FolderWork:
         self.folder = folder
         self.options = options
         self.progress = progress
-        relative = source.relative(folder)
         self.name = target.destination(relative.name, relative.delimiter, relative.attributes)
         self.base = TransferReport(source=folder.name, target=self.name)
         self.transfer: FolderTransfer | None = None
@@ -393,29 +362,30 @@ class FolderWork:
         )
 
     def run(self) -> TransferReport:
-        listing = self.source.open(self.folder)
-        if listing is None:
+        if not self.folder.selectable:
             self.base = replace(self.base, skipped="not selectable")
             return self.report()
-        if not listing.items and not listing.empty:
-            return self.report()  # everything filtered out: leave the target alone
+        opened = self.source.open(self.folder)
+        validity = opened.checkpoint.validity
+        items = {journal_item(validity, i): i for i in opened.ids}
         source_name, options = self.folder.name, self.options
         destination = self.target.open(self.name, create=not options.dry_run)
         records = self.journal.records(source_name, self.name)
         trust = trusted(records, destination, force=options.force)
-        todo = [i for i in listing.items if i not in trust.done]
-        sizes = self.source.sizes(todo) if todo else {}
+        todo = [i for item, i in items.items() if item not in trust.done]
+        # Gone since open: left out of the listing, nothing to send.
+        listed = [entry for part in self.source.listing(todo) for entry in part] if todo else []
         self.base = replace(
             self.base,
             planned=len(todo),
-            planned_bytes=sum(sizes.values()),
-            done_before=len(listing.items) - len(todo),
-            notes=trust.notes,
+            planned_bytes=sum(entry.size for entry in listed),
+            done_before=len(items) - len(todo),
+            notes=(*opened.notes, *trust.notes),
         )
         if options.dry_run:
             return self.report()
-        done = [i for i in listing.items if i in trust.done]
-        self.flags_updated = self.propagate_flags(destination, done, records)
+        done = [i for item, i in items.items() if item in trust.done]
+        self.flags_updated = self.propagate_flags(destination, validity, done, records)
         if not todo:
             return self.report()
         transfer = self.transfer = FolderTransfer(
@@ -423,7 +393,7 @@ class FolderWork:
             self.journal,
             source_name,
             destination,
-            {i: records[i] for i in todo if i in records},
+            {item: records[item] for item, i in items.items() if item not in trust.done and item in records},
             trust.available,
             # SMTP cannot be asked what arrived: keep at most one message in doubt.
             batch_messages=1 if self.target.window == 1 else options.batch_messages,
@@ -431,39 +401,56 @@ class FolderWork:
             progress=self.progress,
         )
         self.progress.folder_started(source_name, len(todo), self.base.planned_bytes)
-        present = [i for i in todo if i in sizes]  # gone since it was listed: nothing to send
-        planned = batches(present, sizes, options.batch_messages, options.batch_bytes)  # type: ignore[arg-type]
-        for batch, fetched in prefetched(planned, lambda part: self.source.fetch(part, sizes)):
-            result = fetched.result()
-            self.failed.extend(result.failed)
-            for item, message in result.messages:
-                transfer.offer(item, message)
+        by_id = {entry.id: entry for entry in listed}
+        sizes = {entry.id: entry.size for entry in listed}
+        groups = batches(list(by_id), sizes, options.batch_messages, options.batch_bytes)  # type: ignore[arg-type]
+        for _, future in prefetched(([by_id[i] for i in group] for group in groups), self.read):
+            arrived, lost = future.result()
+            for fetched in arrived:
+                if fetched.message is not None:
+                    transfer.offer(journal_item(validity, fetched.id), fetched.message)
+                elif not fetched.partial:  # a message cut in half comes again after the reconnect
+                    label = str(fetched.id) if validity is None else f"UID {fetched.id}"
+                    self.failed.append(f"{label}: {fetched.failure}")
+            if lost is not None:
+                transfer.finish()  # what arrived whole is delivered and journalled first
+                raise lost
         transfer.finish()
         return self.report()
 
-    def propagate_flags(self, destination: Destination, done: Sequence[str], records: dict[str, Record]) -> int:
+    def read(self, batch: Sequence[Listed]) -> tuple[list[Fetched], ConnectionLost | None]:
+        """On the prefetch thread: a batch, and the dropped line that cut it short, if one did."""
+        arrived: list[Fetched] = []
+        try:
+            for fetched in self.source.fetch(batch):
+                arrived.append(fetched)
+        except ConnectionLost as exc:
+            return arrived, exc
+        return arrived, None
+
+    def propagate_flags(
+        self, destination: Destination, validity: int | None, done: Sequence[SourceId], records: dict[str, Record]
+    ) -> int:
         """Set on the target the flags that changed on the source since they were last copied."""
-        known = {
-            item: records[item]
-            for item in done
-            if records[item].state == DONE and records[item].target_uid is not None
-            and records[item].target_uid_validity == destination.uid_validity
-        }
+        known: dict[SourceId, Record] = {}
+        for source_id in done:
+            record = records[journal_item(validity, source_id)]
+            if (
+                record.state == DONE
+                and record.target_uid is not None
+                and record.target_uid_validity == destination.uid_validity
+            ):
+                known[source_id] = record
         if not known:
             return 0
         changes: dict[tuple[str, ...], list[int]] = {}
         remembered: list[tuple[str, tuple[str, ...]]] = []
-        items = list(known)
-        for start in range(0, len(items), 2000):
-            current = self.source.flags(items[start : start + 2000])
-            if current is None:
-                return 0  # the source has no live flags (an archive)
-            for item, flags in current.items():
-                record = known.get(item)
+        for current in self.source.flag_changes(Checkpoint(validity), sorted(known)):  # type: ignore[type-var]
+            for source_id, flags in current.items():
+                record = known.get(source_id)
                 if record is not None and set(flags) != set(record.flags):
                     changes.setdefault(tuple(sorted(flags)), []).append(record.target_uid)  # type: ignore[arg-type]
-                    remembered.append((item, flags))
+                    remembered.append((record.item, flags))
         self.target.store_flags(destination.name, changes)
         self.journal.set_flags(self.folder.name, destination.name, remembered)
         return len(remembered)
-

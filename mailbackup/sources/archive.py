@@ -1,57 +1,88 @@
 """An archive read as a source: restore is a transfer from here to a target.
 
-Folders and messages come from the catalog, bytes from the store; nothing is written.
+Folders and messages come from the catalog, bytes from the store; nothing is
+written. Ids are catalog entry ids; the checkpoint has no validity, because an
+entry id never changes meaning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 
-from ..errors import StoreError
-from ..model import ArchivedFolder, Entry, Folder, Message
+from ..errors import StoreError, UsageError
+from ..model import Entry, Folder, Message
 from ..stores import Store
-from ..transfer import Fetched, Listing
+from . import Checkpoint, Fetched, LIST_SLICE, Listed, OpenFolder, SourceId, Traits
+
+ARCHIVE = Traits("archive", many_folders=True, flags=False, resumes=False, deletes_at_close=False, exact_sizes=True)
 
 
 class ArchiveSource:
-    """The folders of an open archive, each message an entry chosen by `select`."""
+    """The folders of an open archive, each message an entry chosen by `select`.
 
-    def __init__(self, store: Store, select: Callable[[Entry], bool]) -> None:
+    A folder is offered if `select` keeps one of its entries, or if it holds none
+    at all (an empty folder is restored as an empty folder).
+    """
+
+    traits = ARCHIVE
+
+    def __init__(self, store: Store, select: Callable[[Entry], bool] = lambda entry: not entry.gone) -> None:
         self.store = store
         self.select = select
         self.identity = store.url
-        self.archived: dict[str, ArchivedFolder] = {}
-        self.entries: dict[str, Entry] = {}
+        self.ids: dict[str, int] = {}  # folder name -> catalog folder id
+        self.entries: dict[SourceId, Entry] = {}  # of the open folder
+
+    def __str__(self) -> str:
+        return self.store.url
 
     def folders(self) -> list[Folder]:
-        self.archived = {f.name: f for f in self.store.catalog.folders()}
-        return [Folder(f.name, f.delimiter, f.attributes) for f in self.archived.values()]
+        out = []
+        for archived in self.store.catalog.folders():
+            entries = self.store.catalog.entries(archived.id)
+            try:
+                first = next(entries, None)
+                offered = first is None or self.select(first) or any(self.select(e) for e in entries)
+            finally:
+                entries.close()  # hand the catalog connection back now, not at garbage collection
+            if offered:
+                self.ids[archived.name] = archived.id
+                out.append(Folder(archived.name, archived.delimiter, archived.attributes))
+        return out
 
-    def relative(self, folder: Folder) -> Folder:
-        return folder  # an archive keeps the names the server used, without its namespace
+    def open(self, folder: Folder, *, writable: bool = False) -> OpenFolder:
+        if writable:
+            raise UsageError("an archive is read as a source, never changed")
+        if folder.name not in self.ids:
+            self.folders()
+        entries = self.store.catalog.entries(self.ids[folder.name])
+        self.entries = {e.id: e for e in entries if self.select(e)}
+        return OpenFolder(folder, Checkpoint(validity=None), ids=sorted(self.entries))  # type: ignore[type-var]
 
-    def open(self, folder: Folder) -> Listing:
-        every = list(self.store.catalog.entries(self.archived[folder.name].id))
-        self.entries = {str(e.id): e for e in every if self.select(e)}
-        return Listing(items=list(self.entries), empty=not every)
+    def listing(self, ids: Sequence[SourceId]) -> Iterator[list[Listed]]:
+        for start in range(0, len(ids), LIST_SLICE):
+            yield [Listed(i, self.entries[i].size) for i in ids[start : start + LIST_SLICE] if i in self.entries]
 
-    def sizes(self, items: Sequence[str]) -> dict[str, int]:
-        return {item: self.entries[item].size for item in items}
-
-    def fetch(self, items: Sequence[str], sizes: dict[str, int]) -> Fetched:
-        messages, failed = [], []
-        for item in items:
-            entry = self.entries[item]
+    def fetch(self, batch: Sequence[Listed], resume: Mapping[SourceId, bytes] = {}) -> Iterator[Fetched]:
+        for item in batch:
+            entry = self.entries[item.id]
             try:
                 raw = self.store.get(entry.location)
             except StoreError as exc:
-                failed.append(f"{item}: {exc}")
+                yield Fetched(item.id, None, str(exc))
                 continue
-            messages.append((item, Message(raw=raw, flags=entry.flags, internal_date=entry.internal_date, sha256=entry.sha256)))
-        return Fetched(messages, failed)
+            # The recorded SHA-256 is the message's identity: restore sends what was archived.
+            yield Fetched(item.id, Message(raw=raw, flags=entry.flags, internal_date=entry.internal_date, sha256=entry.sha256))
 
-    def flags(self, items: Sequence[str]) -> None:
-        return None  # an archive's flags are what was restored; nothing changes under it
+    def flag_changes(self, since: Checkpoint, ids: Sequence[SourceId]) -> Iterator[dict[SourceId, tuple[str, ...]]]:
+        return iter(())  # nothing changes under an archive being read
 
-    def close(self) -> None:
+    def before(self, cutoff: datetime) -> Sequence[SourceId]:
+        return [i for i, e in self.entries.items() if e.internal_date is not None and e.internal_date < cutoff]
+
+    def delete(self, ids: Sequence[SourceId]) -> None:
+        raise UsageError("an archive is read as a source, never changed")
+
+    def close(self, *, commit: bool = True) -> None:
         pass  # the store belongs to the caller
