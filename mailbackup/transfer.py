@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -66,25 +65,30 @@ class Trust:
     """What the journal says is done and the target still bears out."""
 
     done: set[str]
-    available: Counter[Key]  # copies on the target not claimed by a trusted row
+    free: dict[Key, list[int]]  # UIDs on the target not claimed by a trusted row, by (Message-ID, size)
     notes: tuple[str, ...]
 
 
-def trusted(records: dict[str, Record], destination: Destination, *, force: bool) -> Trust:
-    """Check the journal's finished rows against the target folder as it is now."""
+def trusted(records: dict[str, Record], destination: Destination, *, force: bool) -> Trust | None:
+    """Check the journal's finished rows against the target folder as it is now.
+
+    A row with a target UID needs only the folder's UIDVALIDITY and UIDs; one without
+    (a target without UIDPLUS) needs its contents: None means open it with contents.
+    """
     rows = [r for r in records.values() if finished(r)]
     if destination.uids is None:  # SMTP: nothing to ask, the journal is all there is
-        return Trust({r.item for r in rows}, Counter(), ())
-    available = destination.present.copy()
+        return Trust({r.item for r in rows}, {}, ())
+    free = {key: list(uids) for key, uids in destination.where.items()}
     name = destination.name
     if force:
-        return Trust(set(), available, ("forced: every message was checked on the target",) if rows else ())
+        return Trust(set(), free, ("forced: every message was checked on the target",) if rows else ())
     if not rows:
-        return Trust(set(), available, ())
+        return Trust(set(), free, ())
     if not destination.exists:
-        return Trust(set(), available, (f"{name} is not on the target: it would be created and filled in full",))
+        return Trust(set(), free, (f"{name} is not on the target: it would be created and filled in full",))
     if destination.created:
-        return Trust(set(), available, (f"{name} was no longer on the target: created again and filled in full",))
+        return Trust(set(), free, (f"{name} was no longer on the target: created again and filled in full",))
+    holder = {uid: key for key, uids in destination.where.items() for uid in uids}
     done: set[str] = set()
     reset = missing = 0
     old_validity = None
@@ -93,11 +97,22 @@ def trusted(records: dict[str, Record], destination: Destination, *, force: bool
             reset += 1
             old_validity = record.target_uid_validity
             continue
-        key = (record.message_id, record.size or 0)
-        if (record.target_uid is not None and record.target_uid not in destination.uids) or available[key] <= 0:
-            missing += 1
-            continue
-        available[key] -= 1
+        if record.target_uid is not None:
+            # A UID names one message for as long as the UIDVALIDITY stands.
+            if record.target_uid not in destination.uids:
+                missing += 1
+                continue
+            key = holder.get(record.target_uid)
+            if key is not None:
+                free[key].remove(record.target_uid)
+        else:
+            if not destination.contents:
+                return None
+            copies = free.get((record.message_id, record.size or 0))
+            if not copies:
+                missing += 1
+                continue
+            copies.pop(0)
         done.add(record.item)
     notes = []
     if reset:
@@ -107,7 +122,7 @@ def trusted(records: dict[str, Record], destination: Destination, *, force: bool
         )
     if missing:
         notes.append(f"{missing} messages an earlier run put in {name} are no longer there: sent again")
-    return Trust(done, available, tuple(notes))
+    return Trust(done, free, tuple(notes))
 
 
 class FolderTransfer:
@@ -120,7 +135,7 @@ class FolderTransfer:
         source_folder: str,
         destination: Destination,
         records: dict[str, Record],
-        available: Counter[Key],
+        free: dict[Key, list[int]],
         *,
         batch_messages: int,
         batch_bytes: int,
@@ -134,9 +149,8 @@ class FolderTransfer:
         self.batch_messages = batch_messages
         self.batch_bytes = batch_bytes
         self.progress = progress
-        # Copies on the target not yet claimed by a message the journal knows is there.
-        self.available = available
-        self.hash_claimed: Counter[str] = Counter()
+        # UIDs on the target not yet claimed by a message the journal knows is there.
+        self.free = free
         self.batch: list[Outgoing] = []
         self.batch_size = 0
         self.pending: dict[str, Record] = {}
@@ -158,9 +172,9 @@ class FolderTransfer:
             sha256=message.sha256,
             flags=message.flags,
         )
-        if self.on_target(key, message.sha256):
-            self.available[key] -= 1
-            self.found_records.append(replace(record, state=FOUND))
+        uid = self.on_target(key, message.sha256)
+        if uid is not None:
+            self.found_records.append(replace(record, state=FOUND, target_uid=uid))
             if previous is not None and previous.state == IN_FLIGHT:
                 self.recovered += 1
             else:
@@ -178,16 +192,19 @@ class FolderTransfer:
         self.batch_size += len(raw)
         self.pending[item] = record
 
-    def on_target(self, key: Key, sha256: str) -> bool:
-        if self.available[key] <= 0:
-            return False
+    def on_target(self, key: Key, sha256: str) -> int | None:
+        """Claim an unclaimed copy of this message on the target: its UID, or None."""
+        free = self.free.get(key)
+        if not free:
+            return None
         if key[0] is not None:
-            return True
+            return free.pop(0)
         # No Message-ID: only the same bytes count.
-        if self.target.copies(self.destination, key[1], sha256) > self.hash_claimed[sha256]:
-            self.hash_claimed[sha256] += 1
-            return True
-        return False
+        for uid in self.target.copies(self.destination, key[1], sha256):
+            if uid in free:
+                free.remove(uid)
+                return uid
+        return None
 
     def fail(self, record: Record, reason: str) -> None:
         self.journal.write(self.source_folder, [replace(record, state=FAILED, detail=reason)])
@@ -369,9 +386,18 @@ class FolderWork:
         validity = opened.checkpoint.validity
         items = {journal_item(validity, i): i for i in opened.ids}
         source_name, options = self.folder.name, self.options
-        destination = self.target.open(self.name, create=not options.dry_run)
         records = self.journal.records(source_name, self.name)
+        create = not options.dry_run
+        # Reading every message's Message-ID and size costs: only when something may be sent.
+        unsure = options.force or any(not finished(records.get(item)) for item in items)
+        destination = self.target.open(self.name, create=create, contents=unsure)
         trust = trusted(records, destination, force=options.force)
+        if trust is None or (not destination.contents and len(trust.done & items.keys()) < len(items)):
+            created = destination.created
+            destination = self.target.open(self.name, create=create, contents=True)
+            destination = replace(destination, created=destination.created or created)
+            trust = trusted(records, destination, force=options.force)
+        assert trust is not None
         todo = [i for item, i in items.items() if item not in trust.done]
         # Gone since open: left out of the listing, nothing to send.
         listed = [entry for part in self.source.listing(todo) for entry in part] if todo else []
@@ -394,7 +420,7 @@ class FolderWork:
             source_name,
             destination,
             {item: records[item] for item, i in items.items() if item not in trust.done and item in records},
-            trust.available,
+            trust.free,
             # SMTP cannot be asked what arrived: keep at most one message in doubt.
             batch_messages=1 if self.target.window == 1 else options.batch_messages,
             batch_bytes=options.batch_bytes,

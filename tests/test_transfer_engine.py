@@ -162,18 +162,23 @@ class ToyTarget:
     def destination(self, source_name: str, delimiter: str | None, attributes: frozenset[str]) -> str:
         return f"Restored/{source_name}"
 
-    def open(self, name: str, *, create: bool = True) -> Destination:
+    def open(self, name: str, *, create: bool = True, contents: bool = True) -> Destination:
         created = name not in self.server.folders
         if created:
             if not create:
                 return Destination(name, uids=frozenset(), exists=False)
             self.server.create(name)
         held = self.server.folders[name]
-        present = Counter((message_id(raw), len(raw)) for _, raw, _ in held)
-        return Destination(name, self.server.validity[name], present, frozenset(u for u, _, _ in held), created=created)
+        where: dict[tuple[str | None, int], tuple[int, ...]] = {}
+        if contents:
+            for uid, raw, _ in held:
+                key = (message_id(raw), len(raw))
+                where[key] = (*where.get(key, ()), uid)
+        uids = frozenset(u for u, _, _ in held)
+        return Destination(name, self.server.validity[name], uids, where, contents=contents, created=created)
 
-    def copies(self, destination: Destination, size: int, sha256: str) -> int:
-        return sum(hashlib.sha256(raw).hexdigest() == sha256 for _, raw, _ in self.server.folders[destination.name])
+    def copies(self, destination: Destination, size: int, sha256: str) -> list[int]:
+        return [u for u, raw, _ in self.server.folders[destination.name] if hashlib.sha256(raw).hexdigest() == sha256]
 
     def send(self, destination: Destination, batch: Sequence[Outgoing]) -> None:
         held = self.server.folders[destination.name]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -145,7 +145,7 @@ class ImapTarget:
         self.layout = self._layout()
         self._permanent: dict[str, frozenset[str] | None] = {}
         self._sizes: dict[str, dict[int, list[int]]] = {}  # destination -> size -> UIDs
-        self._hashes: dict[str, Counter[str]] = {}
+        self._hashes: dict[str, dict[str, list[int]]] = {}  # destination -> SHA-256 -> UIDs
         self._hashed: dict[str, set[int]] = {}
         self._in_flight: deque[_Sent] = deque()
 
@@ -214,7 +214,7 @@ class ImapTarget:
             return "INBOX"
         return name if name in self.folders else None
 
-    def open(self, name: str, *, create: bool = True) -> Destination:
+    def open(self, name: str, *, create: bool = True, contents: bool = True) -> Destination:
         existing = self._existing(name)
         if existing is None:
             if not create:
@@ -240,24 +240,31 @@ class ImapTarget:
             else None
         )
         validity = response.get(b"UIDVALIDITY")
-        present: Counter[tuple[str | None, int]] = Counter()
+        where: dict[tuple[str | None, int], list[int]] = {}
         sizes: dict[int, list[int]] = {}
+        uids: frozenset[int] = frozenset()
         if int(response.get(b"EXISTS", 0)):
-            fetched = self._uid_fetch("1:*", ["RFC822.SIZE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
-            for uid, data in fetched.items():
-                size = int(data.get(b"RFC822.SIZE", 0))  # type: ignore[call-overload]
-                header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER")), b"")
-                present[(message_id(header) if isinstance(header, bytes) else None, size)] += 1
-                sizes.setdefault(size, []).append(uid)
+            if contents:
+                fetched = self._uid_fetch("1:*", ["RFC822.SIZE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
+                for uid, data in fetched.items():
+                    size = int(data.get(b"RFC822.SIZE", 0))  # type: ignore[call-overload]
+                    header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER")), b"")
+                    where.setdefault((message_id(header) if isinstance(header, bytes) else None, size), []).append(uid)
+                    sizes.setdefault(size, []).append(uid)
+                uids = frozenset(fetched)
+            else:
+                with command_errors():
+                    uids = frozenset(int(uid) for uid in self.client.search("ALL"))
         self._sizes[name] = sizes
-        self._hashes[name] = Counter()
+        self._hashes[name] = {}
         self._hashed[name] = set()
         self._leave()
         return Destination(
             name=name,
             uid_validity=int(validity) if validity is not None else None,
-            present=present,
-            uids=frozenset(uid for uids in sizes.values() for uid in uids),
+            uids=uids,
+            where={key: tuple(found) for key, found in where.items()},
+            contents=contents,
             created=existing is None,
         )
 
@@ -276,8 +283,8 @@ class ImapTarget:
             with command_errors():
                 self.client.unselect_folder()
 
-    def copies(self, destination: Destination, size: int, sha256: str) -> int:
-        """How many messages in the destination have exactly these bytes (fetched once, by size)."""
+    def copies(self, destination: Destination, size: int, sha256: str) -> list[int]:
+        """The UIDs of the messages in the destination with exactly these bytes (fetched once, by size)."""
         name = destination.name
         todo = [u for u in self._sizes.get(name, {}).get(size, []) if u not in self._hashed[name]]
         if todo:
@@ -286,13 +293,13 @@ class ImapTarget:
             for start in range(0, len(todo), 50):
                 part = todo[start : start + 50]
                 fetched = self._uid_fetch(",".join(map(str, part)), ["BODY.PEEK[]"], literal_room(size))
-                for data in fetched.values():
+                for uid, data in fetched.items():
                     raw = data.get(b"BODY[]")
                     if isinstance(raw, bytes):
-                        self._hashes[name][hashlib.sha256(raw).hexdigest()] += 1
+                        self._hashes[name].setdefault(hashlib.sha256(raw).hexdigest(), []).append(uid)
                 self._hashed[name].update(part)
             self._leave()
-        return self._hashes[name][sha256]
+        return list(self._hashes[name].get(sha256, ()))
 
     # messages
 

@@ -147,11 +147,11 @@ class SmtpTarget:
     def destination(self, source_name: str, delimiter: str | None, attributes: frozenset[str]) -> str:
         return "to " + ", ".join(self.recipients)
 
-    def open(self, name: str, *, create: bool = True) -> Destination:
+    def open(self, name: str, *, create: bool = True, contents: bool = True) -> Destination:
         return Destination(name=name)
 
-    def copies(self, destination: Destination, size: int, sha256: str) -> int:
-        return 0  # a mail server cannot be asked what it delivered
+    def copies(self, destination: Destination, size: int, sha256: str) -> list[int]:
+        return []  # a mail server cannot be asked what it delivered
 
     def store_flags(self, name: str, changes: dict[tuple[str, ...], list[int]]) -> None:
         pass  # sent mail has no flags to change
