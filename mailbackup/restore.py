@@ -13,7 +13,8 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import date, datetime, time as day_time
+from datetime import date, datetime
+from datetime import time as day_time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -23,7 +24,16 @@ from .journal import Journal, default_state_path, state_engine
 from .model import Entry, Folder, TransferReport, TransferSummary
 from .net import Endpoint, parse_url
 from .pipeline import Progress
-from .sources import IMAP, LIST_SLICE, Checkpoint, Fetched, Listed, OpenFolder, Source, SourceId
+from .sources import (
+    IMAP,
+    LIST_SLICE,
+    Checkpoint,
+    Fetched,
+    Listed,
+    OpenFolder,
+    Source,
+    SourceId,
+)
 from .sources.archive import ArchiveSource
 from .sources.imap import ImapSource
 from .stores import open_store
@@ -245,7 +255,8 @@ class ServerSource:
 
     def flag_changes(self, since: Checkpoint, ids: Sequence[SourceId]) -> Iterator[dict[SourceId, tuple[str, ...]]]:
         for start in range(0, len(ids), 2000):
-            yield dict(self.session.flags([int(i) for i in ids[start : start + 2000]]))
+            current = self.session.flags([int(i) for i in ids[start : start + 2000]])
+            yield {uid: flags for uid, flags in current.items()}
 
     def before(self, cutoff: datetime) -> None:
         return None

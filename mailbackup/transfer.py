@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 from .errors import ConnectionLost, ServerError
 from .journal import DONE, FAILED, FOUND, IN_FLIGHT, Journal, Record
@@ -471,12 +470,13 @@ class FolderWork:
             return 0
         changes: dict[tuple[str, ...], list[int]] = {}
         remembered: list[tuple[str, tuple[str, ...]]] = []
+        # Ids of one folder are all ints or all strings, so they sort.
         for current in self.source.flag_changes(Checkpoint(validity), sorted(known)):  # type: ignore[type-var]
             for source_id, flags in current.items():
-                record = known.get(source_id)
-                if record is not None and set(flags) != set(record.flags):
-                    changes.setdefault(tuple(sorted(flags)), []).append(record.target_uid)  # type: ignore[arg-type]
-                    remembered.append((record.item, flags))
+                was = known.get(source_id)
+                if was is not None and was.target_uid is not None and set(flags) != set(was.flags):
+                    changes.setdefault(tuple(sorted(flags)), []).append(was.target_uid)
+                    remembered.append((was.item, flags))
         self.target.store_flags(destination.name, changes)
         self.journal.set_flags(self.folder.name, destination.name, remembered)
         return len(remembered)

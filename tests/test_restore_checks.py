@@ -56,7 +56,7 @@ def test_a_folder_deleted_on_the_target_is_restored_again_in_full(dovecot, tmp_p
 
 def test_a_target_folder_re_created_with_a_new_uidvalidity_is_filled_again(dovecot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     source, target = dovecot.add_user(), dovecot.add_user()
-    url, count = seeded_archive(dovecot, source, tmp_path)
+    url, _ = seeded_archive(dovecot, source, tmp_path)
     restore_to(target, url)
     want = view(dovecot, target)
     dovecot.recreate_folder(target, "Archive/2024")  # exists again, empty, new UIDVALIDITY
@@ -68,7 +68,7 @@ def test_a_target_folder_re_created_with_a_new_uidvalidity_is_filled_again(dovec
 
 def test_messages_expunged_on_the_target_are_sent_again_and_only_they(dovecot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     source, target = dovecot.add_user(), dovecot.add_user()
-    url, count = seeded_archive(dovecot, source, tmp_path)
+    url, _ = seeded_archive(dovecot, source, tmp_path)
     restore_to(target, url)
     want = view(dovecot, target)
     with dovecot.client(target) as imap:

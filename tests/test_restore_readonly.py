@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_backup_imap import archive_url, run_backup
 from tests.test_restore_imap import bodies, seeded_archive
 
 ROOT = Path(__file__).parent.parent

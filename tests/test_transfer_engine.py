@@ -12,12 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from mailbackup.catalog import create_engine
 from mailbackup.errors import ConnectionLost
 from mailbackup.journal import Journal
-from mailbackup.catalog import create_engine
 from mailbackup.model import Folder, Message
 from mailbackup.pipeline import Progress
-from mailbackup.sources import Checkpoint, Fetched, Listed, OpenFolder, Source, SourceId, Traits
+from mailbackup.sources import (
+    Checkpoint,
+    Fetched,
+    Listed,
+    OpenFolder,
+    Source,
+    SourceId,
+    Traits,
+)
 from mailbackup.targets import Delivered, Destination, Outgoing, Target, message_id
 from mailbackup.transfer import Engine, TransferOptions
 

@@ -7,13 +7,14 @@ entry id never changes meaning.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from datetime import datetime
+from typing import cast
 
 from ..errors import StoreError, UsageError
 from ..model import Entry, Folder, Message
 from ..stores import Store
-from . import Checkpoint, Fetched, LIST_SLICE, Listed, OpenFolder, SourceId, Traits
+from . import LIST_SLICE, Checkpoint, Fetched, Listed, OpenFolder, SourceId, Traits
 
 ARCHIVE = Traits("archive", many_folders=True, flags=False, resumes=False, deletes_at_close=False, exact_sizes=True)
 
@@ -40,7 +41,7 @@ class ArchiveSource:
     def folders(self) -> list[Folder]:
         out = []
         for archived in self.store.catalog.folders():
-            entries = self.store.catalog.entries(archived.id)
+            entries = cast(Generator[Entry, None, None], self.store.catalog.entries(archived.id))
             try:
                 first = next(entries, None)
                 offered = first is None or self.select(first) or any(self.select(e) for e in entries)

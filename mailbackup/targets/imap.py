@@ -194,7 +194,7 @@ class ImapTarget:
                 prefix, delimiter = personal[0][0], personal[0][1]
         if delimiter is None:
             delimiter = next((f.delimiter for f in self.folders.values() if f.delimiter), None)
-        special = []
+        special: list[tuple[str, str]] = []
         for folder in sorted(self.folders.values(), key=lambda f: f.name):
             for role in sorted(folder.attributes & SPECIAL_USE):
                 if role not in dict(special) and folder.selectable:

@@ -13,8 +13,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from email.utils import format_datetime, make_msgid
 from datetime import datetime, timezone
+from email.utils import format_datetime, make_msgid
 
 from ..credentials import oauthbearer, xoauth2
 from ..errors import AuthError, TLSError, UsageError
