@@ -434,7 +434,7 @@ class FolderWork:
             for fetched in arrived:
                 if fetched.message is not None:
                     transfer.offer(journal_item(validity, fetched.id), fetched.message)
-                elif not fetched.partial:  # a message cut in half comes again after the reconnect
+                elif fetched.failure is not None and not fetched.partial:  # a cut one comes again after the reconnect
                     label = str(fetched.id) if validity is None else f"UID {fetched.id}"
                     self.failed.append(f"{label}: {fetched.failure}")
             if lost is not None:

@@ -91,3 +91,15 @@ def test_a_line_that_never_carries_a_message_stops_after_the_retries(dovecot, tm
             restore(url, through(proxy, target), password=target.password,
                     options=RestoreOptions(no_tls=True, reconnects=2, reconnect_delay=0.01))
     assert len(proxy.connections) == 3  # the first attempt and two retries
+
+
+def test_migrate_through_a_source_line_cut_mid_fetch_finishes_in_one_run(dovecot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    source, target = dovecot.add_user(), dovecot.add_user()
+    seed(dovecot, source)
+    with FaultProxy(dovecot.imap_port, cut_at=400_000, direction="down", connections_to_cut=2) as proxy:
+        summary = migrate(
+            through(proxy, source), target.url("imap"), password=source.password, target_password=target.password,
+            state=tmp_path / "state.sqlite", options=RestoreOptions(no_tls=True, batch_messages=10, reconnect_delay=0.05),
+        )
+    assert summary.ok and proxy.cuts == 2
+    assert multiset(dovecot, target) == multiset(dovecot, source)

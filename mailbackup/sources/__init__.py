@@ -85,10 +85,10 @@ class Listed:
 
 @dataclass(frozen=True)
 class Fetched:
-    """The outcome for one id: its message, or why there is none.
+    """The outcome for one id: its message, or why there is none (failure).
 
-    ``partial`` holds the bytes of a message that were received when the line
-    dropped (a prefix of it); ``message`` is then None.
+    Neither message nor failure: the line dropped while this message was read,
+    and ``partial`` holds the prefix of it that arrived (perhaps empty).
     """
 
     id: SourceId
