@@ -55,6 +55,33 @@ class TransferOptions:
     retry_delay: float = 2.0
 
 
+@dataclass
+class Pace:
+    """How big a batch to send: a quarter after a dropped line, doubling back while the link holds.
+
+    A MULTIAPPEND is all or nothing, so a batch bigger than what the line carries
+    before it drops would never arrive; smaller batches get through and count as progress.
+    """
+
+    max_messages: int
+    max_bytes: int
+    messages: int = 0
+    bytes: int = 0
+    floor_bytes: int = 64 << 10
+
+    def __post_init__(self) -> None:
+        self.messages = self.messages or self.max_messages
+        self.bytes = self.bytes or self.max_bytes
+
+    def shrink(self) -> None:
+        self.messages = max(1, self.messages // 4)
+        self.bytes = max(min(self.floor_bytes, self.max_bytes), self.bytes // 4)
+
+    def grow(self) -> None:
+        self.messages = min(self.max_messages, self.messages * 2)
+        self.bytes = min(self.max_bytes, self.bytes * 2)
+
+
 def finished(record: Record | None) -> bool:
     return record is not None and record.state in (DONE, FOUND)
 
@@ -136,8 +163,7 @@ class FolderTransfer:
         records: dict[str, Record],
         free: dict[Key, list[int]],
         *,
-        batch_messages: int,
-        batch_bytes: int,
+        pace: Pace,
         progress: Progress,
     ) -> None:
         self.target = target
@@ -145,8 +171,7 @@ class FolderTransfer:
         self.source_folder = source_folder
         self.destination = destination
         self.records = records
-        self.batch_messages = batch_messages
-        self.batch_bytes = batch_bytes
+        self.pace = pace
         self.progress = progress
         # UIDs on the target not yet claimed by a message the journal knows is there.
         self.free = free
@@ -185,7 +210,8 @@ class FolderTransfer:
         if not raw:
             self.fail(record, "empty message: no server accepts it")
             return
-        if self.batch and (len(self.batch) >= self.batch_messages or self.batch_size + len(raw) > self.batch_bytes):
+        pace = self.pace
+        if self.batch and (len(self.batch) >= pace.messages or self.batch_size + len(raw) > pace.bytes):
             self.flush()
         self.batch.append(Outgoing(item=item, raw=raw, flags=message.flags, internal_date=message.internal_date))
         self.batch_size += len(raw)
@@ -242,6 +268,8 @@ class FolderTransfer:
         self.journal.write(self.source_folder, rows)
         self.bytes += size
         self.progress.stored(len(outcome), size)
+        if size:
+            self.pace.grow()
 
     def finish(self) -> None:
         self.flush_found()
@@ -273,6 +301,7 @@ class Engine:
         self.completed: dict[str, TransferReport] = {}  # by source folder, across attempts
         self.partial: dict[str, list[TransferReport]] = {}  # cut short by a dropped line
         self.planned = False
+        self.pace: Pace | None = None  # batch limits, kept across attempts
 
     def run(self) -> list[TransferReport]:
         idle = 0  # drops since the last attempt that made progress
@@ -286,6 +315,8 @@ class Engine:
                 idle = 1 if any(r.progressed for r in attempt) else idle + 1
                 if idle > self.options.retries:
                     raise
+                if self.pace is not None:
+                    self.pace.shrink()
                 wait = self.options.retry_delay * 2 ** (idle - 1)
                 log.warning("%s; reconnecting in %.0f s (retry %d of %d)", exc, wait, idle, self.options.retries)
                 self.sleep(wait)
@@ -296,6 +327,11 @@ class Engine:
             if self.journal is None:
                 self.journal = self.open_journal(target)
             journal = self.journal
+            if self.pace is None:
+                # SMTP cannot be asked what arrived: keep at most one message in doubt.
+                one = target.window == 1
+                self.pace = Pace(1 if one else self.options.batch_messages, self.options.batch_bytes)
+            pace = self.pace
             folders = [f for f in source.folders() if wanted(f, self.options.include, self.options.exclude)]
             if not self.planned:
                 self.progress.plan(len(folders))
@@ -303,7 +339,7 @@ class Engine:
             for folder in folders:
                 if folder.name in self.completed:
                     continue
-                work = FolderWork(source, target, journal, folder, self.relative(folder), self.options, self.progress)
+                work = FolderWork(source, target, journal, folder, self.relative(folder), self.options, self.progress, pace)
                 try:
                     report = work.run()
                 except ServerError as exc:
@@ -350,7 +386,9 @@ class FolderWork:
         relative: Folder,
         options: TransferOptions,
         progress: Progress,
+        pace: Pace,
     ) -> None:
+        self.pace = pace
         self.source = source
         self.target = target
         self.journal = journal
@@ -420,9 +458,7 @@ class FolderWork:
             destination,
             {item: records[item] for item, i in items.items() if item not in trust.done and item in records},
             trust.free,
-            # SMTP cannot be asked what arrived: keep at most one message in doubt.
-            batch_messages=1 if self.target.window == 1 else options.batch_messages,
-            batch_bytes=options.batch_bytes,
+            pace=self.pace,
             progress=self.progress,
         )
         self.progress.folder_started(source_name, len(todo), self.base.planned_bytes)

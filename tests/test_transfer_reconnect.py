@@ -103,3 +103,19 @@ def test_migrate_through_a_source_line_cut_mid_fetch_finishes_in_one_run(dovecot
         )
     assert summary.ok and proxy.cuts == 2
     assert multiset(dovecot, target) == multiset(dovecot, source)
+
+
+def test_batches_shrink_after_a_drop_so_a_line_that_always_drops_still_carries_everything(dovecot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    source, target = dovecot.add_user(), dovecot.add_user()
+    dovecot.seed_maildir(
+        source, "INBOX",
+        ((b"Subject: %d\r\nMessage-ID: <%d@big>\r\n\r\n%s\r\n" % (i, i, os.urandom(25_000).hex().encode()), "", 1.6e9 + i) for i in range(60)),
+    )
+    url = archive_url("sqlite", tmp_path)
+    run_backup(source, url)
+    # Every connection drops after 600 KB up; the default batch (4 MB) would never arrive whole.
+    with FaultProxy(dovecot.imap_port, cut_at=600_000, direction="up", connections_to_cut=1000) as proxy:
+        summary = restore(url, through(proxy, target), password=target.password,
+                          options=RestoreOptions(no_tls=True, reconnect_delay=0.01))
+    assert summary.ok and proxy.cuts >= 3
+    assert multiset(dovecot, target) == multiset(dovecot, source)
