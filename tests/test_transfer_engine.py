@@ -41,7 +41,7 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path, modules: set[str]) -> set[str]:
-    """Every mailbackup module this file imports, at module level or inside functions."""
+    """Every mailbackup module this file imports, at module level, inside functions or under TYPE_CHECKING."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
@@ -59,7 +59,9 @@ def imports(path: Path, modules: set[str]) -> set[str]:
             found.update(submodules)
             if len(submodules) < len(node.names):
                 found.add(target)
-    return {m for m in found if m in modules and m != name}
+    # A module's own parent packages run before it anyway: importing from them adds no edge
+    # (so a registry in a package's __init__ may import its submodules lazily).
+    return {m for m in found if m in modules and m != name and not name.startswith(m + ".")}
 
 
 def cycle(graph: dict[str, set[str]]) -> list[str] | None:
