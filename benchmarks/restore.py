@@ -168,7 +168,8 @@ class Bench:
 
         restored = self.server.add_user("restored")
         seconds, rss, proc = timed(
-            [sys.executable, "-m", "mailbackup", "restore", f"maildir:{archive}", self.url(restored), "--no-tls", "--json", "-q"],
+            [sys.executable, "-m", "mailbackup", "restore", f"maildir:{archive}", self.url(restored), "--no-tls", "--json", "-q",
+             "--state", str(self.work / "restore.sqlite")],
             {**os.environ, "MAILBACKUP_PASSWORD": restored.password, "PYTHONPATH": str(REPO)},
         )
         self.record(Result("mailbackup restore", seconds, peak_rss_mb=rss), proc, restored)

@@ -7,8 +7,8 @@ from .errors import MailbackupError
 from .model import Folder, Message, Summary
 from .pipeline import BackupOptions, Progress, backup
 from .prune import prune_server
-from .show import listing
 from .restore import RestoreOptions, migrate, restore
+from .show import listing
 from .stores import open_store
 from .verify import verify
 

@@ -478,19 +478,22 @@ def token_command(account_name: str, config_path: Path | None) -> None:
 
 
 MAILBOX_HELP = "The account (USER@HOST) to read, in an archive that holds several."
-AS_OF_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 
 
 @main.command("ls")
 @click.argument("archive")
 @click.option("--mailbox", metavar="USER@HOST", help="Only this account, in an archive that holds several.")
-@click.option("--as-of", "as_of", type=click.DateTime(AS_OF_FORMATS), help="The archive as it stood then (UTC).")
+@click.option("--as-of", "as_of", metavar="DATE", help="The archive as it stood then: YYYY-MM-DD (end of that day) or YYYY-MM-DDTHH:MM[:SS][+HH:MM]; local time.")
 @click.option("--json", "json_output", is_flag=True, help="One JSON object per folder.")
-def ls_command(archive: str, mailbox: str | None, as_of: Any, json_output: bool) -> None:
+def ls_command(archive: str, mailbox: str | None, as_of: str | None, json_output: bool) -> None:
     """List the folders in ARCHIVE with message counts and sizes (per account, if it holds several)."""
     from .show import FolderListing, listing
 
-    rows: list[FolderListing] = run(json_output, lambda: listing(archive, mailbox=mailbox, as_of=as_of))
+    from .restore import parse_as_of
+
+    rows: list[FolderListing] = run(
+        json_output, lambda: listing(archive, mailbox=mailbox, as_of=parse_as_of(as_of) if as_of else None)
+    )
     accounts = sorted({r.account for r in rows})
     if json_output:
         for r in rows:
@@ -739,6 +742,8 @@ def print_transfer(summary: Any, verb: str) -> None:
                 f"  {report.source} -> {report.target}: {report.planned} messages, {human_bytes(report.planned_bytes)}"
                 f"{f', {report.done_before} done before' if report.done_before else ''}{note}"
             )
+            for text in report.notes:
+                click.echo(f"    note: {text}")
         click.echo(f"total: {info['planned']} messages, {human_bytes(info['planned_bytes'])}")
         return
     click.echo(
@@ -749,6 +754,8 @@ def print_transfer(summary: Any, verb: str) -> None:
     for report in summary.folders:
         if report.skipped:
             click.echo(f"skipped {report.source}: {report.skipped}")
+    for folder, text in summary.notes:
+        click.echo(f"note {folder}: {text}")
     for folder, item in summary.failed:
         click.echo(f"failed {folder}: {item}", err=True)
 
@@ -773,6 +780,8 @@ def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--no-automap", is_flag=True, help="Keep literal names; don't map \\Sent, \\Trash... by role."),
             click.option("--dry-run", is_flag=True, help="Print the plan and change nothing."),
             click.option("--batch-messages", type=click.IntRange(1, 10000), default=100, hidden=True),
+            click.option("--force", is_flag=True, help="Check every message on the target by Message-ID and size (or hash) instead of trusting the journal."),
+            click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True, help="Give up after this many reconnects in a row that made no progress."),
             output_options(),
         ]
     ):
@@ -787,6 +796,9 @@ def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), help="Only messages dated on or after YYYY-MM-DD.")
 @click.option("--before", type=click.DateTime(formats=["%Y-%m-%d"]), help="Only messages dated before YYYY-MM-DD.")
 @click.option("--include-gone", is_flag=True, help="Also restore messages that were gone from the server at backup time.")
+@click.option("--as-of", metavar="DATE", help="The mailbox as it stood then: YYYY-MM-DD (end of that day) or YYYY-MM-DDTHH:MM[:SS][+HH:MM]; local time.")
+@click.option("--state", type=click.Path(dir_okay=False), help="Journal database (default: $XDG_STATE_HOME/mailbackup/restore.sqlite).")
+@click.option("--mailbox", metavar="USER@HOST", help=MAILBOX_HELP)
 @login_options(what="the target")
 @tls_options(what="the target")
 @click.option("--to", "recipients", multiple=True, metavar="ADDRESS", help="SMTP: a recipient (required, repeatable).")
@@ -802,12 +814,17 @@ def restore_command(
     no_automap: bool,
     dry_run: bool,
     batch_messages: int,
+    force: bool,
+    retries: int,
     out: Output,
     since: Any,
     before: Any,
     include_gone: bool,
     login: Login,
     tls: Tls,
+    as_of: str | None,
+    state: str | None,
+    mailbox: str | None,
     recipients: tuple[str, ...],
     sender: str | None,
     resent: bool,
@@ -819,7 +836,7 @@ def restore_command(
     folders kept), or smtps://user@host[:465] or smtp://user@host[:587] (resend
     to the --to addresses, bytes as archived). Reruns resume; nothing is sent twice.
     """
-    from .restore import RestoreOptions, restore
+    from .restore import RestoreOptions, parse_as_of, restore
 
     bars = bars_for(out, dry_run=dry_run)
 
@@ -830,9 +847,12 @@ def restore_command(
             since=since.date() if since else None,
             before=before.date() if before else None,
             include_gone=include_gone,
+            as_of=parse_as_of(as_of) if as_of is not None else None,
             into=into,
             automap=not no_automap,
             dry_run=dry_run,
+            force=force,
+            reconnects=retries,
             no_tls=tls.no_tls,
             ca_file=tls.ca_file,
             timeout=tls.timeout,
@@ -845,7 +865,7 @@ def restore_command(
         )
         password = secret_for(login, target, "the target")
         try:
-            return restore(archive, target, password=password, options=options, progress=bars)
+            return restore(archive, target, password=password, options=options, state=state, progress=bars, mailbox=mailbox)
         finally:
             bars.close()
 
@@ -870,6 +890,8 @@ def migrate_command(
     no_automap: bool,
     dry_run: bool,
     batch_messages: int,
+    force: bool,
+    retries: int,
     out: Output,
     state: str | None,
     login: Login,
@@ -894,6 +916,8 @@ def migrate_command(
             into=into,
             automap=not no_automap,
             dry_run=dry_run,
+            force=force,
+            reconnects=retries,
             no_tls=tls.no_tls,
             ca_file=tls.ca_file,
             timeout=tls.timeout,

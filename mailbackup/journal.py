@@ -1,7 +1,10 @@
-"""The restore journal: per target and per message, what was sent and what the target said.
+"""The transfer journal: per source, target account, target folder and message, what was
+sent and what the target said.
 
-Its tables live in the archive's catalog database (or, for migrate, in a small state
-database of their own) but in their own MetaData: the catalog's schema is untouched.
+It lives in a small state database outside the archive ($XDG_STATE_HOME/mailbackup/,
+or --state), so that a read-only archive can be restored. It is a speed-up, not
+the truth: every run checks the target folder's UIDVALIDITY and UIDs before it
+trusts a row (see transfer.trusted).
 
 A message is marked 'in_flight' in a committed transaction before its bytes leave,
 and 'done' (with the target's UID when known) after the target confirmed it. A
@@ -11,13 +14,15 @@ the in-flight ones need a look at the target.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .catalog import BigId, flags_text, now_iso
+from .catalog import BigId, create_engine, flags_text, now_iso
 from .errors import StoreError
 
 IN_FLIGHT = "in_flight"
@@ -27,17 +32,21 @@ FAILED = "failed"
 
 metadata = sa.MetaData()
 
+# Version 2: keyed by source and target folder too (version 1, "restore_journal", was
+# kept in the archive and keyed by target account only; it is no longer read).
 journal = sa.Table(
-    "restore_journal",
+    "transfer_journal",
     metadata,
     sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    # Where the messages come from: an archive's URL, or a source account.
+    sa.Column("source", sa.Text, nullable=False),
     # Who receives: e.g. imaps://me@host:993, or an SMTP server and its recipients.
     sa.Column("target", sa.Text, nullable=False),
     sa.Column("source_folder", sa.Text, nullable=False),
     # The catalog entry id (restore) or "UIDVALIDITY:UID" on the source (migrate).
     sa.Column("item", sa.String(64), nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("target_folder", sa.Text),
+    sa.Column("target_folder", sa.Text, nullable=False),
     sa.Column("target_uid_validity", sa.BigInteger),
     sa.Column("target_uid", sa.BigInteger),
     sa.Column("message_id", sa.Text),
@@ -46,8 +55,26 @@ journal = sa.Table(
     sa.Column("flags", sa.Text),
     sa.Column("detail", sa.Text),
     sa.Column("updated_at", sa.String(40), nullable=False),
-    sa.UniqueConstraint("target", "source_folder", "item", name="uq_restore_journal_item"),
+    sa.UniqueConstraint("source", "target", "target_folder", "source_folder", "item", name="uq_transfer_journal_item"),
 )
+KEY = ["source", "target", "target_folder", "source_folder", "item"]
+
+
+def default_state_path(name: str) -> Path:
+    """$XDG_STATE_HOME/mailbackup/NAME.sqlite (restore.sqlite, migrate.sqlite)."""
+    root = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(root) / "mailbackup" / f"{name}.sqlite"
+
+
+def state_engine(path: Path, *, dry_run: bool) -> sa.Engine:
+    """The state database; a dry run creates none (it reads an existing one)."""
+    if dry_run and not path.exists():
+        return create_engine("sqlite:///:memory:")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StoreError(f"cannot create the state directory {path.parent}: {exc.strerror}") from exc
+    return create_engine(f"sqlite:///{path}")
 
 
 @dataclass(frozen=True)
@@ -56,7 +83,7 @@ class Record:
 
     item: str
     state: str
-    target_folder: str | None = None
+    target_folder: str
     target_uid_validity: int | None = None
     target_uid: int | None = None
     message_id: str | None = None
@@ -67,10 +94,11 @@ class Record:
 
 
 class Journal:
-    """Read and write the journal rows of one target, folder by folder."""
+    """Read and write the journal rows of one source and one target, folder by folder."""
 
-    def __init__(self, engine: sa.Engine, target: str, *, create: bool = True) -> None:
+    def __init__(self, engine: sa.Engine, source: str, target: str, *, create: bool = True) -> None:
         self.engine = engine
+        self.source = source
         self.target = target
         try:
             if create:
@@ -81,21 +109,30 @@ class Journal:
         except sa.exc.OperationalError as exc:
             raise StoreError(f"cannot open the restore journal: {exc.orig}") from exc
 
-    def records(self, source_folder: str) -> dict[str, Record]:
-        """Every row for this folder, by item."""
+    def _this(self, source_folder: str, target_folder: str) -> list[sa.ColumnElement[bool]]:
+        return [
+            journal.c.source == self.source,
+            journal.c.target == self.target,
+            journal.c.target_folder == target_folder,
+            journal.c.source_folder == source_folder,
+        ]
+
+    def records(self, source_folder: str, target_folder: str) -> dict[str, Record]:
+        """Every row for this source folder into this target folder, by item."""
         if not self.exists:
             return {}
-        query = sa.select(journal).where(journal.c.target == self.target, journal.c.source_folder == source_folder)
+        query = sa.select(journal).where(*self._this(source_folder, target_folder))
         with self.engine.connect() as conn:
             return {row.item: _record(row) for row in conn.execute(query)}
 
     def write(self, source_folder: str, records: Sequence[Record]) -> None:
-        """Insert or replace rows in one transaction."""
+        """Insert or replace rows (each names its target folder) in one transaction."""
         if not records:
             return
         when = now_iso()
         rows = [
             {
+                "source": self.source,
                 "target": self.target,
                 "source_folder": source_folder,
                 "item": r.item,
@@ -116,18 +153,14 @@ class Journal:
         with self.engine.begin() as conn:
             conn.execute(statement, rows)
 
-    def set_flags(self, source_folder: str, changes: Iterable[tuple[str, tuple[str, ...]]]) -> None:
+    def set_flags(self, source_folder: str, target_folder: str, changes: Iterable[tuple[str, tuple[str, ...]]]) -> None:
         """Remember the flags now on the target for these items."""
         when = now_iso()
         with self.engine.begin() as conn:
             for item, flags in changes:
                 conn.execute(
                     journal.update()
-                    .where(
-                        journal.c.target == self.target,
-                        journal.c.source_folder == source_folder,
-                        journal.c.item == item,
-                    )
+                    .where(*self._this(source_folder, target_folder), journal.c.item == item)
                     .values(flags=flags_text(flags), updated_at=when)
                 )
 
@@ -138,9 +171,9 @@ def _upsert(dialect: str) -> sa.sql.expression.Executable:
         raise StoreError(f"the restore journal supports SQLite and PostgreSQL, not {dialect}")
     statement = module.insert(journal)
     excluded = statement.excluded
-    keep = {"id", "target", "source_folder", "item"}
+    keep = {"id", *KEY}
     return statement.on_conflict_do_update(
-        index_elements=["target", "source_folder", "item"],
+        index_elements=KEY,
         set_={c.name: excluded[c.name] for c in journal.columns if c.name not in keep},
     )
 

@@ -169,3 +169,90 @@ class Summary:
                 for f in self.folders
             ],
         }
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """One source folder (archived or on a server) and the target folder it went to."""
+
+    source: str
+    target: str
+    planned: int = 0  # messages selected and not done before
+    planned_bytes: int = 0
+    sent: int = 0
+    bytes: int = 0
+    done_before: int = 0  # the journal says an earlier run delivered them, and the target agrees
+    found: int = 0  # already on the target: skipped
+    recovered: int = 0  # in flight when an earlier run stopped, and found on the target
+    flags_updated: int = 0
+    failed: tuple[str, ...] = ()
+    skipped: str | None = None
+    notes: tuple[str, ...] = ()  # e.g. why the journal was not trusted
+
+    @property
+    def progressed(self) -> bool:
+        return bool(self.sent or self.found or self.recovered or self.flags_updated)
+
+
+TRANSFER_COUNTS = ("planned", "planned_bytes", "sent", "bytes", "done_before", "found", "recovered", "flags_updated")
+
+
+@dataclass(frozen=True)
+class TransferSummary:
+    """The outcome of one restore or migrate run."""
+
+    source: str
+    target: str
+    folders: tuple[TransferReport, ...]
+    elapsed: float
+    dry_run: bool = False
+
+    @property
+    def sent(self) -> int:
+        return sum(f.sent for f in self.folders)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.folders)
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        return [(f.source, item) for f in self.folders for item in f.failed]
+
+    @property
+    def notes(self) -> list[tuple[str, str]]:
+        return [(f.source, note) for f in self.folders for note in f.notes]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def as_dict(self) -> dict[str, object]:
+        total = {key: sum(getattr(f, key) for f in self.folders) for key in TRANSFER_COUNTS}
+        return {
+            "source": self.source,
+            "target": self.target,
+            "ok": self.ok,
+            "dry_run": self.dry_run,
+            "folders": len(self.folders),
+            **total,
+            "elapsed": round(self.elapsed, 3),
+            "failed": {f.source: list(f.failed) for f in self.folders if f.failed},
+            "notes": {f.source: list(f.notes) for f in self.folders if f.notes},
+            "per_folder": [
+                {
+                    "source": f.source,
+                    "target": f.target,
+                    "planned": f.planned,
+                    "planned_bytes": f.planned_bytes,
+                    "sent": f.sent,
+                    "done_before": f.done_before,
+                    "found": f.found,
+                    "recovered": f.recovered,
+                    "flags_updated": f.flags_updated,
+                    **({"skipped": f.skipped} if f.skipped else {}),
+                    **({"notes": list(f.notes)} if f.notes else {}),
+                }
+                for f in self.folders
+            ],
+        }

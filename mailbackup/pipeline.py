@@ -11,18 +11,29 @@ import logging
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
 from .errors import ConnectionLost, ServerError, UsageError
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
+from .prefetch import prefetched
 from .search import Indexer
-from .sources import Checkpoint, Connect, Fetched, Listed, OpenFolder, Source, SourceId, Traits, account_name, open_source, source_kind
+from .sources import (
+    Checkpoint,
+    Connect,
+    Fetched,
+    Listed,
+    OpenFolder,
+    Source,
+    SourceId,
+    Traits,
+    account_name,
+    open_source,
+    source_kind,
+)
 from .stores import Store, open_store
-
 
 log = logging.getLogger("mailbackup")
 
@@ -101,26 +112,6 @@ def batches(uids: Sequence[int], sizes: dict[int, int], max_messages: int, max_b
         total += size
     if batch:
         yield batch
-
-
-def prefetched(items: Iterable[T], fetch: Callable[[T], R]) -> Iterator[tuple[T, Future[R]]]:
-    """Yield each item with its fetch, while the next item's fetch already runs.
-
-    The network then works while the store writes; the caller still handles
-    batches one at a time, in order. At most two batches are in memory.
-    """
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-    try:
-        pending: tuple[T, Future[R]] | None = None
-        for item in items:
-            future = pool.submit(fetch, item)
-            if pending is not None:
-                yield pending
-            pending = (item, future)
-        if pending is not None:
-            yield pending
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

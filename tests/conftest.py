@@ -6,6 +6,7 @@ Servers start once per session, on demand, under short temp dirs on 127.0.0.1.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,9 @@ from servers.dovecot import Account, Dovecot  # noqa: E402
 from servers.postgres import Postgres  # noqa: E402
 
 _database_numbers = itertools.count(1)
+
+# Restore and migrate keep their journals under $XDG_STATE_HOME: never the real one.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="mbstate")
 
 
 def _start_dovecot(separator: str) -> Iterator[Dovecot]:

@@ -385,7 +385,7 @@ def test_ls_as_of_shows_the_archive_as_it_stood(dovecot, account, tmp_path: Path
     then = {r.folder.name: (r.messages, r.gone) for r in listing(url, as_of=first)}
     assert now == {"INBOX": (3, 2), "Archive/2024": (1, 0)}
     assert then == {"INBOX": (4, 0), "Archive/2024": (1, 0)}
-    result = cli("ls", url, "--as-of", first.strftime("%Y-%m-%dT%H:%M:%S"), "--json")
+    result = cli("ls", url, "--as-of", first.isoformat(timespec="seconds"), "--json")
     assert result.returncode == 0, result.stderr
     assert {json.loads(line)["folder"]: json.loads(line)["messages"] for line in result.stdout.splitlines()} == {"INBOX": 4, "Archive/2024": 1}
     store = open_store(url, mode="read")

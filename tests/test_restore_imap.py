@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mailbackup.errors import ConnectionLost
-from mailbackup.journal import IN_FLIGHT, Journal
+from mailbackup.journal import IN_FLIGHT, Journal, default_state_path, state_engine
 from mailbackup.model import Folder, Message
 from mailbackup.restore import RestoreOptions, restore
 from mailbackup.stores import open_store
@@ -174,7 +174,7 @@ def test_dry_run_prints_the_plan_and_leaves_target_untouched(dovecot, tmp_path: 
     assert f"total: {count} messages" in done.stdout
     assert bodies(dovecot, target) == before == {"INBOX": []}
     store = open_store(url, mode="read")
-    assert not Journal(store.catalog.engine, "x", create=False).exists
+    assert not Journal(store.catalog.engine, "x", "y", mode="read").exists
     store.close()
 
 
@@ -286,13 +286,13 @@ def test_dropped_connection_mid_append_then_rerun_completes_without_duplicates(d
     url = archive_url("sqlite", tmp_path)
     run_backup(source, url)
     proxy = UploadCutter(dovecot.imap_port, after=400_000, mode=mode)
-    options = RestoreOptions(no_tls=True, batch_messages=20)
+    options = RestoreOptions(no_tls=True, batch_messages=20, reconnects=0)
     with pytest.raises(ConnectionLost):
         restore(url, proxy.url(target), password=target.password, options=options)
-    store = open_store(url, mode="read")
-    journal = Journal(store.catalog.engine, f"imap://{target.user}@127.0.0.1:{proxy.local_port}", create=False)
-    in_flight = sum(r.state == IN_FLIGHT for folder in ("INBOX", "Notes") for r in journal.records(folder).values())
-    store.close()
+    engine = state_engine(default_state_path("restore"), dry_run=True)
+    journal = Journal(engine, open_store(url, mode="read").url, f"imap://{target.user}@127.0.0.1:{proxy.local_port}", mode="read")
+    in_flight = sum(r.state == IN_FLIGHT for folder in ("INBOX", "Notes") for r in journal.records(folder, folder).values())
+    engine.dispose()
     assert in_flight > 0
     landed = sum(len(v) for v in bodies(dovecot, target).values())
     summary = restore(url, proxy.url(target), password=target.password, options=options)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -43,8 +43,19 @@ class Destination:
 
     name: str
     uid_validity: int | None = None
-    # (Message-ID or None, size) of every message already there, with multiplicity.
-    present: Counter[tuple[str | None, int]] = field(default_factory=Counter)
+    # The UIDs there now; None when the target cannot be asked (SMTP).
+    uids: frozenset[int] | None = None
+    # (Message-ID or None, size) -> the UIDs of the messages there with it; filled when
+    # opened with contents=True (it costs a FETCH of every message's size and Message-ID).
+    where: Mapping[tuple[str | None, int], tuple[int, ...]] = field(default_factory=dict)
+    contents: bool = False
+    exists: bool = True  # False: a dry run found no such folder
+    created: bool = False  # this run created the folder
+
+    @property
+    def present(self) -> Counter[tuple[str | None, int]]:
+        """(Message-ID or None, size) of every message there, with multiplicity."""
+        return Counter({key: len(uids) for key, uids in self.where.items()})
 
 
 class Target(Protocol):
@@ -54,11 +65,15 @@ class Target(Protocol):
     def destination(self, source_name: str, delimiter: str | None, attributes: frozenset[str]) -> str:
         """The destination name for an archived or source folder."""
 
-    def open(self, name: str, *, create: bool = True) -> Destination:
-        """Make the destination ready (create the folder) and say what it holds already."""
+    def open(self, name: str, *, create: bool = True, contents: bool = True) -> Destination:
+        """Make the destination ready (create the folder) and say what it holds already:
+        its UIDVALIDITY and UIDs always, each message's (Message-ID, size) if contents.
 
-    def copies(self, destination: Destination, size: int, sha256: str) -> int:
-        """How many messages in the destination have exactly these bytes."""
+        With create=False (a dry run) nothing changes: a missing folder comes back with exists=False.
+        """
+
+    def copies(self, destination: Destination, size: int, sha256: str) -> list[int]:
+        """The UIDs of the messages in the destination that have exactly these bytes."""
 
     def send(self, destination: Destination, batch: Sequence[Outgoing]) -> None:
         """Start delivering a batch."""
@@ -73,6 +88,9 @@ class Target(Protocol):
 
     def collect(self) -> list[Delivered]:
         """Wait for the oldest batch sent and return its outcome, one per message."""
+
+    def store_flags(self, name: str, changes: dict[tuple[str, ...], list[int]]) -> None:
+        """Replace the flags of messages in the named destination, by target UID, grouped by new flag set."""
 
     def close(self) -> None: ...
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -145,7 +145,7 @@ class ImapTarget:
         self.layout = self._layout()
         self._permanent: dict[str, frozenset[str] | None] = {}
         self._sizes: dict[str, dict[int, list[int]]] = {}  # destination -> size -> UIDs
-        self._hashes: dict[str, Counter[str]] = {}
+        self._hashes: dict[str, dict[str, list[int]]] = {}  # destination -> SHA-256 -> UIDs
         self._hashed: dict[str, set[int]] = {}
         self._in_flight: deque[_Sent] = deque()
 
@@ -194,7 +194,7 @@ class ImapTarget:
                 prefix, delimiter = personal[0][0], personal[0][1]
         if delimiter is None:
             delimiter = next((f.delimiter for f in self.folders.values() if f.delimiter), None)
-        special = []
+        special: list[tuple[str, str]] = []
         for folder in sorted(self.folders.values(), key=lambda f: f.name):
             for role in sorted(folder.attributes & SPECIAL_USE):
                 if role not in dict(special) and folder.selectable:
@@ -214,11 +214,11 @@ class ImapTarget:
             return "INBOX"
         return name if name in self.folders else None
 
-    def open(self, name: str, *, create: bool = True) -> Destination:
+    def open(self, name: str, *, create: bool = True, contents: bool = True) -> Destination:
         existing = self._existing(name)
         if existing is None:
             if not create:
-                return Destination(name=name)
+                return Destination(name=name, uids=frozenset(), exists=False)
             with command_errors():
                 try:
                     if not self._create_with_role(name):
@@ -240,20 +240,33 @@ class ImapTarget:
             else None
         )
         validity = response.get(b"UIDVALIDITY")
-        present: Counter[tuple[str | None, int]] = Counter()
+        where: dict[tuple[str | None, int], list[int]] = {}
         sizes: dict[int, list[int]] = {}
+        uids: frozenset[int] = frozenset()
         if int(response.get(b"EXISTS", 0)):
-            fetched = self._uid_fetch("1:*", ["RFC822.SIZE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
-            for uid, data in fetched.items():
-                size = int(data.get(b"RFC822.SIZE", 0))  # type: ignore[call-overload]
-                header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER")), b"")
-                present[(message_id(header) if isinstance(header, bytes) else None, size)] += 1
-                sizes.setdefault(size, []).append(uid)
+            if contents:
+                fetched = self._uid_fetch("1:*", ["RFC822.SIZE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
+                for uid, data in fetched.items():
+                    size = int(data.get(b"RFC822.SIZE", 0))  # type: ignore[call-overload]
+                    header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER")), b"")
+                    where.setdefault((message_id(header) if isinstance(header, bytes) else None, size), []).append(uid)
+                    sizes.setdefault(size, []).append(uid)
+                uids = frozenset(fetched)
+            else:
+                with command_errors():
+                    uids = frozenset(int(uid) for uid in self.client.search("ALL"))
         self._sizes[name] = sizes
-        self._hashes[name] = Counter()
+        self._hashes[name] = {}
         self._hashed[name] = set()
         self._leave()
-        return Destination(name=name, uid_validity=int(validity) if validity is not None else None, present=present)
+        return Destination(
+            name=name,
+            uid_validity=int(validity) if validity is not None else None,
+            uids=uids,
+            where={key: tuple(found) for key, found in where.items()},
+            contents=contents,
+            created=existing is None,
+        )
 
     def _create_with_role(self, name: str) -> bool:
         """CREATE name (USE (role)) when the server takes it; False to create it plainly."""
@@ -270,8 +283,8 @@ class ImapTarget:
             with command_errors():
                 self.client.unselect_folder()
 
-    def copies(self, destination: Destination, size: int, sha256: str) -> int:
-        """How many messages in the destination have exactly these bytes (fetched once, by size)."""
+    def copies(self, destination: Destination, size: int, sha256: str) -> list[int]:
+        """The UIDs of the messages in the destination with exactly these bytes (fetched once, by size)."""
         name = destination.name
         todo = [u for u in self._sizes.get(name, {}).get(size, []) if u not in self._hashed[name]]
         if todo:
@@ -280,13 +293,13 @@ class ImapTarget:
             for start in range(0, len(todo), 50):
                 part = todo[start : start + 50]
                 fetched = self._uid_fetch(",".join(map(str, part)), ["BODY.PEEK[]"], literal_room(size))
-                for data in fetched.values():
+                for uid, data in fetched.items():
                     raw = data.get(b"BODY[]")
                     if isinstance(raw, bytes):
-                        self._hashes[name][hashlib.sha256(raw).hexdigest()] += 1
+                        self._hashes[name].setdefault(hashlib.sha256(raw).hexdigest(), []).append(uid)
                 self._hashed[name].update(part)
             self._leave()
-        return self._hashes[name][sha256]
+        return list(self._hashes[name].get(sha256, ()))
 
     # messages
 

@@ -12,19 +12,31 @@ import smtplib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from email.utils import format_datetime, make_msgid
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from email.utils import format_datetime, make_msgid
 
 from ..credentials import oauthbearer, xoauth2
 from ..errors import AuthError, TLSError, UsageError
 from ..net import Endpoint, connect_errors, tls_context, warn_cleartext
 from . import Delivered, Destination, Outgoing
 
-if TYPE_CHECKING:
-    from ..restore import RestoreOptions
-
 log = logging.getLogger("mailbackup")
+
+
+@dataclass(frozen=True)
+class SmtpOptions:
+    """How to resend: to whom, as whom, how fast, and how hard to retry a message."""
+
+    recipients: tuple[str, ...] = ()
+    sender: str | None = None  # default: the login, if it is an address
+    resent: bool = False
+    rate_per_minute: float | None = None
+    retries: int = 5
+    backoff: float = 1.0
+    ca_file: str | None = None
+    timeout: float = 120.0
+    auth: str = "password"  # or "xoauth2" / "oauthbearer" with an access token
 
 
 def resent_headers(sender: str, recipients: Sequence[str], when: datetime, msgid: str) -> bytes:
@@ -44,7 +56,7 @@ class SmtpTarget:
     window = 1
 
     def __init__(
-        self, endpoint: Endpoint, password: str, options: RestoreOptions, *, sleep: Callable[[float], None] = time.sleep
+        self, endpoint: Endpoint, password: str, options: SmtpOptions, *, sleep: Callable[[float], None] = time.sleep
     ) -> None:
         if not options.recipients:
             raise UsageError("restore over SMTP needs at least one --to address")
@@ -73,9 +85,9 @@ class SmtpTarget:
         session.auth(self.options.auth.upper(), lambda challenge=None: initial.decode() if challenge is None else "")
 
     @classmethod
-    def connect(cls, endpoint: Endpoint, password: str, options: RestoreOptions) -> SmtpTarget:
+    def connect(cls, endpoint: Endpoint, password: str, options: SmtpOptions, *, dry_run: bool = False) -> SmtpTarget:
         target = cls(endpoint, password, options)
-        if not options.dry_run:
+        if not dry_run:
             target._open()
         return target
 
@@ -135,11 +147,14 @@ class SmtpTarget:
     def destination(self, source_name: str, delimiter: str | None, attributes: frozenset[str]) -> str:
         return "to " + ", ".join(self.recipients)
 
-    def open(self, name: str, *, create: bool = True) -> Destination:
+    def open(self, name: str, *, create: bool = True, contents: bool = True) -> Destination:
         return Destination(name=name)
 
-    def copies(self, destination: Destination, size: int, sha256: str) -> int:
-        return 0  # a mail server cannot be asked what it delivered
+    def copies(self, destination: Destination, size: int, sha256: str) -> list[int]:
+        return []  # a mail server cannot be asked what it delivered
+
+    def store_flags(self, name: str, changes: dict[tuple[str, ...], list[int]]) -> None:
+        pass  # sent mail has no flags to change
 
     @property
     def pending(self) -> int:
