@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from imap_backup import timed  # noqa: E402
+
 from tests.servers.dovecot import Dovecot  # noqa: E402
 
 

@@ -42,9 +42,10 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+from imap_backup import TIME, MessageFactory, Result, _ge, count_files, mailbackup_count, timed  # noqa: E402  shared with the IMAP benchmark
+from imap_backup import Bench as ImapBench  # noqa: E402
+
 from tests.servers.dovecot import Account  # noqa: E402
-from imap_backup import (  # noqa: E402  shared with the IMAP benchmark
-    TIME, Bench as ImapBench, MessageFactory, Result, _ge, count_files, mailbackup_count, timed)
 
 REF_A = "ref-A poplib files"
 FM_BSMTP = "fetchmail bsmtp"

@@ -40,10 +40,10 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from imap_backup import MessageFactory
+from imap_backup import MessageFactory  # noqa: E402  found through the sys.path lines above
 
-from tests.servers.dovecot import Account, Dovecot
-from tests.servers.postgres import Postgres
+from tests.servers.dovecot import Account, Dovecot  # noqa: E402
+from tests.servers.postgres import Postgres  # noqa: E402
 
 TIME = "/usr/bin/time"
 FOLDERS = [("INBOX", 0.6), ("Sent", 0.2), ("Archive", 0.2)]

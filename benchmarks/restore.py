@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from imap_backup import TIME, Result, mbsync_tls_keyword, seed, timed  # noqa: E402
+
 from tests.servers.dovecot import Account, Dovecot  # noqa: E402
 
 TARGETS = {"restore_vs_mbsync_push": 1.0, "migrate_vs_mbsync_pull": 0.8}

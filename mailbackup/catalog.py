@@ -7,18 +7,28 @@ its message is durable in the store, so a row never points at nothing.
 from __future__ import annotations
 
 import os
+import sqlite3
 from array import array
-from urllib.request import pathname2url, url2pathname
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.request import pathname2url, url2pathname
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from .errors import AccountMismatch, ArchiveReadOnly, CatalogDamaged, DiskFullError, NotAnArchive, StoreError, UsageError
+from .errors import (
+    AccountMismatch,
+    ArchiveReadOnly,
+    CatalogDamaged,
+    DiskFullError,
+    NotAnArchive,
+    StoreError,
+    UsageError,
+    setting,
+)
 from .model import ArchivedFolder, Entry, Folder, Message
 
 # 2: folders belong to an account (accounts table); a schema-1 catalog is upgraded in place.
@@ -172,7 +182,7 @@ def create_engine(url: str, *, read_only: bool = False) -> sa.Engine:
     where = str(path) if path is not None else engine.url.render_as_string()
 
     @event.listens_for(engine, "handle_error")
-    def _known_errors(context):  # type: ignore[no-untyped-def]
+    def _known_errors(context: sa.engine.ExceptionContext) -> None:
         # One error per cause wherever it strikes: store, catalog, journal, index.
         original = context.original_exception
         if disk_full(original):
@@ -185,7 +195,7 @@ def create_engine(url: str, *, read_only: bool = False) -> sa.Engine:
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             # WAL is a change to the file: a reader leaves the mode as it is, and so does a
             # writer that finds someone else's database (the catalog then refuses it).
@@ -281,41 +291,41 @@ class Catalog:
         create_index = "CREATE UNIQUE INDEX ix_folders_account_name ON folders (account_id, name)"
         raw = self.engine.raw_connection()
         try:
-            db = raw.driver_connection
-            db.commit()  # type: ignore[union-attr]
-            previous = db.isolation_level  # type: ignore[union-attr]
-            db.isolation_level = None  # type: ignore[union-attr]  # BEGIN and COMMIT are ours below
+            db = cast(sqlite3.Connection, raw.driver_connection)  # the SQLite branch: sqlite3's own connection
+            db.commit()
+            previous = db.isolation_level
+            db.isolation_level = None  # BEGIN and COMMIT are ours below
             try:
-                db.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
-                db.execute("PRAGMA legacy_alter_table=ON")  # type: ignore[union-attr]
-                db.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+                db.execute("PRAGMA foreign_keys=OFF")
+                db.execute("PRAGMA legacy_alter_table=ON")
+                db.execute("BEGIN IMMEDIATE")
                 try:
-                    db.execute("ALTER TABLE folders RENAME TO folders_v1")  # type: ignore[union-attr]
-                    db.execute(create_table)  # type: ignore[union-attr]
-                    db.execute(create_index)  # type: ignore[union-attr]
-                    account_id = db.execute("INSERT INTO accounts (name) VALUES (?)", (UNKNOWN_ACCOUNT,)).lastrowid  # type: ignore[union-attr]
-                    db.execute(  # type: ignore[union-attr]
+                    db.execute("ALTER TABLE folders RENAME TO folders_v1")
+                    db.execute(create_table)
+                    db.execute(create_index)
+                    account_id = db.execute("INSERT INTO accounts (name) VALUES (?)", (UNKNOWN_ACCOUNT,)).lastrowid
+                    db.execute(
                         "INSERT INTO folders (id, account_id, name, delimiter, attributes, path, uid_validity, highest_modseq) "
                         "SELECT id, ?, name, delimiter, attributes, path, uid_validity, highest_modseq FROM folders_v1",
                         (account_id,),
                     )
-                    db.execute("DROP TABLE folders_v1")  # type: ignore[union-attr]
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))  # type: ignore[union-attr]
-                    db.execute("COMMIT")  # type: ignore[union-attr]
+                    db.execute("DROP TABLE folders_v1")
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
+                    db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")  # type: ignore[union-attr]
+                    db.execute("ROLLBACK")
                     raise
                 finally:
-                    db.execute("PRAGMA legacy_alter_table=OFF")  # type: ignore[union-attr]
-                    db.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
+                    db.execute("PRAGMA legacy_alter_table=OFF")
+                    db.execute("PRAGMA foreign_keys=ON")
             finally:
-                db.isolation_level = previous  # type: ignore[union-attr]
+                db.isolation_level = previous
         finally:
             raw.close()
 
     @staticmethod
     def _unknown_account(conn: sa.Connection) -> int:
-        return int(conn.execute(accounts.insert().values(name=UNKNOWN_ACCOUNT)).inserted_primary_key[0])
+        return _new_id(conn.execute(accounts.insert().values(name=UNKNOWN_ACCOUNT)))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -358,12 +368,12 @@ class Catalog:
                         f"{self.where} holds the mail of {_shown(other)}, not {name}; back up {name} into an archive of its own"
                     )
                 else:
-                    self.account_id = int(conn.execute(accounts.insert().values(name=name)).inserted_primary_key[0])
+                    self.account_id = _new_id(conn.execute(accounts.insert().values(name=name)))
             elif len(rows) == 1:
                 self.account, self.account_id = next(iter(rows.items()))
             elif not rows and claim:
                 self.account = UNKNOWN_ACCOUNT
-                self.account_id = int(conn.execute(accounts.insert().values(name=UNKNOWN_ACCOUNT)).inserted_primary_key[0])
+                self.account_id = _new_id(conn.execute(accounts.insert().values(name=UNKNOWN_ACCOUNT)))
             elif rows:
                 self._ambiguous = sorted(rows)
 
@@ -373,13 +383,13 @@ class Catalog:
             return sa.true()
         if self._ambiguous:
             held = ", ".join(_shown(n) for n in self._ambiguous)
-            raise UsageError(f"{self.where} holds {len(self._ambiguous)} accounts ({held}); pick one with --mailbox USER@HOST")
+            raise UsageError(f"{self.where} holds {len(self._ambiguous)} accounts ({held}); pick one with {setting('mailbox')} USER@HOST")
         return folders.c.account_id == self.account_id
 
     def _folder_columns(self) -> list[sa.Column[Any]]:
         return [c for c in folders.c if self.scoped or c.name != "account_id"]
 
-    def _own_folder_ids(self) -> sa.Select:  # type: ignore[type-arg]
+    def _own_folder_ids(self) -> sa.Select[tuple[int]]:
         return sa.select(folders.c.id).where(self._own())
 
     # the state of the catalog as a whole (repair, and refusing a lost catalog)
@@ -546,7 +556,7 @@ class Catalog:
         with self.engine.connect() as conn:
             return conn.execute(own.limit(1)).first() is not None or conn.execute(homeless.limit(1)).first() is not None
 
-    def _recovered_folder_ids(self) -> sa.Select:  # type: ignore[type-arg]
+    def _recovered_folder_ids(self) -> sa.Select[tuple[int]]:
         return sa.select(folders.c.id).where(self._own(), folders.c.attributes.contains(RECOVERED_MARK))
 
     def source_ids(self, folder_id: int) -> dict[str, str]:
@@ -727,7 +737,7 @@ class Catalog:
         """
         if as_of is None:
             live = sa.case((messages.c.gone_at.is_(None), 1), else_=0)
-            archived = sa.true()
+            archived: sa.ColumnElement[bool] = sa.true()
         else:
             live = sa.case((sa.and_(*live_at(as_of)), 1), else_=0)
             archived = messages.c.fetched_at <= _iso(as_of)
@@ -746,7 +756,7 @@ class Catalog:
         return [(f, *counts.get(f.id, (0, 0, 0))) for f in self.folders()]
 
     @staticmethod
-    def _folder(row: sa.Row) -> ArchivedFolder:  # type: ignore[type-arg]
+    def _folder(row: sa.Row[Any]) -> ArchivedFolder:
         return ArchivedFolder(
             id=row.id,
             name=row.name,
@@ -758,7 +768,7 @@ class Catalog:
         )
 
     @staticmethod
-    def _entry(row: sa.Row) -> Entry:  # type: ignore[type-arg]
+    def _entry(row: sa.Row[Any]) -> Entry:
         return Entry(
             id=row.id,
             folder_id=row.folder_id,
@@ -890,6 +900,13 @@ def _iso(when: datetime) -> str:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def _new_id(result: sa.CursorResult[Any]) -> int:
+    """The id an INSERT gave its one row."""
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def live_at(when: datetime) -> tuple[sa.ColumnElement[bool], ...]:

@@ -231,11 +231,34 @@ def print_summary(summary: Summary) -> None:
         click.echo(f"failed {folder}: {item}", err=True)
 
 
+# Library settings whose option has another name; the rest are --name-with-dashes.
+OPTION_NAMES = {"include": "--folder", "recipients": "--to", "sender": "--from", "rate_per_minute": "--rate",
+                "reconnects": "--retries"}
+
+
+def option_name(setting: str, role: str) -> str:
+    """The command-line option for a library setting; migrate's target has --target- twins."""
+    name = OPTION_NAMES.get(setting, "--" + setting.replace("_", "-"))
+    context = click.get_current_context(silent=True)
+    if role == "target" and context is not None and context.info_name == "migrate" and name in TWINNED:
+        return "--target-" + name[2:]
+    return name
+
+
+TWINNED = {"--password-file", "--password-command", "--oauth2-token-command", "--oauth2-mechanism",
+           "--ca-file", "--no-tls", "--timeout"}
+
+
+def message(error: MailbackupError) -> str:
+    return error.render(lambda setting: option_name(setting, error.role))
+
+
 def fail(error: MailbackupError, json_output: bool) -> NoReturn:
     """A one-line message on stderr (and a JSON object with --json), then the error's exit code."""
+    text = message(error)
     if json_output:
-        click.echo(json.dumps({"ok": False, "error": str(error), "exit_code": error.exit_code}))
-    click.echo(f"mailbackup: error: {error}", err=True)
+        click.echo(json.dumps({"ok": False, "error": text, "exit_code": error.exit_code}))
+    click.echo(f"mailbackup: error: {text}", err=True)
     sys.exit(error.exit_code)
 
 
@@ -379,8 +402,8 @@ def backup_configured(config_path: Path | None, names: tuple[str, ...], every: b
     for name, outcome in outcomes.items():
         if isinstance(outcome, MailbackupError):
             codes.append(outcome.exit_code)
-            report[name] = {"ok": False, "error": str(outcome), "exit_code": outcome.exit_code}
-            click.echo(f"mailbackup: {name}: error: {outcome}", err=True)
+            report[name] = {"ok": False, "error": message(outcome), "exit_code": outcome.exit_code}
+            click.echo(f"mailbackup: {name}: error: {message(outcome)}", err=True)
             continue
         codes.append(0 if outcome.ok else PartialFailure.exit_code)
         report[name] = outcome.as_dict()
@@ -487,9 +510,8 @@ MAILBOX_HELP = "The account (USER@HOST) to read, in an archive that holds severa
 @click.option("--json", "json_output", is_flag=True, help="One JSON object per folder.")
 def ls_command(archive: str, mailbox: str | None, as_of: str | None, json_output: bool) -> None:
     """List the folders in ARCHIVE with message counts and sizes (per account, if it holds several)."""
-    from .show import FolderListing, listing
-
     from .restore import parse_as_of
+    from .show import FolderListing, listing
 
     rows: list[FolderListing] = run(
         json_output, lambda: listing(archive, mailbox=mailbox, as_of=parse_as_of(as_of) if as_of else None)
@@ -781,7 +803,8 @@ def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--dry-run", is_flag=True, help="Print the plan and change nothing."),
             click.option("--batch-messages", type=click.IntRange(1, 10000), default=100, hidden=True),
             click.option("--force", is_flag=True, help="Check every message on the target by Message-ID and size (or hash) instead of trusting the journal."),
-            click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True, help="Give up after this many reconnects in a row that made no progress."),
+            click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+                         help="Give up after this many reconnects in a row that made no progress."),
             output_options(),
         ]
     ):
@@ -880,7 +903,8 @@ def restore_command(
 @click.option("--state", type=click.Path(dir_okay=False), help="State database (default: $XDG_STATE_HOME/mailbackup/migrate.sqlite).")
 @login_options(what="the source")
 @login_options("target-", what="the target", env="MAILBACKUP_TARGET_PASSWORD")
-@tls_options(what="both servers")
+@tls_options(what="the source")
+@tls_options("target-", what="the target")
 def migrate_command(
     source: str,
     target: str,
@@ -897,6 +921,7 @@ def migrate_command(
     login: Login,
     target_login: Login,
     tls: Tls,
+    target_tls: Tls,
 ) -> None:
     """Copy the IMAP account SOURCE to the IMAP account TARGET, folder by folder.
 
@@ -918,9 +943,12 @@ def migrate_command(
             dry_run=dry_run,
             force=force,
             reconnects=retries,
-            no_tls=tls.no_tls,
-            ca_file=tls.ca_file,
-            timeout=tls.timeout,
+            no_tls=target_tls.no_tls,
+            ca_file=target_tls.ca_file,
+            timeout=target_tls.timeout,
+            source_no_tls=tls.no_tls,
+            source_ca_file=tls.ca_file,
+            source_timeout=tls.timeout,
             batch_messages=batch_messages,
             source_auth=login.auth,
             auth=target_login.auth,

@@ -1,7 +1,22 @@
 """One exception root; each subclass is a failure the user can act on.
 
 The class carries its exit code, so the CLI maps errors without a table.
+A message names a setting as {name} (the library's field name, see `setting`):
+str() shows it as words, and the CLI shows the command-line option instead,
+so the library never spells a flag.
 """
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+_SETTING = re.compile(r"\{([a-z][a-z_]*)\}")
+
+
+def setting(name: str) -> str:
+    """A placeholder for a setting in an error message, e.g. setting("ca_file")."""
+    return "{" + name + "}"
 
 
 class MailbackupError(Exception):
@@ -9,8 +24,16 @@ class MailbackupError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(self, message: str | None = None, *, role: str = "source") -> None:
         super().__init__(message or (self.__doc__ or "").strip())
+        self.role = role  # whose setting it is: "source" or "target" (migrate has both)
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with each {setting} spelled by `name`."""
+        return _SETTING.sub(lambda match: name(match.group(1)), str(self.args[0]))
+
+    def __str__(self) -> str:
+        return self.render(lambda key: key.replace("_", " "))
 
 
 class UsageError(MailbackupError):

@@ -19,9 +19,23 @@ import imapclient
 from imapclient import exceptions as imap_errors
 from imapclient.response_parser import gen_parsed_response
 
-from .errors import AuthError, ConnectionLost, HostileServer, ServerError, TLSError
+from .errors import (
+    AuthError,
+    ConnectionLost,
+    HostileServer,
+    ServerError,
+    TLSError,
+    setting,
+)
 from .model import Folder
-from .net import Endpoint, connect_errors, greeting_errors, retry_temporary, tls_context, warn_cleartext
+from .net import (
+    Endpoint,
+    connect_errors,
+    greeting_errors,
+    retry_temporary,
+    tls_context,
+    warn_cleartext,
+)
 
 SMALL_LITERAL = 1 << 20  # folder names and the like
 BIG_LITERAL = 1 << 30  # a message whose size the server never told
@@ -152,7 +166,7 @@ def _parse_fetch_general(lines: list[object]) -> dict[int, dict[bytes, object]]:
         if uid is None:
             continue
         try:
-            out.setdefault(int(uid), {}).update(data)  # type: ignore[call-overload]  # the lexer's values are untyped
+            out.setdefault(int(uid), {}).update(data)
         except ValueError:
             raise ServerError(f"malformed UID in FETCH response: {uid!r}") from None
     return out
@@ -263,7 +277,7 @@ class ImapSession:
                     client.shutdown()
                     raise TLSError(
                         f"{endpoint.host} does not offer STARTTLS; no credentials were sent "
-                        "(use imaps://, or --no-tls to allow cleartext)"
+                        f"(use imaps://, or {setting('no_tls')} to allow cleartext)"
                     )
                 client.starttls(context)
         try:

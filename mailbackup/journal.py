@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -178,7 +179,7 @@ def _upsert(dialect: str) -> sa.sql.expression.Executable:
     )
 
 
-def _record(row: sa.Row) -> Record:  # type: ignore[type-arg]
+def _record(row: sa.Row[Any]) -> Record:
     return Record(
         item=row.item,
         state=row.state,

@@ -20,7 +20,7 @@ from email import policy
 from email.message import Message as EmailMessage
 from email.parser import BytesParser
 from html.parser import HTMLParser
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 BODY_CAP = 64 * 1024  # characters of body text indexed per message
 PART_CAP = 1 << 20  # bytes of one decoded text part read at most
@@ -85,7 +85,8 @@ def header_text(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, email.header.Header):  # compat32 wraps a header holding raw 8-bit bytes
-        text = "".join(_unescape(str(chunk)) for chunk, _ in value._chunks)
+        # Header has no public view of its chunks; str() would re-encode the raw bytes.
+        text = "".join(_unescape(str(chunk)) for chunk, _ in value._chunks)  # type: ignore[attr-defined]  # see above
     else:
         text = _unescape(str(value))
     try:
@@ -121,16 +122,17 @@ def _decode(data: bytes, charset: str | None) -> str:
     return data.decode("latin-1")  # every byte maps, so nothing is lost to the tokenizer
 
 
-def text_parts(part: EmailMessage, depth: int = 0) -> Iterator[EmailMessage]:
+def text_parts(part: EmailMessage | FastPart, depth: int = 0) -> Iterator[EmailMessage | FastPart]:
     """The leaf parts worth indexing; of a multipart/alternative only its text/plain if it has one."""
     if not part.is_multipart():
         yield part
         return
     if depth > 20:  # hostile nesting: the text of sane mail is far shallower
         return
-    children = part.get_payload()
-    if not isinstance(children, list):
+    payload = part.get_payload()
+    if not isinstance(payload, list):
         return
+    children: list[Any] = payload  # parts, as the parser made them
     if part.get_content_type() == "multipart/alternative":
         plain = [c for c in children if c.get_content_type() == "text/plain"]
         children = plain[:1] or children  # the HTML twin says the same at several times the cost
@@ -138,7 +140,7 @@ def text_parts(part: EmailMessage, depth: int = 0) -> Iterator[EmailMessage]:
         yield from text_parts(child, depth + 1)
 
 
-def body_text(parsed: EmailMessage) -> str:
+def body_text(parsed: EmailMessage | FastPart) -> str:
     """Decoded text of the text parts, HTML reduced to text, capped at BODY_CAP characters."""
     pieces: list[str] = []
     length = 0
@@ -270,7 +272,7 @@ def _check(part: FastPart, depth: int = 0) -> None:
         if not part.is_multipart() or not children:
             raise ValueError("multipart without parts")
         for child in children:
-            _check(child, depth + 1)  # type: ignore[arg-type]
+            _check(child, depth + 1)  # type: ignore[arg-type]  # children of a parsed multipart are parts
     elif part.get_content_maintype() == "text":
         part.get_payload(decode=True)
 
@@ -314,7 +316,7 @@ def documents(items: Sequence[tuple[bytes, str, datetime | None]]) -> list[Docum
     return [document(raw, sha256, when) for raw, sha256, when in items]
 
 
-def _send(stream: BinaryIO, obj: object) -> None:
+def _send(stream: IO[bytes], obj: object) -> None:
     # pickle.dump writes frame by frame: no second copy of a whole batch in memory.
     pickle.dump(obj, stream, protocol=pickle.HIGHEST_PROTOCOL)
     stream.flush()

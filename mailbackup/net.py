@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 from urllib.parse import unquote
 
-from .errors import AuthError, ConnectError, TLSError, UsageError
+from .errors import AuthError, ConnectError, TLSError, UsageError, setting
 
 log = logging.getLogger("mailbackup")
 
@@ -33,18 +33,24 @@ class Endpoint:
         return f"{self.scheme}://{self.user}@{self.host}:{self.port}"
 
 
-def parse_url(url: str, *, no_tls: bool = False, schemes: tuple[str, ...] = ("imap", "imaps")) -> Endpoint:
-    """Parse scheme://user@host[:port]; the user part may itself contain '@'."""
+def parse_url(
+    url: str, *, no_tls: bool = False, schemes: tuple[str, ...] = ("imap", "imaps"), role: str = "source"
+) -> Endpoint:
+    """Parse scheme://user@host[:port]; the user part may itself contain '@'. role names the server in errors."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in schemes:
-        raise UsageError(f"source {url!r} must look like {' or '.join(s + '://user@host[:port]' for s in schemes)}")
+        raise UsageError(f"the {role} {url!r} must look like {' or '.join(s + '://user@host[:port]' for s in schemes)}", role=role)
     netloc = rest.split("/", 1)[0]
     userinfo, at, hostport = netloc.rpartition("@")
     if not at or not userinfo:
-        raise UsageError(f"{url!r} has no user: write {scheme}://user@host")
+        raise UsageError(f"the {role} {url!r} has no user: write {scheme}://user@host", role=role)
     if ":" in userinfo:
-        raise UsageError("never put a password in the URL; use --password-file, --password-command or MAILBACKUP_PASSWORD")
+        raise UsageError(
+            f"never put a password in the URL; use {setting('password_file')}, {setting('password_command')} "
+            "or the environment",
+            role=role,
+        )
     host, port_text = hostport, ""
     if hostport.startswith("["):
         host, _, tail = hostport[1:].partition("]")
@@ -52,16 +58,16 @@ def parse_url(url: str, *, no_tls: bool = False, schemes: tuple[str, ...] = ("im
     elif ":" in hostport:
         host, _, port_text = hostport.rpartition(":")
     if not host:
-        raise UsageError(f"{url!r} has no host")
+        raise UsageError(f"the {role} {url!r} has no host", role=role)
     try:
         port = int(port_text) if port_text else DEFAULT_PORTS[scheme]
     except ValueError:
-        raise UsageError(f"{url!r} has a bad port {port_text!r}") from None
+        raise UsageError(f"the {role} {url!r} has a bad port {port_text!r}", role=role) from None
     if not 0 < port < 65536:
-        raise UsageError(f"{url!r} has a bad port {port}")
+        raise UsageError(f"the {role} {url!r} has a bad port {port}", role=role)
     if scheme.endswith("s"):
         if no_tls:
-            raise UsageError(f"--no-tls contradicts {scheme}://, which is implicit TLS")
+            raise UsageError(f"{setting('no_tls')} contradicts {scheme}://, which is implicit TLS", role=role)
         tls = "implicit"
     else:
         tls = "none" if no_tls else "starttls"
@@ -73,17 +79,17 @@ def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context()
     if ca_file:
         if not Path(ca_file).is_file():
-            raise UsageError(f"--ca-file {ca_file}: no such file")
+            raise UsageError(f"{setting('ca_file')} {ca_file}: no such file")
         try:
             context.load_verify_locations(cafile=ca_file)
         except ssl.SSLError as exc:
-            raise UsageError(f"--ca-file {ca_file}: not a PEM certificate ({exc.reason})") from exc
+            raise UsageError(f"{setting('ca_file')} {ca_file}: not a PEM certificate ({exc.reason})") from exc
     return context
 
 
 def warn_cleartext(endpoint: Endpoint) -> None:
     if endpoint.tls == "none":
-        log.warning("--no-tls: credentials and mail cross the network to %s in cleartext", endpoint.host)
+        log.warning("no TLS: credentials and mail cross the network to %s in cleartext", endpoint.host)
 
 
 @contextmanager
@@ -95,7 +101,7 @@ def connect_errors(endpoint: Endpoint) -> Iterator[None]:
     except ssl.SSLCertVerificationError as exc:
         raise TLSError(
             f"certificate of {where} did not verify ({exc.verify_message}); "
-            "use --ca-file for a private CA"
+            f"use {setting('ca_file')} for a private CA"
         ) from exc
     except ssl.SSLError as exc:
         hint = ""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
-from .errors import ConnectionLost, ServerError, UsageError
+from .errors import ConnectionLost, ServerError, UsageError, setting
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
 from .prefetch import prefetched
 from .search import Indexer
@@ -287,7 +287,7 @@ class FolderSync:
             self.tally.gone += self.catalog.mark_stale_gone(archived.id, validity)
         if validity is not None:
             self.catalog.set_folder_state(archived.id, validity, checkpoint.modseq)
-        self.delete([i for i in ids if i in first_seen and self.may_delete(first_seen[i])])  # type: ignore[index]  # only str ids are in first_seen
+        self.delete([i for i in ids if i in first_seen and self.may_delete(first_seen[i])])
         return self.tally.report(self.into.name)
 
     def apply_flags(self, archived: ArchivedFolder, validity: int, flags: dict[int, tuple[str, ...]]) -> None:
@@ -407,11 +407,11 @@ class FolderSync:
 
 def choose(listed: Sequence[Folder], options: BackupOptions) -> list[Folder]:
     """The wanted folders; a --folder or --exclude pattern that matches nothing is a mistake."""
-    for flag, patterns in (("--folder", options.include), ("--exclude", options.exclude)):
+    for name, patterns in (("include", options.include), ("exclude", options.exclude)):
         for pattern in patterns:
             if not any(wanted(f, (pattern,), ()) for f in listed):
                 names = ", ".join(sorted(f.name for f in listed)) or "none"
-                raise UsageError(f"{flag} {pattern!r} matches no folder; the server has: {names}")
+                raise UsageError(f"{setting(name)} {pattern!r} matches no folder; the server has: {names}")
     return [f for f in listed if wanted(f, options.include, options.exclude)]
 
 
@@ -526,13 +526,16 @@ def with_retries(attempt: Callable[[], None], run: Run, retries: int, delay: flo
 
 def check_options(traits: Traits, options: BackupOptions) -> None:
     if traits.many_folders and (options.into or options.delete or options.delete_older_than is not None):
-        raise UsageError("--into, --delete and --delete-older-than are for POP3 sources")
+        raise UsageError(f"{setting('into')}, {setting('delete')} and {setting('delete_older_than')} are for POP3 sources")
     if not traits.many_folders and (options.include or options.exclude):
-        raise UsageError(f"--folder and --exclude are for IMAP sources; {traits.name} has one maildrop (see --into)")
+        raise UsageError(
+            f"{setting('include')} and {setting('exclude')} are for IMAP sources; {traits.name} has one maildrop "
+            f"(see {setting('into')})"
+        )
     if options.delete and options.delete_older_than is not None:
-        raise UsageError("give --delete or --delete-older-than, not both")
+        raise UsageError(f"give {setting('delete')} or {setting('delete_older_than')}, not both")
     if options.delete_older_than is not None and options.delete_older_than < 0:
-        raise UsageError("--delete-older-than needs a number of days >= 0")
+        raise UsageError(f"{setting('delete_older_than')} needs a number of days >= 0")
 
 
 def backup(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
-from .errors import MailbackupError, UsageError
+from .errors import MailbackupError, UsageError, setting
 from .model import ArchivedFolder, Entry, Folder
 from .pipeline import BackupOptions, chunks, wanted
 from .sources import Connect, Source, SourceId, account_name, open_source, source_kind
@@ -27,7 +27,7 @@ def parse_age(text: str) -> float:
     """'365d', '52w', '1y' or a plain number of days."""
     match = _AGE.fullmatch(text.strip().lower())
     if not match:
-        raise UsageError(f"--older-than {text!r}: write a number of days such as 365d, 52w or 1y")
+        raise UsageError(f"{setting('older_than')} {text!r}: write a number of days such as 365d, 52w or 1y")
     return float(match.group(1)) * _DAYS[match.group(2)]
 
 
@@ -144,7 +144,7 @@ def prune_server(
 ) -> PruneReport:
     """Delete from the server what the archive holds and verifies, older than the cutoff; a dry run unless act."""
     if older_than_days <= 0:
-        raise UsageError("--older-than must be more than 0 days")
+        raise UsageError(f"{setting('older_than')} must be more than 0 days")
     kind = source_kind(source_url)
     connect = Connect(
         secret=password, auth=options.auth, ca_file=options.ca_file, no_tls=options.no_tls, timeout=options.timeout

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from .errors import UsageError
+from .errors import UsageError, setting
 from .journal import Journal, default_state_path, state_engine
 from .model import Entry, Folder, TransferReport, TransferSummary
 from .net import Endpoint, parse_url
@@ -55,6 +55,10 @@ class RestoreOptions:
     timeout: float = 120.0
     auth: str = "password"  # the target's login: or "xoauth2" / "oauthbearer" with an access token
     source_auth: str = "password"  # migrate's source login
+    # migrate's source connection; None: the same as the target's
+    source_no_tls: bool | None = None
+    source_ca_file: str | None = None
+    source_timeout: float | None = None
     batch_messages: int = 100
     batch_bytes: int = 4 << 20
     reconnects: int = 3  # after a dropped line: consecutive attempts without progress
@@ -165,16 +169,19 @@ def restore(
     """
     progress = progress or Progress()
     started = time.monotonic()
-    endpoint = parse_url(target_url, no_tls=options.no_tls, schemes=IMAP_SCHEMES + SMTP_SCHEMES)
+    endpoint = parse_url(target_url, no_tls=options.no_tls, schemes=IMAP_SCHEMES + SMTP_SCHEMES, role="target")
     smtp = endpoint.scheme in SMTP_SCHEMES
     if smtp and not options.recipients:
-        raise UsageError("restore over SMTP needs at least one --to address")
+        raise UsageError(f"restore over SMTP needs at least one {setting('recipients')} address")
     if not smtp and (options.recipients or options.sender or options.resent or options.rate_per_minute):
-        raise UsageError("--to, --from, --resent and --rate apply to SMTP targets only")
+        raise UsageError(
+            f"{setting('recipients')}, {setting('sender')}, {setting('resent')} and {setting('rate_per_minute')} "
+            "apply to SMTP targets only"
+        )
     if smtp and options.force:
-        raise UsageError("--force checks the target folder's messages: an SMTP server cannot be asked what it holds")
+        raise UsageError(f"{setting('force')} checks the target folder's messages: an SMTP server cannot be asked what it holds")
     if options.as_of is not None and options.include_gone:
-        raise UsageError("--as-of picks what was there at that time; --include-gone does not go with it")
+        raise UsageError(f"{setting('as_of')} picks what was there at that time; {setting('include_gone')} does not go with it")
     store = open_store(archive, mode="read", account=mailbox)
     try:
         source = ArchiveSource(store, lambda entry: selected(entry, options))
@@ -220,15 +227,18 @@ def migrate(
 
     progress = progress or Progress()
     started = time.monotonic()
-    source_endpoint = parse_url(source_url, no_tls=options.no_tls, schemes=IMAP_SCHEMES)
-    target_endpoint = parse_url(target_url, no_tls=options.no_tls, schemes=IMAP_SCHEMES)
+    source_no_tls = options.no_tls if options.source_no_tls is None else options.source_no_tls
+    source_ca_file = options.source_ca_file or options.ca_file
+    source_timeout = options.source_timeout or options.timeout
+    source_endpoint = parse_url(source_url, no_tls=source_no_tls, schemes=IMAP_SCHEMES)
+    target_endpoint = parse_url(target_url, no_tls=options.no_tls, schemes=IMAP_SCHEMES, role="target")
 
     prefix = ""
 
     def connect() -> tuple[Source, Target]:
         nonlocal prefix
         source = ImapSource.connect(
-            source_endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.source_auth
+            source_endpoint, password, ca_file=source_ca_file, timeout=source_timeout, auth=options.source_auth
         )
         try:
             # Cyrus keeps every personal folder under "INBOX.": that is the namespace, not a parent.

@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 
 import sqlalchemy as sa
 
-from .errors import StoreError, UsageError
 from . import mime
+from .errors import StoreError, UsageError
 from .mime import PARSE_CAP, SCHEMA, Document, _send, document
 from .model import Message
 from .stores import Store, open_store
@@ -86,7 +86,7 @@ def index_messages(store: Store, batch: Sequence[Message]) -> int:
         return 0
     with store.catalog.engine.begin() as conn:
         _ensure_schema(conn)
-        fresh = mime.missing(conn.connection.driver_connection, [m.sha256 for m in batch])  # type: ignore[arg-type]
+        fresh = mime.missing(conn.connection.driver_connection, [m.sha256 for m in batch])  # type: ignore[arg-type]  # the index is SQLite: sqlite3's connection
         # One message parsed at a time; its parsed form is dropped before the next.
         return _insert_many(conn, [document(m.raw, m.sha256, m.internal_date) for m in batch if m.sha256 in fresh])
 
@@ -156,7 +156,7 @@ class Indexer:
 
 def _insert_many(conn: sa.Connection, docs: Sequence[Document]) -> int:
     """Write documents the index lacks, inside the caller's transaction."""
-    return mime.write_documents(conn.connection.driver_connection, docs)  # type: ignore[arg-type]
+    return mime.write_documents(conn.connection.driver_connection, docs)  # type: ignore[arg-type]  # the index is SQLite: sqlite3's connection
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def reindex(archive: str, *, rebuild: bool = False, batch_size: int = 200) -> Re
                 break
             after = contents[-1][0]
             with engine.connect() as conn:
-                fresh = mime.missing(conn.connection.driver_connection, [c[0] for c in contents])  # type: ignore[arg-type]
+                fresh = mime.missing(conn.connection.driver_connection, [c[0] for c in contents])  # type: ignore[arg-type]  # the index is SQLite: sqlite3's connection
             page = [c for c in contents if c[0] in fresh]
             docs = []
             for sha256, location, internal_date in page:
@@ -281,7 +281,7 @@ def _documents(store: Store, filters: Filters) -> Iterator[list[tuple[str, str |
                 raise UsageError(f"bad search query: {exc.orig}") from exc
         if not page:
             return
-        yield page  # type: ignore[misc]
+        yield page
         offset += PAGE
 
 

@@ -464,7 +464,7 @@ class FolderWork:
         self.progress.folder_started(source_name, len(todo), self.base.planned_bytes)
         by_id = {entry.id: entry for entry in listed}
         sizes = {entry.id: entry.size for entry in listed}
-        groups = batches(list(by_id), sizes, options.batch_messages, options.batch_bytes)  # type: ignore[arg-type]
+        groups = batches(list(by_id), sizes, options.batch_messages, options.batch_bytes)  # type: ignore[arg-type]  # batches takes any sortable ids
         for _, future in prefetched(([by_id[i] for i in group] for group in groups), self.read):
             arrived, lost = future.result()
             for fetched in arrived:
@@ -507,7 +507,7 @@ class FolderWork:
         changes: dict[tuple[str, ...], list[int]] = {}
         remembered: list[tuple[str, tuple[str, ...]]] = []
         # Ids of one folder are all ints or all strings, so they sort.
-        for current in self.source.flag_changes(Checkpoint(validity), sorted(known)):  # type: ignore[type-var]
+        for current in self.source.flag_changes(Checkpoint(validity), sorted(known)):
             for source_id, flags in current.items():
                 was = known.get(source_id)
                 if was is not None and was.target_uid is not None and set(flags) != set(was.flags):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .catalog import Catalog
-from .errors import StoreError, UsageError
+from .errors import StoreError, UsageError, setting
 from .model import ArchivedFolder, Entry, Folder
 from .net import parse_url
 from .pipeline import batches, diff_sorted, wanted
@@ -117,7 +117,7 @@ def verify(
     if against is not None:
         endpoint = parse_url(against.source, no_tls=against.no_tls, schemes=("imap", "imaps"))
         if not 0 < against.sample <= 100:
-            raise UsageError("--sample needs a percentage above 0 and at most 100")
+            raise UsageError(f"{setting('sample')} needs a percentage above 0 and at most 100")
     store = open_store(archive, mode="read", account=mailbox)
     counter = _Counter(report)
     try:

@@ -42,9 +42,9 @@ for path in (str(ROOT), str(TESTS)):
         sys.path.insert(0, path)
 
 from aiosmtpd.controller import Controller  # noqa: E402
-
 from proxy import FaultProxy  # noqa: E402
 from servers.dovecot import Account, Dovecot, free_port  # noqa: E402
+
 from tests.archive_view import archived  # noqa: E402
 
 CUT_KINDS = ("imap-fetch", "pop3-retr", "imap-append", "smtp-data")
@@ -263,7 +263,7 @@ class Soak:
                 args = ["restore", archive, target.url("imap"), "--no-tls", "-q", "--batch-messages", "10"]
                 return args, {"password": target.password}, lambda: self.server_bodies(target), want_archive, archive
             state = self.fresh("state")
-            args = ["migrate", source.url("imap"), target.url("imap"), "--no-tls", "-q", "--state", f"{state}.sqlite"]
+            args = ["migrate", source.url("imap"), target.url("imap"), "--no-tls", "--target-no-tls", "-q", "--state", f"{state}.sqlite"]
             passwords = {"password": source.password, "target_password": target.password}
             return args, passwords, lambda: self.server_bodies(target), want, None
 

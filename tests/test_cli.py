@@ -110,8 +110,8 @@ def test_password_file_and_command(mailbox_with_mail, tmp_path: Path) -> None:  
 def test_partial_failure_exits_1_and_lists_uids(mailbox_with_mail, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     original = imap_source.ImapSource.fetch
 
-    def lose_first(self, batch, resume={}):  # type: ignore[no-untyped-def]
-        fetched = list(original(self, batch, resume))
+    def lose_first(self, batch, resume=None):  # type: ignore[no-untyped-def]
+        fetched = list(original(self, batch, resume or {}))
         first = next((f for f in fetched if f.message is not None), None)
         return iter([Fetched(f.id, None, "server sent no body") if f is first else f for f in fetched])
 

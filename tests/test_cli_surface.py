@@ -32,7 +32,7 @@ def test_migrate_has_target_twins_for_its_second_login() -> None:
 
 def test_target_password_prompt_names_the_target_options() -> None:
     result = CliRunner().invoke(
-        main, ["migrate", "imap://a@127.0.0.1:1", "imap://b@127.0.0.1:1", "--no-tls", "--password-command", "echo x"],
+        main, ["migrate", "imap://a@127.0.0.1:1", "imap://b@127.0.0.1:1", "--no-tls", "--target-no-tls", "--password-command", "echo x"],
         env={"MAILBACKUP_PASSWORD": "", "MAILBACKUP_TARGET_PASSWORD": ""},
     )
     assert result.exit_code == 2
@@ -59,8 +59,8 @@ def test_library_errors_name_no_command_line_flags(monkeypatch) -> None:  # type
 
 
 def test_a_partial_run_exits_1_with_one_error_line(dovecot, account, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from mailbackup.sources import imap as imap_source
     from mailbackup.errors import ServerError
+    from mailbackup.sources import imap as imap_source
 
     dovecot.append(account, "INBOX", b"Subject: a\r\n\r\nbody\r\n")
 
@@ -88,3 +88,48 @@ def test_verbose_prints_a_line_per_folder_with_its_time(dovecot, account, tmp_pa
     lines = [line for line in result.stderr.splitlines() if line.startswith(("INBOX:", "Sent:"))]
     assert len(lines) == 2
     assert all("1 new" in line and line.rstrip().endswith(" s") for line in lines), lines
+
+
+def test_library_errors_name_settings_and_the_cli_names_their_options(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mailbackup import backup
+    from mailbackup.errors import UsageError
+
+    with pytest.raises(UsageError) as caught:
+        backup("imaps://me@127.0.0.1:1", str(tmp_path / "a.db"), password="x", options=__import__("mailbackup").BackupOptions(no_tls=True))
+    assert "--" not in str(caught.value) and "no tls contradicts imaps://" in str(caught.value)
+    result = CliRunner().invoke(main, ["backup", "imaps://me@127.0.0.1:1", str(tmp_path / "a.db"), "--no-tls"],
+                                env={"MAILBACKUP_PASSWORD": "x"})
+    assert result.exit_code == 2
+    assert "--no-tls contradicts imaps://" in result.stderr
+
+
+def test_migrate_errors_about_the_target_say_target_and_name_its_twin_option() -> None:
+    result = CliRunner().invoke(
+        main, ["migrate", "imap://a@127.0.0.1:1", "imaps://b@127.0.0.1:1", "--no-tls", "--target-no-tls"],
+        env={"MAILBACKUP_PASSWORD": "x", "MAILBACKUP_TARGET_PASSWORD": "y"},
+    )
+    assert result.exit_code == 2
+    assert "--target-no-tls contradicts imaps://" in result.stderr
+    result = CliRunner().invoke(
+        main, ["migrate", "imap://a@127.0.0.1:1", "ftp://b@127.0.0.1:1", "--no-tls"],
+        env={"MAILBACKUP_PASSWORD": "x", "MAILBACKUP_TARGET_PASSWORD": "y"},
+    )
+    assert result.exit_code == 2 and "the target 'ftp://b@127.0.0.1:1' must look like" in result.stderr
+
+
+def test_no_library_module_spells_a_command_line_flag() -> None:
+    import pathlib
+    import re
+
+    package = pathlib.Path(__file__).resolve().parent.parent / "mailbackup"
+    flag = re.compile(r"""["'][^"'\n]*(?<![\w-])--[a-z][a-z-]+""")
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if "Error(" in code or "raise" in code or "log." in code:
+                if flag.search(code):
+                    offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert offenders == []

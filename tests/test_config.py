@@ -139,7 +139,7 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
 
 
 def test_cron_line_has_five_fields_and_runs_all() -> None:
-    lines = [l for l in (ROOT / "examples" / "crontab").read_text().splitlines() if l and not l.startswith("#")]
+    lines = [line for line in (ROOT / "examples" / "crontab").read_text().splitlines() if line and not line.startswith("#")]
     assert len(lines) == 1
     fields = lines[0].split()
     assert all(f == "*" or f.isdigit() for f in fields[:5])

@@ -81,7 +81,7 @@ def test_dry_run_leaves_target_untouched(dovecot, account, dovecot_dot, account_
     env = {**os.environ, "MAILBACKUP_PASSWORD": account.password, "MAILBACKUP_TARGET_PASSWORD": account_dot.password}
     state = tmp_path / "state.sqlite"
     done = subprocess.run(
-        [sys.executable, "-m", "mailbackup", "migrate", account.url("imap"), account_dot.url("imap"), "--no-tls",
+        [sys.executable, "-m", "mailbackup", "migrate", account.url("imap"), account_dot.url("imap"), "--no-tls", "--target-no-tls",
          "--dry-run", "--state", str(state)],
         env=env, cwd=ROOT, capture_output=True, text=True,
     )
@@ -92,7 +92,7 @@ def test_dry_run_leaves_target_untouched(dovecot, account, dovecot_dot, account_
     assert not state.exists()
     # The CLI with both credential sets does the real thing.
     done = subprocess.run(
-        [sys.executable, "-m", "mailbackup", "migrate", account.url("imap"), account_dot.url("imap"), "--no-tls",
+        [sys.executable, "-m", "mailbackup", "migrate", account.url("imap"), account_dot.url("imap"), "--no-tls", "--target-no-tls",
          "--state", str(state), "--json"],
         env=env, cwd=ROOT, capture_output=True, text=True,
     )

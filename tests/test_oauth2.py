@@ -14,9 +14,9 @@ from urllib.parse import parse_qs
 
 import pytest
 from click.testing import CliRunner
+from servers.dovecot import Dovecot
 
 from mailbackup.cli import main
-from servers.dovecot import Dovecot
 
 TOKENS: dict[str, str] = {}
 
@@ -131,7 +131,6 @@ class OAuthSmtp:
 @pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
 def test_smtp_resend_logs_in_with_oauth2(dovecot_oauth: Dovecot, tmp_path: Path, mechanism: str) -> None:
     from aiosmtpd.controller import Controller
-
     from servers.dovecot import free_port
 
     raws = [b"Subject: resend\r\n\r\nbody\r\n"]

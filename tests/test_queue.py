@@ -17,9 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
 from archive_view import archived
+from click.testing import CliRunner
 from servers.dovecot import Account, Dovecot
 from servers.postgres import Postgres
 

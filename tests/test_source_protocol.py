@@ -131,9 +131,9 @@ def test_the_retry_budget_counts_only_attempts_that_got_nowhere(toy: ToyServer, 
 
 def test_a_folder_pattern_that_matches_nothing_lists_the_folders(toy: ToyServer, tmp_path: Path) -> None:
     toy.folders = {"INBOX": {}, "Work": {}}
-    with pytest.raises(UsageError, match=r"--folder 'Wrok' matches no folder; the server has: INBOX, Work"):
+    with pytest.raises(UsageError, match=r"include 'Wrok' matches no folder; the server has: INBOX, Work"):
         run(str(tmp_path / "a.sqlite"), include=("Wrok",))
-    with pytest.raises(UsageError, match="--exclude 'Junk'"):
+    with pytest.raises(UsageError, match="exclude 'Junk'"):
         run(str(tmp_path / "a.sqlite"), exclude=("Junk",))
 
 

@@ -15,7 +15,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import AuthError, ConfigError, ConnectError, ServerError, SignInRequired
+from ..errors import (
+    AuthError,
+    ConfigError,
+    ConnectError,
+    ServerError,
+    SignInRequired,
+    setting,
+)
 from .settings import OAuth2Settings
 from .store import TokenStore
 
@@ -71,7 +78,7 @@ def _provider_call(settings: OAuth2Settings, what: str, call: Callable[[], Any])
         raise
     except requests.HTTPError as exc:  # a 5xx: the provider is down for now
         host = urlsplit(settings.token_url).hostname
-        raise ConnectError(f"{what}: {host} answered HTTP {exc.response.status_code}; try again later") from None
+        raise ConnectError(f"{what}: {host} answered HTTP {exc.response.status_code if exc.response is not None else 'an error'}; try again later") from None
     except requests.RequestException as exc:
         host = urlsplit(settings.token_url).hostname
         raise ConnectError(f"{what}: cannot reach {host}: {_one_line(exc)}") from None
@@ -143,7 +150,7 @@ def _device_login(settings: OAuth2Settings, say: Say, timeout: float) -> Any:
             f"sign in without --device: {settings.login_command}"
         )
     if not settings.device_authorization_url:
-        raise ConfigError(f"account {settings.account}: --device needs device_authorization_url in its oauth2 table")
+        raise ConfigError(f"account {settings.account}: {setting('device')} needs device_authorization_url in its oauth2 table")
     session = _session(settings)
     data = {"client_id": settings.client_id, "scope": " ".join(settings.scopes)}
     if session.client_secret:
@@ -199,7 +206,7 @@ def _browser_login(settings: OAuth2Settings, say: Say, open_browser: Callable[[s
     from authlib.common.security import generate_token
 
     if not settings.authorization_url:
-        raise ConfigError(f"account {settings.account}: signing in with a browser needs authorization_url; or use --device")
+        raise ConfigError(f"account {settings.account}: signing in with a browser needs authorization_url; or use {setting('device')}")
     listener = LoopbackListener()
     try:
         redirect_uri = f"http://{settings.redirect_host}:{listener.port}/"

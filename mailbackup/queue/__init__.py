@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config
-from ..errors import ConfigError, QueueError, QueueNotDrained, UsageError
+from ..errors import ConfigError, QueueError, QueueNotDrained, UsageError, setting
 from . import runs
 from .app import (
     BACKUP_TASK,
@@ -118,7 +118,7 @@ def enqueue(url: str, names: Sequence[str] = (), *, every: bool = False, config_
     if unknown:
         raise ConfigError(f"no account {', '.join(unknown)} in the config (have: {', '.join(accounts)})")
     if not every and not names:
-        raise UsageError("give --account NAME (repeatable) or --all")
+        raise UsageError(f"give {setting('account')} NAME (repeatable) or {setting('all')}")
     chosen = list(accounts) if every else list(dict.fromkeys(names))
     # The job names the config only if one was given: otherwise each worker uses its own default.
     where = str(config_path.resolve()) if config_path else None

@@ -103,8 +103,8 @@ def ensure_schema(info: str) -> None:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             row = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
             if row is None or row[0] is None:
-                conn.execute(SchemaManager.get_schema())  # type: ignore[arg-type]
-            conn.execute(runs.SCHEMA)  # type: ignore[arg-type]
+                conn.execute(SchemaManager.get_schema())
+            conn.execute(runs.SCHEMA)
     except psycopg.Error as exc:
         raise QueueError(f"cannot use the queue database: {one_line(exc)}") from exc
 

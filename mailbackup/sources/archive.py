@@ -59,7 +59,7 @@ class ArchiveSource:
             self.folders()
         entries = self.store.catalog.entries(self.ids[folder.name])
         self.entries = {e.id: e for e in entries if self.select(e)}
-        return OpenFolder(folder, Checkpoint(validity=None), ids=sorted(self.entries))  # type: ignore[type-var]
+        return OpenFolder(folder, Checkpoint(validity=None), ids=sorted(self.entries))
 
     def listing(self, ids: Sequence[SourceId]) -> Iterator[list[Listed]]:
         for start in range(0, len(ids), LIST_SLICE):

@@ -29,7 +29,16 @@ from ..imapconn import (  # noqa: F401  (parse_fetch and friends: imported from 
 )
 from ..model import Folder, FolderState, Message
 from ..net import Endpoint, parse_url
-from . import IMAP, LIST_SLICE, Checkpoint, Connect, Fetched, Listed, OpenFolder, SourceId
+from . import (
+    IMAP,
+    LIST_SLICE,
+    Checkpoint,
+    Connect,
+    Fetched,
+    Listed,
+    OpenFolder,
+    SourceId,
+)
 
 FETCH_ITEMS = ["BODY.PEEK[]", "FLAGS", "INTERNALDATE", "RFC822.SIZE"]
 FLAG_CHUNK = 2000
@@ -129,7 +138,7 @@ class ImapSource:
             part = ids[start : start + LIST_SLICE]
             sizes = self.sizes(part)  # type: ignore[arg-type]  # an IMAP folder's ids are int UIDs
             # A UID without a size was expunged since SEARCH: nothing to back up.
-            yield [Listed(uid, sizes[uid]) for uid in part if uid in sizes]  # type: ignore[index]  # an IMAP folder's ids are int UIDs
+            yield [Listed(uid, sizes[uid]) for uid in part if uid in sizes]
 
     def fetch(self, batch: Sequence[Listed], resume: Mapping[SourceId, bytes] = {}) -> Iterator[Fetched]:
         """BODY.PEEK[] for the batch; a message cut earlier is asked for from where it broke off."""

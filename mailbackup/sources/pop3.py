@@ -18,10 +18,27 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
 from ..credentials import oauthbearer, sasl_b64, xoauth2
-from ..errors import AuthError, ConnectionLost, ServerError, TLSError
+from ..errors import AuthError, ConnectionLost, ServerError, TLSError, setting
 from ..model import Folder, Message
-from ..net import Endpoint, connect_errors, greeting_errors, parse_url, retry_temporary, tls_context, warn_cleartext
-from . import LIST_SLICE, POP3, Checkpoint, Connect, Fetched, Listed, OpenFolder, SourceId
+from ..net import (
+    Endpoint,
+    connect_errors,
+    greeting_errors,
+    parse_url,
+    retry_temporary,
+    tls_context,
+    warn_cleartext,
+)
+from . import (
+    LIST_SLICE,
+    POP3,
+    Checkpoint,
+    Connect,
+    Fetched,
+    Listed,
+    OpenFolder,
+    SourceId,
+)
 
 LINE_LIMIT = 1 << 16
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
@@ -61,7 +78,7 @@ def read_multiline(stream: BinaryIO, limit: int) -> bytes:
     body = io.BytesIO()
     tail = b"\n"  # the body starts a line, as if a LF came before it: that finds an empty body too
     while True:
-        chunk = stream.peek(1 << 16)
+        chunk = stream.peek(1 << 16)  # type: ignore[attr-defined]  # poplib's file is a BufferedReader
         if not chunk:
             raise ConnectionLost("connection closed in the middle of a message; rerun to finish")
         window = tail + chunk
@@ -185,7 +202,7 @@ class Pop3Source:
                     conn.close()
                     raise TLSError(
                         f"{endpoint.host} does not offer STLS; no credentials were sent "
-                        "(use pop3s://, or --no-tls to allow cleartext)"
+                        f"(use pop3s://, or {setting('no_tls')} to allow cleartext)"
                     )
                 conn.stls(context)
         try:
@@ -308,8 +325,9 @@ class Pop3Source:
     def _multiline(self, command: str, size: int) -> bytes:
         # poplib has no way to read a body with its line endings intact.
         with command_errors():
-            self.conn._putcmd(command)
-            self.conn._getresp()
+            # poplib has no public call for "send a command, read the status line"
+            self.conn._putcmd(command)  # type: ignore[attr-defined]  # see above
+            self.conn._getresp()  # type: ignore[attr-defined]  # see above
             assert self.conn.file is not None
             return read_multiline(self.conn.file, 2 * size + (1 << 20))
 
@@ -326,9 +344,10 @@ def login(conn: poplib.POP3, endpoint: Endpoint, secret: str, auth: str) -> None
         response = oauthbearer(endpoint.user, secret, endpoint.host, endpoint.port)
     else:
         raise ValueError(f"unknown auth {auth!r}")
-    reply = conn._shortcmd(f"AUTH {auth.upper()} {sasl_b64(response)}")
+    # poplib has no AUTH: its private one-line command call is what its own user() uses
+    reply = conn._shortcmd(f"AUTH {auth.upper()} {sasl_b64(response)}")  # type: ignore[attr-defined]  # see above
     if reply.startswith(b"+ "):  # a SASL error challenge: answer empty to get the final -ERR
-        conn._shortcmd("")
+        conn._shortcmd("")  # type: ignore[attr-defined]  # see above
 
 
 def _reason(exc: poplib.error_proto) -> str:

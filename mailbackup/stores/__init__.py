@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from ..catalog import Catalog
 from ..errors import CatalogDamaged, UsageError
@@ -95,12 +95,13 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def store_class(name: str) -> type:
+def store_class(name: str) -> Any:
+    """The class a registry entry names, imported on first use (a store's library loads only when needed)."""
     module, _, cls = name.partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), cls)
 
 
-def resolve(url: str) -> tuple[type, str]:
+def resolve(url: str) -> tuple[Any, str]:
     """The store class for url and the address it takes."""
     for name in REGISTRY.values():
         cls = store_class(name)

@@ -19,12 +19,12 @@ from ..model import ArchivedFolder, Folder, Message
 from . import Finding, Recovered
 from .files import (
     CATALOG_DIR,
-    directory_location,
-    header_date,
-    file_lock,
     crlf_foldable,
+    directory_location,
+    file_lock,
     folded_chunks,
     fsync_path,
+    header_date,
     make_dirs,
     open_catalog,
     safe_parts,

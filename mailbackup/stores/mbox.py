@@ -12,8 +12,8 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
 from contextlib import AbstractContextManager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import StoreError
@@ -21,11 +21,11 @@ from ..model import ArchivedFolder, Folder, Message
 from . import Finding, Recovered
 from .files import (
     CATALOG_DIR,
-    directory_location,
-    header_date,
-    file_lock,
     crlf_foldable,
+    directory_location,
+    file_lock,
     folded_chunks,
+    header_date,
     make_dirs,
     open_catalog,
     quote_from,
@@ -253,5 +253,5 @@ def _asctime(text: bytes) -> datetime | None:
 
 def _read(mbox: object, offset: int, length: int) -> bytes:
     # A long gap cannot be a separator; reading 4 KB of it is enough to say so.
-    mbox.seek(offset)  # type: ignore[attr-defined]
-    return mbox.read(min(length, 4096)) + (b"\0" if length > 4096 else b"")  # type: ignore[attr-defined,no-any-return]
+    mbox.seek(offset)  # type: ignore[attr-defined]  # an mmap or file: both have seek
+    return mbox.read(min(length, 4096)) + (b"\0" if length > 4096 else b"")  # type: ignore[attr-defined]  # an mmap or file: both read bytes

@@ -146,7 +146,7 @@ class SqlStore:
         raw_connection = conn.connection.driver_connection
         rowid = conn.exec_driver_sql("SELECT rowid FROM blobs WHERE sha256 = ?", (message.sha256,)).scalar()
         view = memoryview(message.raw)
-        with raw_connection.blobopen("blobs", "raw", rowid) as blob:  # type: ignore[union-attr]
+        with raw_connection.blobopen("blobs", "raw", rowid) as blob:  # type: ignore[union-attr]  # the SQLite branch: sqlite3's connection has blobopen
             for start in range(0, len(view), BIG):
                 blob.write(view[start : start + BIG])
 

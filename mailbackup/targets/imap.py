@@ -20,10 +20,10 @@ from datetime import datetime, timedelta, timezone
 from imapclient import exceptions as imap_errors
 from imapclient import imap_utf7
 
-from ..model import SPECIAL_USE, Folder
-from ..net import Endpoint
 from ..imapconn import SMALL_LITERAL, ImapSession, as_folder, literal_room
 from ..imapconn import command_errors as session_errors
+from ..model import SPECIAL_USE, Folder
+from ..net import Endpoint
 from . import Delivered, Destination, Outgoing, message_id
 
 SYSTEM_FLAGS = {"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"}
@@ -247,7 +247,7 @@ class ImapTarget:
             if contents:
                 fetched = self._uid_fetch("1:*", ["RFC822.SIZE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
                 for uid, data in fetched.items():
-                    size = int(data.get(b"RFC822.SIZE", 0))  # type: ignore[call-overload]
+                    size = int(data.get(b"RFC822.SIZE", 0))  # type: ignore[call-overload]  # FETCH items are untyped: RFC822.SIZE is an int
                     header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER")), b"")
                     where.setdefault((message_id(header) if isinstance(header, bytes) else None, size), []).append(uid)
                     sizes.setdefault(size, []).append(uid)

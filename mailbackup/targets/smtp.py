@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime, make_msgid
 
 from ..credentials import oauthbearer, xoauth2
-from ..errors import AuthError, TLSError, UsageError
+from ..errors import AuthError, TLSError, UsageError, setting
 from ..net import Endpoint, connect_errors, tls_context, warn_cleartext
 from . import Delivered, Destination, Outgoing
 
@@ -59,10 +59,10 @@ class SmtpTarget:
         self, endpoint: Endpoint, password: str, options: SmtpOptions, *, sleep: Callable[[float], None] = time.sleep
     ) -> None:
         if not options.recipients:
-            raise UsageError("restore over SMTP needs at least one --to address")
+            raise UsageError(f"restore over SMTP needs at least one {setting('recipients')} address")
         sender = options.sender or (endpoint.user if "@" in endpoint.user else None)
         if not sender:
-            raise UsageError(f"the login {endpoint.user!r} is not an address: give the envelope sender with --from")
+            raise UsageError(f"the login {endpoint.user!r} is not an address: give the envelope sender with {setting('sender')}")
         self.endpoint = endpoint
         self.password = password
         self.options = options
@@ -110,7 +110,7 @@ class SmtpTarget:
                     session.close()
                     raise TLSError(
                         f"{endpoint.host} does not offer STARTTLS; no credentials were sent "
-                        "(use smtps://, or --no-tls to allow cleartext)"
+                        f"(use smtps://, or {setting('no_tls')} to allow cleartext)"
                     )
                 session.starttls(context=context)
                 session.ehlo()
