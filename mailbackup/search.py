@@ -120,8 +120,12 @@ class Indexer:
         try:
             if self.worker is None:
                 database = self.store.catalog.sqlite_file()
+                # Its own session: a Ctrl-C meant for backup must not kill the indexer mid-batch;
+                # it finishes what it was sent when backup closes its stdin (or dies).
                 self.worker = subprocess.Popen(
-                    [sys.executable, "-c", mime.SERVE, mime.__file__, str(database)], stdin=subprocess.PIPE
+                    [sys.executable, "-c", mime.SERVE, mime.__file__, str(database)],
+                    stdin=subprocess.PIPE,
+                    start_new_session=True,
                 )
             assert self.worker.stdin is not None
             _send(self.worker.stdin, [(m.raw[:PARSE_CAP], m.sha256, m.internal_date) for m in batch])
