@@ -457,7 +457,7 @@ def test_chromium_searches_opens_html_mail_without_remote_loads_and_downloads_th
         frame = driver.find_element(By.ID, "html-body")
         driver.switch_to.frame(frame)
         assert "Flamingo umbrellas" in driver.find_element(By.TAG_NAME, "body").text
-        pixel = driver.find_element(By.ID, "pixel")
+        pixel = driver.find_element(By.CSS_SELECTOR, "img[alt='tracking pixel']")
         assert not pixel.get_attribute("src")  # held back
         driver.switch_to.default_content()
         time.sleep(1.0)  # time for anything that might still try to load

@@ -23,7 +23,7 @@ SHOWN_HEADERS = ("From", "To", "Cc", "Reply-To", "Date", "Subject", "Message-ID"
 
 @dataclass(frozen=True)
 class FolderCount:
-    id: int
+    id: int | None  # None: a parent in the tree that the archive holds no folder for
     name: str
     depth: int  # how far below the top the folder sits in the tree
     label: str  # its own name, without its parents
@@ -130,9 +130,15 @@ class Archive:
     def tree(self) -> list[AccountTree]:
         trees = []
         for index, store in enumerate(self.stores):
-            counts = []
+            counts: list[FolderCount] = []
+            shown: set[tuple[str, ...]] = set()
             for folder, messages, size, gone in store.catalog.stats():
                 parts = folder.name.split(folder.delimiter) if folder.delimiter else [folder.name]
+                for depth in range(len(parts) - 1):  # a parent the archive holds no folder for still shows
+                    if tuple(parts[: depth + 1]) not in shown:
+                        shown.add(tuple(parts[: depth + 1]))
+                        counts.append(FolderCount(None, (folder.delimiter or "").join(parts[: depth + 1]), depth, parts[depth], 0, 0, 0))
+                shown.add(tuple(parts))
                 counts.append(FolderCount(folder.id, folder.name, len(parts) - 1, parts[-1], messages, size, gone))
             trees.append(AccountTree(index, self.names[index], tuple(counts)))
         return trees
@@ -205,6 +211,8 @@ class Archive:
             content_id = (part.get("Content-ID") or "").strip().strip("<>")
             if content_id and part.get_content_maintype() == "image":
                 images[content_id] = (kind, payload)
+                if disposition != "attachment" and not filename:
+                    continue  # shown in the HTML where it is referenced
             if disposition != "attachment" and not filename and kind == "text/plain" and text is None:
                 text = _decode(payload, part.get_content_charset())
             elif disposition != "attachment" and not filename and kind == "text/html" and html is None:
