@@ -4,12 +4,15 @@ search as `mailbackup search` finds, paging; and a real headless Chromium that o
 from __future__ import annotations
 
 import hashlib
+import http.client
 import http.server
 import json
 import re
 import shutil
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -337,6 +340,63 @@ def test_eml_download_is_byte_identical_to_the_archive(client: TestClient, archi
     assert tree_hash(archive) == before  # viewing changes no byte, name or time in the archive
 
 
+@pytest.mark.parametrize("kind", ["maildir", "mbox", "sqlite"])
+def test_every_store_streams_exactly_the_bytes_get_returns(dovecot, tricky_messages, kind: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Cut in 7-byte pieces, so every line end, CRLF pair and >From quote falls across a cut somewhere."""
+    from mailbackup import stores
+
+    account = dovecot.add_user()
+    with dovecot.client(account) as imap:
+        for raw in tricky_messages.values():
+            imap.append("INBOX", raw)
+        imap.append("INBOX", b"Subject: lf\n\nFrom here\n>From there\n>>From everywhere\n")
+    url = {"maildir": f"maildir:{tmp_path / 'md'}", "mbox": f"mbox:{tmp_path / 'mb'}", "sqlite": str(tmp_path / "a.sqlite")}[kind]
+    assert backup(account.url("imap"), url, password=account.password, options=BackupOptions(no_tls=True)).ok
+    monkeypatch.setattr(stores, "STREAM_CHUNK", 7)
+    store = open_store(url, mode="read")
+    try:
+        assert hasattr(store, "stream")
+        entries = list(store.catalog.entries())
+        assert len(entries) == len(tricky_messages) + 1
+        for entry in entries:
+            pieces = list(stores.read_chunks(store, entry.location))
+            assert b"".join(pieces) == store.get(entry.location)
+            assert entry.size < 8 or len(pieces) > 1  # really in pieces
+    finally:
+        store.close()
+
+
+def test_a_damaged_message_never_downloads_whole(client: TestClient, archive: str, tmp_path: Path) -> None:
+    """The bytes on disk no longer match the catalog: the download stops short of its Content-Length."""
+    copy = tmp_path / "copy"
+    shutil.copytree(archive.split(":", 1)[1], copy)
+    damaged = Archive(f"maildir:{copy}")
+    try:
+        entry_id, _ = entry_of(f"maildir:{copy}", "Newsletters")
+        entry = damaged.entry(0, entry_id)
+        path = next((copy).rglob(entry.location.rsplit("/", 1)[1].split(":")[0] + "*"))
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x20
+        path.write_bytes(bytes(data))
+        viewer = TestClient(create_app(damaged, TOKEN, allowed_hosts=None))
+        viewer.cookies.set(cookie_name(TOKEN), TOKEN)
+        page = viewer.get(f"/m/0/{entry_id}")
+        assert page.status_code == 500 and "does not match its SHA-256" in page.text  # the page says so
+    finally:
+        damaged.close()
+    # Over real HTTP: the body ends short of its Content-Length, which every client takes as a failed download.
+    server = WebServer(f"maildir:{copy}", "127.0.0.1:0")
+    server.start()
+    try:
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        opener.open(server.url).read()
+        with opener.open(f"http://127.0.0.1:{server.port}/m/0/{entry_id}/eml") as response:
+            with pytest.raises(http.client.IncompleteRead):
+                response.read()
+    finally:
+        server.stop()
+
+
 def test_attachment_downloads_with_its_type_as_an_attachment(client: TestClient, archive: str, html_mail: bytes) -> None:
     html_id, _ = entry_of(archive, "Newsletters")
     index = re.findall(rf'href="/m/0/{html_id}/part/(\d+)" download>price list.pdf<', client.get(f"/m/0/{html_id}").text)[0]
@@ -382,9 +442,6 @@ def test_cli_refuses_a_remote_bind_and_a_missing_archive(archive: str, tmp_path:
 
 
 def test_server_prints_a_token_url_and_serves_over_http(archive: str) -> None:
-    import urllib.error
-    import urllib.request
-
     server = WebServer(archive, "127.0.0.1:0")
     server.start()
     try:

@@ -13,10 +13,9 @@ from ..catalog import Headline
 from ..errors import ArchiveCorrupt, UsageError
 from ..mime import header_text
 from ..model import Entry
-from ..stores import Store, open_store
+from ..stores import Store, open_store, read_chunks
 
 HEAD_CAP = 64 * 1024  # bytes of a message read for its headers when the search index has none
-CHUNK = 64 * 1024
 SORTS = ("date", "from", "subject", "size")
 SHOWN_HEADERS = ("From", "To", "Cc", "Reply-To", "Date", "Subject", "Message-ID")
 
@@ -185,10 +184,15 @@ class Archive:
         return entry, raw
 
     def chunks(self, account: int, entry_id: int) -> tuple[Entry, Iterator[bytes]]:
-        """The original bytes in pieces, for a download."""
-        entry, raw = self.raw(account, entry_id)
-        view = memoryview(raw)
-        return entry, (bytes(view[start : start + CHUNK]) for start in range(0, len(raw), CHUNK))
+        """The original bytes streamed from the store, for a download, checked against the SHA-256 on the way.
+
+        The last piece is held back until the whole has been hashed: bytes that do not match end
+        the download short of its Content-Length, so a browser never saves a damaged copy as whole.
+        """
+        entry = self.entry(account, entry_id)
+        pieces = read_chunks(self.store(account), entry.location)
+        first = next(pieces, b"")  # a missing file fails here, before any header is sent
+        return entry, _checked(entry, first, pieces)
 
     def message(self, account: int, entry_id: int) -> MessageView:
         entry, raw = self.raw(account, entry_id)
@@ -245,6 +249,20 @@ class Archive:
             for month, folder_id, messages in store.catalog.months():
                 out.append(Month(month, prefix + names.get(folder_id, "?"), messages))
         return out
+
+
+def _checked(entry: Entry, first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    digest = hashlib.sha256(first)
+    size = len(first)
+    held = first
+    for piece in rest:
+        yield held
+        digest.update(piece)
+        size += len(piece)
+        held = piece
+    if size != entry.size or digest.hexdigest() != entry.sha256:
+        raise ArchiveCorrupt(f"message {entry.id} does not match its SHA-256; run 'mailbackup verify'")
+    yield held
 
 
 def _filename(part: EmailMessage) -> str | None:
