@@ -14,23 +14,23 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 pytest.importorskip("starlette")
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from mailbackup import BackupOptions, backup  # noqa: E402
-from mailbackup.cli import main  # noqa: E402
-from mailbackup.errors import UsageError  # noqa: E402
-from mailbackup.stores import open_store  # noqa: E402
-from mailbackup.web import WebServer, is_loopback, parse_address  # noqa: E402
-from mailbackup.web.app import PER_PAGE, cookie_name, create_app  # noqa: E402
-from mailbackup.web.render import sanitise  # noqa: E402
-from mailbackup.web.viewer import Archive  # noqa: E402
+from mailbackup import BackupOptions, backup
+from mailbackup.cli import main
+from mailbackup.errors import UsageError
+from mailbackup.stores import open_store
+from mailbackup.web import WebServer, is_loopback, parse_address
+from mailbackup.web.app import PER_PAGE, cookie_name, create_app
+from mailbackup.web.render import sanitise
+from mailbackup.web.viewer import Archive
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 TOKEN = "t0ken-for-tests"
@@ -45,7 +45,7 @@ class Recorder:
         recorder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 recorder.requests.append(self.path)
                 body = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x01D\x00;"
                 self.send_response(200)
@@ -68,7 +68,7 @@ class Recorder:
 
 
 def bulk_message(n: int) -> bytes:
-    when = datetime(2022, 1, 1, tzinfo=timezone.utc) + timedelta(days=7 * n)
+    when = datetime(2022, 1, 1, tzinfo=UTC) + timedelta(days=7 * n)
     return (
         f"From: Sender {n:03d} <s{n:03d}@example.net>\r\nTo: me@example.org\r\nSubject: report number {n:03d}\r\n"
         f"Date: {when.strftime('%a, %d %b %Y %H:%M:%S +0000')}\r\nMessage-ID: <bulk{n}@example.net>\r\n\r\n"
@@ -96,13 +96,13 @@ def archive(dovecot, recorder: Recorder, html_mail: bytes, tmp_path_factory: pyt
         for folder in ("Archive/2022", "Newsletters"):
             imap.create_folder(folder)
         for path in sorted((CORPUS / "mikel-mail" / "plain_emails").glob("*.eml"))[:6]:
-            imap.append("INBOX", path.read_bytes(), (), datetime(2021, 5, 1, tzinfo=timezone.utc))
+            imap.append("INBOX", path.read_bytes(), (), datetime(2021, 5, 1, tzinfo=UTC))
         for path in ("attachment_emails/attachment_pdf.eml", "attachment_emails/attachment_nonascii_filename.eml"):
-            imap.append("INBOX", (CORPUS / "mikel-mail" / path).read_bytes(), (b"\\Seen",), datetime(2023, 2, 1, tzinfo=timezone.utc))
-        imap.append("Newsletters", html_mail, (), datetime(2024, 6, 14, tzinfo=timezone.utc))
+            imap.append("INBOX", (CORPUS / "mikel-mail" / path).read_bytes(), (b"\\Seen",), datetime(2023, 2, 1, tzinfo=UTC))
+        imap.append("Newsletters", html_mail, (), datetime(2024, 6, 14, tzinfo=UTC))
         for n in range(BULK):
             imap.append("Archive/2022", bulk_message(n), (b"\\Seen",) if n % 3 else (),
-                        datetime(2022, 1, 1, tzinfo=timezone.utc) + timedelta(days=7 * n))
+                        datetime(2022, 1, 1, tzinfo=UTC) + timedelta(days=7 * n))
     url = f"maildir:{tmp_path_factory.mktemp('web') / 'md'}"
     summary = backup(account.url("imap"), url, password=account.password, options=BackupOptions(no_tls=True))
     assert summary.ok and summary.new == 6 + 2 + 1 + BULK
@@ -390,9 +390,8 @@ def test_a_damaged_message_never_downloads_whole(client: TestClient, archive: st
     try:
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
         opener.open(server.url).read()
-        with opener.open(f"http://127.0.0.1:{server.port}/m/0/{entry_id}/eml") as response:
-            with pytest.raises(http.client.IncompleteRead):
-                response.read()
+        with opener.open(f"http://127.0.0.1:{server.port}/m/0/{entry_id}/eml") as response, pytest.raises(http.client.IncompleteRead):
+            response.read()
     finally:
         server.stop()
 

@@ -150,9 +150,12 @@ class MaildirStore:
 
         path = self._find(location)
         unfold = folded(path.name)
-        with store_errors(path), open(path, "rb") as f:
-            for piece in iter(lambda: f.read(STREAM_CHUNK), b""):
-                yield unfold_crlf(piece) if unfold else piece
+        try:
+            with open(path, "rb") as f:
+                for piece in iter(lambda: f.read(STREAM_CHUNK), b""):
+                    yield unfold_crlf(piece) if unfold else piece
+        except OSError as exc:
+            raise StoreError(f"cannot read {location}: {exc.strerror}") from exc
 
     def set_flags(self, location: str, flags: tuple[str, ...]) -> str:
         path = self._find(location)

@@ -172,7 +172,7 @@ class SqlStore:
                 return
             for start in range(0, size, STREAM_CHUNK):
                 piece = conn.scalar(sa.select(sa.func.substring(blobs.c.raw, start + 1, STREAM_CHUNK)).where(blobs.c.sha256 == location))
-                yield bytes(piece)
+                yield bytes(piece or b"")
 
     def set_flags(self, location: str, flags: tuple[str, ...]) -> str:
         return location

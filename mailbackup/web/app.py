@@ -15,7 +15,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import (
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -154,8 +159,10 @@ def create_app(archive: Archive, token: str, *, allowed_hosts: list[str] | None 
                     _date(fields["since"]), _date(fields["before"]), fields["folder"] or None,
                 )
                 found = search(archive.url, filters, mailbox=archive.mailbox(account))
-                hits = list(itertools.islice(found, number * PER_PAGE, (number + 1) * PER_PAGE + 1))
-                found.close()
+                try:
+                    hits = list(itertools.islice(found, number * PER_PAGE, (number + 1) * PER_PAGE + 1))
+                finally:
+                    getattr(found, "close", lambda: None)()  # the generator's store closes now, not at GC
                 more = len(hits) > PER_PAGE
                 hits = hits[:PER_PAGE]
             except UsageError as exc:

@@ -14,7 +14,7 @@ WIDTH, HEIGHT, LEFT, BOTTOM, TOP = 900, 300, 50, 40, 10
 
 def _month_range(first: str, last: str) -> list[str]:
     year, month = int(first[:4]), int(first[5:7])
-    out = []
+    out: list[str] = []
     while f"{year:04d}-{month:02d}" <= last and len(out) < 1200:
         out.append(f"{year:04d}-{month:02d}")
         year, month = (year + 1, 1) if month == 12 else (year, month + 1)
@@ -37,8 +37,12 @@ def months_svg(months: Sequence[Month]) -> str:
     height = HEIGHT + legend_rows * 18
     plot_h = HEIGHT - BOTTOM - TOP
     bar = (WIDTH - LEFT - 10) / len(axis)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{WIDTH}" height="{height}" '
-           f'viewBox="0 0 {WIDTH} {height}" role="img" aria-label="messages per month">']
+    out: list[str] = [
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{WIDTH}" height="{height}" '
+            f'viewBox="0 0 {WIDTH} {height}" role="img" aria-label="messages per month">'
+        )
+    ]
     out.append(f'<line x1="{LEFT}" y1="{TOP + plot_h}" x2="{WIDTH - 10}" y2="{TOP + plot_h}" stroke="#888"/>')
     for fraction in (0, 0.5, 1):
         y = TOP + plot_h - fraction * plot_h

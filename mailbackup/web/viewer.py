@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email import policy
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser, BytesParser
-from email import policy
 
 from ..catalog import Headline
 from ..errors import ArchiveCorrupt, UsageError
