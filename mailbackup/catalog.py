@@ -900,7 +900,7 @@ class Catalog:
     ) -> list[tuple[Entry, Headline | None]]:
         """One page of a folder's entries, sorted by date, from, subject or size, with what the search
         index says of each (None where it says nothing). Only the page is read, never the whole folder."""
-        indexed = self.engine.dialect.name == "sqlite" and self._has_index()
+        indexed = self.engine.dialect.name == "sqlite" and self.has_search_index()
         if indexed:
             query = sa.select(messages, search_docs.c.sent_at, search_docs.c.sender, search_docs.c.subject).outerjoin(
                 search_docs, search_docs.c.sha256 == messages.c.sha256
@@ -942,7 +942,7 @@ class Catalog:
         with self.engine.connect() as conn:
             return [(str(m), int(f), int(n)) for m, f, n in conn.execute(query)]
 
-    def _has_index(self) -> bool:
+    def has_search_index(self) -> bool:
         with self.engine.connect() as conn:
             return sa.inspect(conn).has_table("search_docs")
 

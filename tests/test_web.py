@@ -553,3 +553,54 @@ def test_chromium_searches_opens_html_mail_without_remote_loads_and_downloads_th
     finally:
         server.stop()
     shutil.rmtree(driver.downloads, ignore_errors=True)
+
+
+# other archives: several accounts in one database, and PostgreSQL without a search index
+
+
+def test_an_archive_of_two_accounts_shows_each_with_its_own_folders(dovecot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url = str(tmp_path / "two.sqlite")
+    names = []
+    for n, folder in enumerate(("Work", "Family")):
+        account = dovecot.add_user()
+        dovecot.append(account, folder, bulk_message(n))
+        assert backup(account.url("imap"), url, password=account.password, options=BackupOptions(no_tls=True)).ok
+        names.append(f"{account.user}@{account.host}")
+    viewer = Archive(url)
+    try:
+        client = TestClient(create_app(viewer, TOKEN, allowed_hosts=None))
+        client.cookies.set(cookie_name(TOKEN), TOKEN)
+        home = client.get("/").text
+        assert names[0] in home and names[1] in home
+        trees = {tree.name: [f.name for f in tree.folders] for tree in viewer.tree()}
+        assert trees[names[0]] == ["INBOX", "Work"] or trees[names[0]] == ["Work"]
+        assert "Family" in trees[names[1]] and "Work" not in trees[names[1]]
+        second = viewer.names.index(names[1])
+        family = next(f.id for f in viewer.tree()[second].folders if f.name == "Family")
+        assert "report number 001" in client.get(f"/f/{second}/{family}").text
+        assert client.get(f"/f/{1 - second}/{family}").status_code == 404  # another account's folder
+        hits = client.get("/search", params={"q": "report", "account": str(second)}).text
+        assert "report number 001" in hits and "report number 000" not in hits
+    finally:
+        viewer.close()
+
+
+def test_a_postgresql_archive_lists_from_the_messages_and_says_search_needs_sqlite(dovecot, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    account = dovecot.add_user()
+    for n in range(3):
+        dovecot.append(account, "INBOX", bulk_message(n))
+    assert backup(account.url("imap"), pg_url, password=account.password, options=BackupOptions(no_tls=True)).ok
+    viewer = Archive(pg_url)
+    try:
+        client = TestClient(create_app(viewer, TOKEN, allowed_hosts=None))
+        client.cookies.set(cookie_name(TOKEN), TOKEN)
+        inbox = viewer.tree()[0].folders[0].id
+        page = client.get(f"/f/0/{inbox}?sort=subject&order=asc").text  # no index: sorted by date instead
+        assert subjects(page) == ["report number 000", "report number 001", "report number 002"]
+        assert "Sender 001 &lt;s001@example.net&gt;" in page
+        assert "<th>Subject</th>" in page and "?sort=date" in page  # offered only where it works
+        assert "needs a SQLite catalog" in client.get("/search", params={"q": "report"}).text
+        entry_id = int(re.findall(r'<a href="/m/0/(\d+)">report number 002<', page)[0])
+        assert client.get(f"/m/0/{entry_id}/eml").content == bulk_message(2)
+    finally:
+        viewer.close()

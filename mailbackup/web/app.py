@@ -29,7 +29,7 @@ from ..errors import ArchiveCorrupt, MailbackupError, UsageError
 from ..search import Filters, search
 from .chart import months_svg
 from .render import frame_policy, sanitise
-from .viewer import SORTS, Archive
+from .viewer import Archive
 
 HERE = Path(__file__).parent
 PER_PAGE = 50
@@ -130,13 +130,13 @@ def create_app(archive: Archive, token: str, *, allowed_hosts: list[str] | None 
     def _folder(request: Request) -> Response:
         account, folder_id = request.path_params["account"], request.path_params["folder"]
         sort = request.query_params.get("sort", "date")
-        sort = sort if sort in SORTS else "date"
+        sort = sort if sort in archive.sorts(account) else "date"
         descending = request.query_params.get("order", "desc") != "asc"
         number = _int(request.query_params.get("page"))
         rows, total = archive.page(account, folder_id, sort=sort, descending=descending, page=number, per_page=PER_PAGE)
         return page(
             request, "folder.html", account=account, folder_id=folder_id, folder=archive.folder_name(account, folder_id),
-            rows=rows, total=total, sort=sort, descending=descending, page=number,
+            rows=rows, total=total, sort=sort, sorts=archive.sorts(account), descending=descending, page=number,
             pages=max(1, -(-total // PER_PAGE)),
         )
 

@@ -150,6 +150,12 @@ class Archive:
 
     # a page of a folder
 
+    def sorts(self, account: int) -> tuple[str, ...]:
+        """What a folder can be sorted by: From and Subject come from the search index."""
+        catalog = self.store(account).catalog
+        indexed = catalog.engine.dialect.name == "sqlite" and catalog.has_search_index()
+        return SORTS if indexed else ("date", "size")
+
     def page(self, account: int, folder_id: int, *, sort: str, descending: bool, page: int, per_page: int) -> tuple[list[Row], int]:
         """The rows of one page and the folder's size; only that page is read."""
         store = self.store(account)
