@@ -181,6 +181,7 @@ def test_token_in_the_url_becomes_a_strict_httponly_cookie(viewer: Archive) -> N
     assert cookie.startswith(f"{cookie_name(TOKEN)}={TOKEN}")
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("SameSite=Strict", "SameSite=strict")
     assert fresh.get("/search?q=report").status_code == 200  # the client kept the cookie
+    assert fresh.get(f"http://testserver//evil.example/x?token={TOKEN}").headers["location"] == "/evil.example/x"  # stays here
 
 
 def test_a_foreign_host_header_is_refused(viewer: Archive) -> None:

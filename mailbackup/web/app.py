@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 import secrets
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ PAGE_POLICY = (
 )
 DOWNLOAD_POLICY = "default-src 'none'; sandbox"
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost"]
+MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.filters["size"] = lambda n: f"{n} B" if n < 1000 else (f"{n / 1000:.1f} kB" if n < 1_000_000 else f"{n / 1_000_000:.1f} MB")
@@ -67,7 +69,8 @@ class TokenGate:
         given = request.query_params.get("token")
         if given is not None and secrets.compare_digest(given.encode(), self.token.encode()):
             rest = request.url.remove_query_params("token")
-            response: Response = RedirectResponse(rest.path + (f"?{rest.query}" if rest.query else ""), status_code=303)
+            path = "/" + rest.path.lstrip("/")  # never '//host': that would send the browser elsewhere
+            response: Response = RedirectResponse(path + (f"?{rest.query}" if rest.query else ""), status_code=303)
             response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict", path="/")
         elif secrets.compare_digest(request.cookies.get(self.cookie, "").encode(), self.token.encode()):
             await self.app(scope, receive, self._secure(send))
@@ -209,7 +212,7 @@ def create_app(archive: Archive, token: str, *, allowed_hosts: list[str] | None 
     def _part(request: Request) -> Response:
         account, entry_id, index = request.path_params["account"], request.path_params["id"], request.path_params["index"]
         attachment, payload = archive.attachment(account, entry_id, index)
-        kind = attachment.content_type if "/" in attachment.content_type else "application/octet-stream"
+        kind = attachment.content_type if MEDIA_TYPE.fullmatch(attachment.content_type) else "application/octet-stream"
         return Response(payload, media_type=kind, headers={
             "Content-Disposition": _attachment_disposition(attachment.filename), "Content-Security-Policy": DOWNLOAD_POLICY})
 
