@@ -98,4 +98,7 @@ def serve_web(archive: str, address: str, *, allow_remote: bool = False, announc
     if server.remote:
         warn(f"warning: the viewer listens on {address}, beyond this machine, without TLS; anyone with the URL can read the archive")
     announce(server.url)
-    server.serve()
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        pass  # uvicorn shuts down cleanly, then re-raises the signal; Ctrl-C is how a viewer ends
