@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import http.server
 import json
+import os
 import re
 import shutil
 import threading
@@ -469,7 +470,8 @@ def test_server_prints_a_token_url_and_serves_over_http(archive: str) -> None:
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+# The README's pictures: MAILBACKUP_SCREENSHOTS=docs/screenshots refreshes them; otherwise they go to a temp dir.
+SCREENSHOTS_ENV = "MAILBACKUP_SCREENSHOTS"
 
 
 @pytest.fixture
@@ -498,11 +500,12 @@ def browser(tmp_path: Path) -> Iterator[object]:
 
 
 def test_chromium_searches_opens_html_mail_without_remote_loads_and_downloads_the_eml(
-    browser, archive: str, recorder: Recorder  # type: ignore[no-untyped-def]
+    browser, archive: str, recorder: Recorder, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
     from selenium.webdriver.common.by import By
 
     driver = browser
+    screenshots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path / "screenshots")
     server = WebServer(archive, "127.0.0.1:0")
     server.start()
     recorder.requests.clear()
@@ -510,9 +513,9 @@ def test_chromium_searches_opens_html_mail_without_remote_loads_and_downloads_th
         driver.get(server.url)
         assert "token" not in driver.current_url  # swapped for the cookie
         assert driver.find_element(By.LINK_TEXT, "Archive/2022")
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        screenshots.mkdir(parents=True, exist_ok=True)
         driver.get(f"http://127.0.0.1:{server.port}/f/0/{folder_id(archive, 'Archive/2022')}")
-        driver.save_screenshot(str(SCREENSHOTS / "folder.png"))
+        driver.save_screenshot(str(screenshots / "folder.png"))
 
         box = driver.find_element(By.NAME, "q")
         box.send_keys("flamingo")
@@ -528,7 +531,7 @@ def test_chromium_searches_opens_html_mail_without_remote_loads_and_downloads_th
         time.sleep(1.0)  # time for anything that might still try to load
         assert recorder.requests == []  # no remote image, no script beacon, no onerror beacon
         assert driver.title.startswith("Weekly offers")  # no script changed it
-        driver.save_screenshot(str(SCREENSHOTS / "message.png"))
+        driver.save_screenshot(str(screenshots / "message.png"))
 
         # The click shows they would have loaded: the recorder is reachable from this page.
         driver.find_element(By.ID, "load-remote").click()
@@ -558,7 +561,7 @@ def test_chromium_searches_opens_html_mail_without_remote_loads_and_downloads_th
 
         driver.get(f"http://127.0.0.1:{server.port}/chart")
         assert driver.find_element(By.CSS_SELECTOR, "svg.chart")
-        driver.save_screenshot(str(SCREENSHOTS / "chart.png"))
+        driver.save_screenshot(str(screenshots / "chart.png"))
     finally:
         server.stop()
     shutil.rmtree(driver.downloads, ignore_errors=True)
