@@ -94,6 +94,21 @@ messages = sa.Table(
 )
 
 
+# The search index's table of one row per content (mime.SCHEMA), read here for list pages.
+search_docs = sa.table(
+    "search_docs", sa.column("sha256"), sa.column("sent_at"), sa.column("sender"), sa.column("subject")
+)
+
+
+@dataclass(frozen=True)
+class Headline:
+    """What the search index keeps of a message for a list: Date (UTC ISO 8601), From, Subject."""
+
+    sent_at: str | None
+    sender: str
+    subject: str
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -887,6 +902,59 @@ class Catalog:
             query = query.where(folders.c.name == folder)
         with self.engine.connect() as conn:
             return [(self._entry(row), row.folder_name) for row in conn.execute(query)]
+
+    # list pages and the archive over time (the web viewer)
+
+    def page(
+        self, folder_id: int, *, sort: str = "date", descending: bool = True, limit: int = 50, offset: int = 0
+    ) -> list[tuple[Entry, Headline | None]]:
+        """One page of a folder's entries, sorted by date, from, subject or size, with what the search
+        index says of each (None where it says nothing). Only the page is read, never the whole folder."""
+        indexed = self.engine.dialect.name == "sqlite" and self.has_search_index()
+        if indexed:
+            query = sa.select(messages, search_docs.c.sent_at, search_docs.c.sender, search_docs.c.subject).outerjoin(
+                search_docs, search_docs.c.sha256 == messages.c.sha256
+            )
+            date = sa.func.coalesce(search_docs.c.sent_at, messages.c.internal_date)
+            keys = {"date": date, "from": sa.func.lower(search_docs.c.sender),
+                    "subject": sa.func.lower(search_docs.c.subject), "size": messages.c.size}
+        else:
+            query = sa.select(messages)
+            keys = {"date": messages.c.internal_date, "size": messages.c.size}
+        key = keys.get(sort, keys["date"])
+        query = (
+            query.where(messages.c.folder_id == folder_id, messages.c.folder_id.in_(self._own_folder_ids()))
+            .order_by(key.desc() if descending else key.asc(), messages.c.id.desc() if descending else messages.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            (self._entry(row), Headline(row.sent_at, row.sender, row.subject) if indexed and row.sender is not None else None)
+            for row in rows
+        ]
+
+    def count(self, folder_id: int) -> int:
+        query = sa.select(sa.func.count()).where(messages.c.folder_id == folder_id, messages.c.folder_id.in_(self._own_folder_ids()))
+        with self.engine.connect() as conn:
+            return int(conn.scalar(query) or 0)
+
+    def months(self) -> list[tuple[str, int, int]]:
+        """(YYYY-MM, folder id, messages) by the month of each entry's INTERNALDATE (else when archived)."""
+        month = sa.func.substr(sa.func.coalesce(messages.c.internal_date, messages.c.fetched_at), 1, 7)
+        query = (
+            sa.select(month, messages.c.folder_id, sa.func.count())
+            .where(messages.c.folder_id.in_(self._own_folder_ids()))
+            .group_by(month, messages.c.folder_id)
+            .order_by(month)
+        )
+        with self.engine.connect() as conn:
+            return [(str(m), int(f), int(n)) for m, f, n in conn.execute(query)]
+
+    def has_search_index(self) -> bool:
+        with self.engine.connect() as conn:
+            return sa.inspect(conn).has_table("search_docs")
 
     def stored_hashes(self) -> Iterator[str]:
         """Every SHA-256 any entry of any account refers to, ascending, streamed."""

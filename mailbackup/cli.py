@@ -707,6 +707,27 @@ def show_command(archive: str, ident: str, eml: str | None, mailbox: str | None)
     out.flush()
 
 
+@main.command("serve")
+@click.argument("archive")
+@click.option("--web", "web", metavar="HOST:PORT", help="Serve the web viewer here (loopback only by default; port 0 picks one).")
+@click.option("--web-allow-remote", is_flag=True, help="Allow --web on an address beyond loopback (no TLS: a warning is printed).")
+def serve_command(archive: str, web: str | None, web_allow_remote: bool) -> None:
+    """Open ARCHIVE read-only for looking into: --web serves a viewer in the browser.
+
+    It prints a URL with a random access token; the archive never changes.
+    """
+    from .web import serve_web
+
+    if not web:
+        fail(UsageError("say what to serve: --web HOST:PORT, e.g. --web 127.0.0.1:8025"), False)
+
+    def announce(url: str) -> None:
+        click.echo(f"mailbackup: web viewer at {url}  (Ctrl-C stops it)")
+
+    run(False, lambda: serve_web(archive, web, allow_remote=web_allow_remote, announce=announce,
+                                 warn=lambda line: click.echo(f"mailbackup: {line}", err=True)))
+
+
 @main.command("export")
 @click.argument("archive")
 @click.argument("destination")

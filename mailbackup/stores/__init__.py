@@ -87,6 +87,21 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+STREAM_CHUNK = 1 << 20
+
+
+def read_chunks(store: Store, location: str) -> Iterator[bytes]:
+    """A stored message's original bytes in pieces, never whole in memory where the store can stream
+    (an optional `stream(location)` method); from get() otherwise. Joined, they equal get(location)."""
+    stream = getattr(store, "stream", None)
+    if stream is not None:
+        yield from stream(location)
+        return
+    raw = store.get(location)
+    for start in range(0, len(raw), STREAM_CHUNK):
+        yield raw[start : start + STREAM_CHUNK]
+
+
 # kind -> "module:class"; the first store whose accepts() takes the URL opens it.
 REGISTRY: dict[str, str] = {
     "maildir": "mailbackup.stores.maildir:MaildirStore",

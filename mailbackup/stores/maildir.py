@@ -144,6 +144,19 @@ class MaildirStore:
         data = path.read_bytes()
         return unfold_crlf(data) if folded(path.name) else data
 
+    def stream(self, location: str) -> Iterator[bytes]:
+        """get()'s bytes a piece at a time (LF to CRLF is per byte, so any cut is safe)."""
+        from . import STREAM_CHUNK
+
+        path = self._find(location)
+        unfold = folded(path.name)
+        try:
+            with open(path, "rb") as f:
+                for piece in iter(lambda: f.read(STREAM_CHUNK), b""):
+                    yield unfold_crlf(piece) if unfold else piece
+        except OSError as exc:
+            raise StoreError(f"cannot read {location}: {exc.strerror}") from exc
+
     def set_flags(self, location: str, flags: tuple[str, ...]) -> str:
         path = self._find(location)
         unique = path.name.partition(":")[0]

@@ -209,6 +209,29 @@ class MboxStore:
         data = unquote_from(data)
         return unfold_crlf(data) if tag == "lf" else data
 
+    def stream(self, location: str) -> Iterator[bytes]:
+        """get()'s bytes a piece at a time; pieces end at a line end, since >From unquoting is per line."""
+        from . import STREAM_CHUNK
+
+        relpath, offset, length, tag = parse_location(location)
+        try:
+            with open(self.root / relpath, "rb") as f:
+                f.seek(offset)
+                left, carry = length, b""
+                while left > 0:
+                    piece = f.read(min(STREAM_CHUNK, left))
+                    if not piece:
+                        raise StoreError(f"mbox {relpath} is shorter than the catalog says")
+                    left -= len(piece)
+                    data = carry + piece
+                    cut = data.rfind(b"\n") + 1 if left else len(data)
+                    data, carry = data[:cut], data[cut:]
+                    if data:
+                        data = unquote_from(data)
+                        yield unfold_crlf(data) if tag == "lf" else data
+        except OSError as exc:
+            raise StoreError(f"cannot read {relpath}: {exc.strerror}") from exc
+
     def set_flags(self, location: str, flags: tuple[str, ...]) -> str:
         return location  # mbox bytes never change; flags live in the catalog
 
