@@ -167,7 +167,7 @@ class SqlStore:
                 raise StoreError(f"blob {location} missing from {self.url}")
             if self.catalog.engine.dialect.name == "sqlite":
                 rowid = conn.exec_driver_sql("SELECT rowid FROM blobs WHERE sha256 = ?", (location,)).scalar()
-                with conn.connection.driver_connection.blobopen("blobs", "raw", rowid, readonly=True) as blob:  # type: ignore[union-attr]
+                with conn.connection.driver_connection.blobopen("blobs", "raw", rowid, readonly=True) as blob:  # type: ignore[union-attr]  # the SQLite branch: sqlite3 has blobopen
                     yield from iter(lambda: blob.read(STREAM_CHUNK), b"")
                 return
             for start in range(0, size, STREAM_CHUNK):
