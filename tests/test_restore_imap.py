@@ -174,7 +174,7 @@ def test_dry_run_prints_the_plan_and_leaves_target_untouched(dovecot, tmp_path: 
     assert f"total: {count} messages" in done.stdout
     assert bodies(dovecot, target) == before == {"INBOX": []}
     store = open_store(url, mode="read")
-    assert not Journal(store.catalog.engine, "x", "y", mode="read").exists
+    assert not Journal(store.catalog.engine, "x", "y", create=False).exists
     store.close()
 
 
@@ -290,7 +290,7 @@ def test_dropped_connection_mid_append_then_rerun_completes_without_duplicates(d
     with pytest.raises(ConnectionLost):
         restore(url, proxy.url(target), password=target.password, options=options)
     engine = state_engine(default_state_path("restore"), dry_run=True)
-    journal = Journal(engine, open_store(url, mode="read").url, f"imap://{target.user}@127.0.0.1:{proxy.local_port}", mode="read")
+    journal = Journal(engine, open_store(url, mode="read").url, f"imap://{target.user}@127.0.0.1:{proxy.local_port}", create=False)
     in_flight = sum(r.state == IN_FLIGHT for folder in ("INBOX", "Notes") for r in journal.records(folder, folder).values())
     engine.dispose()
     assert in_flight > 0
