@@ -22,6 +22,7 @@ from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
 from .search import Indexer
 from .sources import Checkpoint, Connect, Fetched, Listed, OpenFolder, Source, SourceId, Traits, account_name, open_source, source_kind
 from .stores import Store, open_store
+from .stores.codec import named
 
 
 log = logging.getLogger("mailbackup")
@@ -388,6 +389,7 @@ class FolderSync:
 
     def store_batch(self, archived: ArchivedFolder, validity: int | None, messages: list[Message], rescan: bool) -> None:
         fresh = []
+        messages = [named(self.store, m) for m in messages]  # an encrypted archive knows them by keyed MAC
         for message in messages:
             stale = self.catalog.stale_entry(archived.id, message.sha256, validity) if rescan else None
             if stale is None:

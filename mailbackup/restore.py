@@ -9,6 +9,7 @@ message left in flight by a crash is looked up on the target before it is sent a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
@@ -384,7 +385,8 @@ def _restore_folder(
         except StoreError as exc:
             unreadable.append(f"{entry.id}: {exc}")
             continue
-        transfer.offer(str(entry.id), raw, entry.flags, entry.internal_date, entry.sha256)
+        # The target is asked about the plain SHA-256: an encrypted archive's entry holds a keyed MAC.
+        transfer.offer(str(entry.id), raw, entry.flags, entry.internal_date, hashlib.sha256(raw).hexdigest())
     transfer.finish()
     return replace(
         base,

@@ -7,7 +7,6 @@ many messages (or problems) the archive holds.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from array import array
@@ -15,12 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .catalog import Catalog
-from .errors import StoreError, UsageError
+from .errors import ArchiveCorrupt, StoreError, UsageError
 from .model import ArchivedFolder, Entry, Folder
 from .net import parse_url
 from .pipeline import batches, diff_sorted, wanted
 from .sources.imap import ImapSource
 from .stores import Store, open_store
+from .stores.codec import content_name
 
 # Problem kinds, stable for --json.
 MISSING = "missing"  # the catalog has an entry whose bytes are not in the store
@@ -149,10 +149,13 @@ def check_stored(store: Store, folders: dict[int, ArchivedFolder], report: Repor
         name = folders[entry.folder_id].name
         try:
             raw = store.get(entry.location)
+        except ArchiveCorrupt as exc:  # an encrypted object that fails authentication, named
+            report(Problem(CORRUPT, name, str(exc), entry.id, entry.uid))
+            continue
         except StoreError as exc:
             report(Problem(MISSING, name, str(exc), entry.id, entry.uid))
             continue
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = content_name(store, raw)
         checked += 1
         size += len(raw)
         if digest != entry.sha256:
