@@ -318,3 +318,22 @@ def test_encrypted_postgresql_archive_round_trips(dovecot, pg_url: str, tmp_path
         assert verify(pg_url).ok
     restore_with(keysource, pg_url, target)
     assert server_view(dovecot, target) == server_view(dovecot, source)
+
+
+def test_config_file_takes_the_passphrase_and_encrypt_keys(dovecot, account, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from mailbackup import config
+    from mailbackup.accounts import backup_accounts
+
+    dovecot.append(account, "INBOX", b"Subject: configured secret\r\n\r\nbody\r\n")
+    (tmp_path / "pw").write_text(account.password + "\n")
+    (tmp_path / "pp").write_text(PASSPHRASE + "\n")
+    url = tmp_path / "a.sqlite"
+    (tmp_path / "config.toml").write_text(
+        f'[accounts.me]\nsource = "{account.url("imap")}"\narchive = "{url}"\nno_tls = true\n'
+        f'password_file = "{tmp_path / "pw"}"\npassphrase_file = "{tmp_path / "pp"}"\nencrypt = true\n'
+    )
+    outcome = backup_accounts(list(config.load(tmp_path / "config.toml").values()))["me"]
+    assert outcome.ok and outcome.new == 1  # type: ignore[union-attr]
+    assert b"configured secret" not in url.read_bytes()
+    with keys.using(source_for(tmp_path)):
+        assert verify(str(url)).ok
