@@ -80,6 +80,9 @@ class KeySource:
 
 _current: contextvars.ContextVar[KeySource] = contextvars.ContextVar("mailbackup_keys", default=KeySource())
 _passphrases: dict[int, str] = {}  # per KeySource (by id) for this process: prompt once
+# Slots already opened in this command, so that argon2id (about a second here) runs once
+# per archive and command, not at every open of the store.
+_opened: dict[tuple[int, bytes, str], tuple[int, bytes]] = {}
 
 
 @contextmanager
@@ -90,6 +93,8 @@ def using(source: KeySource) -> Iterator[None]:
     finally:
         _current.reset(token)
         _passphrases.pop(id(source), None)
+        for key in [k for k in _opened if k[0] == id(source)]:
+            del _opened[key]
 
 
 def current() -> KeySource:
@@ -193,14 +198,16 @@ def create(engine: sa.Engine, protection: Protection, source: KeySource, where: 
                 "compression": "zstd" if protection.compress or mode != "none" else "none"}
         if mode == "passphrase":
             master = crypto.random_key()
-            _new_slot(conn, archive_id, "passphrase", passphrase(source, where), master)
+            slot = _new_slot(conn, archive_id, "passphrase", passphrase(source, where), master)
+            _opened[id(source), archive_id, "passphrase"] = (slot, master)
         elif mode == "recipients":
             naming = crypto.random_key()
             rows["recipients"] = "\n".join(protection.recipients)
             conn.execute(key_slots.insert().values(
                 kind="age", params="{}", salt=b"",
                 wrapped=crypto.age_encrypt(naming, protection.recipients), created_at=now_iso()))
-            _new_slot(conn, archive_id, "append", passphrase(source, where), naming)
+            slot = _new_slot(conn, archive_id, "append", passphrase(source, where), naming)
+            _opened[id(source), archive_id, "append"] = (slot, naming)
         conn.execute(crypt_meta.insert(), [{"key": k, "value": v} for k, v in rows.items()])
 
 
@@ -220,6 +227,17 @@ def _try_slots(conn: sa.Connection, archive_id: bytes, kinds: tuple[str, ...], s
     return None
 
 
+def _open_slot(conn: sa.Connection, archive_id: bytes, kind: str, source: KeySource, where: str) -> bytes:
+    """The key a slot of this kind holds for the source's passphrase (opened once per command)."""
+    cached = (id(source), archive_id, kind)
+    if cached not in _opened:
+        opened = _try_slots(conn, archive_id, (kind,), passphrase(source, where))
+        if opened is None:
+            raise WrongPassphrase(f"wrong passphrase for {where}")
+        _opened[cached] = opened
+    return _opened[cached][1]
+
+
 def unlock(engine: sa.Engine, source: KeySource, where: str, *, writable: bool) -> Keys | None:
     """The keys of an archive, or None if it has no key material (a plain archive)."""
     with engine.connect() as conn:
@@ -234,10 +252,7 @@ def unlock(engine: sa.Engine, source: KeySource, where: str, *, writable: bool) 
         if mode == "none":
             return Keys(archive_id, mode, compress, None)
         if mode == "passphrase":
-            opened = _try_slots(conn, archive_id, ("passphrase",), passphrase(source, where))
-            if opened is None:
-                raise WrongPassphrase(f"wrong passphrase for {where}")
-            master = opened[1]
+            master = _open_slot(conn, archive_id, "passphrase", source, where)
             return Keys(archive_id, mode, compress, crypto.subkey(master, "names"), master,
                         read_keys={0: crypto.subkey(master, "objects")})
         return _unlock_recipients(engine, conn, meta, archive_id, source, where, writable)
@@ -260,10 +275,7 @@ def _unlock_recipients(
                 raise WrongPassphrase(f"the identity file does not open data key {row.id} of {where}")
             read_keys[row.id] = key
     elif writable:
-        opened = _try_slots(conn, archive_id, ("append",), passphrase(source, where))
-        if opened is None:
-            raise WrongPassphrase(f"wrong passphrase for {where}")
-        naming = opened[1]
+        naming = _open_slot(conn, archive_id, "append", source, where)
     else:
         raise ArchiveKeyError(f"{where} is encrypted to a public key: reading it needs --identity-file")
     data_key_id, data_key = 0, None
