@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -106,7 +107,7 @@ class Bench:
     def url(self, user: str) -> str:
         return f"imap://{user}@127.0.0.1:{self.server.imap_port}"
 
-    def run(self, name: str, command: list[str], env: dict[str, str], count: "callable") -> Result:  # type: ignore[valid-type]
+    def run(self, name: str, command: list[str], env: dict[str, str], count: Callable[[], int]) -> Result:
         seconds, rss, proc = timed([sys.executable, "-m", "mailbackup", *command, "--no-tls", "--json", "-q"],
                                    {**os.environ, **env, "PYTHONPATH": str(REPO)})
         result = Result(name, seconds, peak_rss_mb=rss)
@@ -130,7 +131,7 @@ class Bench:
         archives = {"plain": self.work / "plain.sqlite", "encrypted": self.work / "encrypted.sqlite"}
         secret = {"MAILBACKUP_PASSPHRASE": PASSPHRASE}
 
-        def rows(path: Path) -> "callable":  # type: ignore[valid-type]
+        def rows(path: Path) -> Callable[[], int]:
             def count() -> int:
                 with sqlite3.connect(path) as db:
                     return int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
