@@ -120,9 +120,9 @@ class SqlStore:
         return folder.name
 
     def put(self, folder: ArchivedFolder, messages: Sequence[Message]) -> list[str]:
-        # Named by the codec: the plain SHA-256, or a keyed MAC in an encrypted archive.
-        names = [self.codec.name(m.raw) if self.codec.sealed else m.sha256 for m in messages]
-        unique = dict(zip(names, messages))
+        # Callers name messages as the codec does (codec.named): in an encrypted archive
+        # m.sha256 is already the keyed MAC, so it is not computed twice.
+        unique = {m.sha256: m for m in messages}
         # SQLite copies a bound blob twice on its way into a row: a big one is streamed instead.
         stream = self.catalog.engine.dialect.name == "sqlite"
         encoded = {name: self.codec.encode(name, m.raw) for name, m in unique.items()}
@@ -137,7 +137,7 @@ class SqlStore:
                     self._stream_blob(conn, name, data)
         except sa.exc.OperationalError as exc:
             raise StoreError(f"cannot write to {self.url}: {exc.orig}") from exc
-        return names
+        return [m.sha256 for m in messages]
 
     @staticmethod
     def _stream_blob(conn: sa.Connection, name: str, data: bytes) -> None:
