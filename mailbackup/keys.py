@@ -49,6 +49,14 @@ key_slots = sa.Table(
     sa.Column("wrapped", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.String(40), nullable=False),
 )
+# A zstd dictionary trained on the archive's first small messages; sealed like an object
+# in passphrase mode (it is made of their words), as it is in a compressed-only archive.
+dictionaries = sa.Table(
+    "zstd_dictionaries",
+    key_metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),  # zstd's dictionary id
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
 data_keys = sa.Table(
     "data_keys",
     key_metadata,

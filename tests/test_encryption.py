@@ -337,3 +337,36 @@ def test_config_file_takes_the_passphrase_and_encrypt_keys(dovecot, account, tmp
     assert b"configured secret" not in url.read_bytes()
     with keys.using(source_for(tmp_path)):
         assert verify(str(url)).ok
+
+
+def small_mail(count: int) -> list[tuple[bytes, str, float]]:
+    words = ["quarterly", "invoice", "meeting", "deadline", "proposal", "regards", "schedule", "contract"]
+    return [
+        (b"From: sender%d@example.org\r\nTo: someone@example.net\r\nSubject: %s %d\r\nMessage-ID: <%d@dict>\r\n\r\n%s\r\n"
+         % (i % 7, words[i % 8].encode(), i, i, " ".join(words[(i + k) % 8] for k in range(200)).encode()), "S", 1.6e9 + i)
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("protection", [{"encrypt": True}, {"compress": True}])
+def test_a_dictionary_is_trained_on_the_first_small_messages_and_restores_exactly(dovecot, tmp_path: Path, protection: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
+    import zstandard
+
+    source, target = dovecot.add_user(), dovecot.add_user()
+    dovecot.seed_maildir(source, "INBOX", small_mail(700))
+    url = str(tmp_path / "a.sqlite")
+    keysource = source_for(tmp_path, **protection)
+    backup_encrypted(source, url, keysource)
+    with sqlite3.connect(url) as db:
+        dictionaries = db.execute("SELECT id, data FROM zstd_dictionaries").fetchall()
+        blobs = [row[0] for row in db.execute("SELECT raw FROM blobs")]
+    assert len(dictionaries) == 1
+    if protection.get("encrypt"):
+        assert b"quarterly" not in dictionaries[0][1]  # sealed: it is made of the messages' words
+    else:
+        used = [zstandard.get_frame_parameters(b).dict_id for b in blobs]
+        assert used.count(dictionaries[0][0]) >= 200 and used.count(0) >= 100  # before it was trained
+    restore_with(keysource, url, target)
+    assert server_view(dovecot, target) == server_view(dovecot, source)
+    with keys.using(keysource):
+        assert verify(url).ok

@@ -29,14 +29,75 @@ HEADER = struct.Struct(">BBI")
 class Codec:
     """Plain (no key material), compressed, or sealed, as the archive's crypt_meta says."""
 
-    def __init__(self, material: keys.Keys | None, where: str) -> None:
+    def __init__(self, material: keys.Keys | None, where: str, engine: sa.Engine | None = None, *, writable: bool = False) -> None:
         self.keys = material
         self.where = where
         self.sealed = material is not None and material.mode != "none"
         self.compress = material is not None and material.compress
-        self._zstd = crypto.Zstd() if self.compress else None
+        self._engine = engine
+        self._zstd = crypto.Zstd(self._dictionary) if self.compress else None
         self._writer = crypto.Sealer(self._sealing_key()) if self.sealed and self._sealing_key() else None
         self._readers: dict[int, crypto.Sealer] = {}
+        # Public-key mode trains none: a later run could not read an earlier run's dictionary.
+        self._learning = writable and self._zstd is not None and material is not None and material.mode != "recipients"
+        self._samples: list[bytes] = []
+        if self._learning and self._zstd is not None:
+            known = self._dictionaries()
+            if known:
+                self._zstd.use(self._open_dictionary(*known[0]))
+                self._learning = False
+
+    # the zstd dictionary
+
+    SAMPLES = 400  # small messages to learn from; until then objects are compressed without one
+    SMALL = 100_000
+
+    def learn(self, raws: list[bytes]) -> None:
+        """Collect small messages; once there are enough, train the archive's dictionary and use it."""
+        if not self._learning or self._zstd is None or self._engine is None:
+            return
+        self._samples += [raw for raw in raws if len(raw) < self.SMALL]
+        if len(self._samples) < self.SAMPLES:
+            return
+        samples, self._samples, self._learning = self._samples, [], False
+        trained = self._zstd.train(samples)
+        if trained is None:
+            return
+        dict_id = self._zstd.dictionary_id(trained)
+        stored = self._sealer(0).seal(trained, self._dictionary_associated(dict_id)) if self.sealed else trained
+        keys.dictionaries.create(self._engine, checkfirst=True)
+        # Committed before any object that needs it.
+        with self._engine.begin() as conn:
+            conn.execute(keys.dictionaries.insert().values(id=dict_id, data=stored))
+        self._zstd.use(trained)
+
+    def _dictionaries(self) -> list[tuple[int, bytes]]:
+        assert self._engine is not None
+        with self._engine.connect() as conn:
+            if not sa.inspect(conn).has_table(keys.dictionaries.name):
+                return []
+            return [(r.id, r.data) for r in conn.execute(sa.select(keys.dictionaries).order_by(keys.dictionaries.c.id))]
+
+    def _dictionary(self, dict_id: int) -> bytes | None:
+        if self._engine is None:
+            return None
+        found = dict(self._dictionaries()).get(dict_id)
+        return None if found is None else self._open_dictionary(dict_id, found)
+
+    def _open_dictionary(self, dict_id: int, stored: bytes) -> bytes:
+        if not self.sealed:
+            return stored
+        opened = crypto.open_or_none(self._sealer(0), stored, self._dictionary_associated(dict_id))
+        if opened is None:
+            raise ArchiveCorrupt(f"zstd dictionary {dict_id} in {self.where} fails authentication: damaged or altered")
+        return opened
+
+    def _dictionary_associated(self, dict_id: int) -> bytes:
+        assert self.keys is not None
+        return b"mailbackup dictionary v1\0" + self.keys.archive_id + b"\0" + str(dict_id).encode()
+
+    def _sealer(self, key_id: int) -> crypto.Sealer:
+        return self._reader(key_id, f"the archive {self.where}")
 
     def _sealing_key(self) -> bytes | None:
         assert self.keys is not None
@@ -99,7 +160,7 @@ def open_codec(engine: sa.Engine, where: str, *, writable: bool, fresh: bool) ->
                 f"--encrypt, --compress and --recipient apply when an archive is created; {where} already holds messages as they are"
             )
         keys.create(engine, protection, source, where)
-    return Codec(keys.unlock(engine, source, where, writable=writable), where)
+    return Codec(keys.unlock(engine, source, where, writable=writable), where, engine, writable=writable)
 
 
 def content_name(store: object, raw: bytes) -> str:

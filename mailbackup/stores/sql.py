@@ -125,6 +125,7 @@ class SqlStore:
         unique = {m.sha256: m for m in messages}
         # SQLite copies a bound blob twice on its way into a row: a big one is streamed instead.
         stream = self.catalog.engine.dialect.name == "sqlite"
+        self.codec.learn([m.raw for m in unique.values()])  # a zstd dictionary from the first small messages
         encoded = {name: self.codec.encode(name, m.raw) for name, m in unique.items()}
         rows = [{"sha256": name, "size": len(data), "raw": data} for name, data in encoded.items() if not stream or len(data) < BIG]
         big = [(name, data) for name, data in encoded.items() if stream and len(data) >= BIG]
