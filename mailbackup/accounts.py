@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
+from . import keys
 from .config import Account
 from .errors import MailbackupError
 from .model import Summary
@@ -29,9 +30,10 @@ def options_for(account: Account) -> BackupOptions:
 
 
 def backup_account(account: Account, progress: Progress | None = None) -> Summary:
-    return backup(
-        account.source, account.archive, password=account.credential(), options=options_for(account), progress=progress
-    )
+    with keys.using(account.keys or keys.current()):
+        return backup(
+            account.source, account.archive, password=account.credential(), options=options_for(account), progress=progress
+        )
 
 
 def _outcome(account: Account) -> Outcome:

@@ -340,7 +340,7 @@ class Catalog:
 
     @staticmethod
     def _unknown_account(conn: sa.Connection) -> int:
-        return _new_id(conn.execute(accounts.insert().values(name=UNKNOWN_ACCOUNT)))
+        return new_id(conn.execute(accounts.insert().values(name=UNKNOWN_ACCOUNT)))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -383,12 +383,12 @@ class Catalog:
                         f"{self.where} holds the mail of {_shown(other)}, not {name}; back up {name} into an archive of its own"
                     )
                 else:
-                    self.account_id = _new_id(conn.execute(accounts.insert().values(name=name)))
+                    self.account_id = new_id(conn.execute(accounts.insert().values(name=name)))
             elif len(rows) == 1:
                 self.account, self.account_id = next(iter(rows.items()))
             elif not rows and claim:
                 self.account = UNKNOWN_ACCOUNT
-                self.account_id = _new_id(conn.execute(accounts.insert().values(name=UNKNOWN_ACCOUNT)))
+                self.account_id = new_id(conn.execute(accounts.insert().values(name=UNKNOWN_ACCOUNT)))
             elif rows:
                 self._ambiguous = sorted(rows)
 
@@ -970,7 +970,7 @@ def _iso(when: datetime) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="seconds")
 
 
-def _new_id(result: sa.CursorResult[Any]) -> int:
+def new_id(result: sa.CursorResult[Any]) -> int:
     """The id an INSERT gave its one row."""
     key = result.inserted_primary_key
     assert key is not None

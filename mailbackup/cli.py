@@ -7,14 +7,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 from tqdm import tqdm
 
-from . import config
+from . import config, keys
 from .accounts import backup_accounts
 from .credentials import Login, resolve_secret
 from .errors import ConfigError, MailbackupError, PartialFailure, UsageError
@@ -109,6 +109,65 @@ def tls_options(prefix: str = "", what: str = "the server") -> Callable[..., Any
         click.option(f"--{prefix}timeout", names[2], type=click.FloatRange(min=1), default=120.0, show_default=True,
                      help=f"Seconds to wait for {what}: connect, TLS, greeting and every read."),
     ])
+
+
+def passphrase_options(create: bool = False) -> Callable[..., Any]:
+    """--passphrase-file, --passphrase-command, --identity-file for an encrypted archive
+    (MAILBACKUP_PASSPHRASE or a prompt otherwise); with create, also --encrypt, --compress
+    and --recipient for a new one. The command runs with these as its key source (keys.using).
+    """
+    names = ["passphrase_file", "passphrase_command", "identity_file"] + (["encrypt", "compress", "recipient"] if create else [])
+    options = [
+        click.option("--passphrase-file", type=click.Path(dir_okay=False), help="Read the archive passphrase from this file."),
+        click.option("--passphrase-command", metavar="CMD", help="Run CMD and use its output as the archive passphrase."),
+        click.option("--identity-file", type=click.Path(dir_okay=False),
+                     help="age identity file that opens an archive encrypted to a public key."),
+    ]
+    if create:
+        options += [
+            click.option("--encrypt", is_flag=True, help="Encrypt a new SQL archive (zstd, then AES-256-GCM) under a passphrase."),
+            click.option("--compress", is_flag=True, help="Compress a new SQL archive with zstd (implied by --encrypt)."),
+            click.option("--recipient", multiple=True, metavar="KEY|FILE",
+                         help="Encrypt a new SQL archive to this age public key (or a file of them): "
+                              "this machine can append but not read (repeatable)."),
+        ]
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in names}
+            source = key_source(values)
+            with keys.using(source):
+                return function(**kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def key_source(values: dict[str, Any], new: Login | None = None) -> keys.KeySource:
+    recipients = run(False, lambda: keys.recipients_from(tuple(values.get("recipient") or ())))
+    protection = keys.Protection(
+        encrypt=bool(values.get("encrypt")) or bool(recipients), compress=bool(values.get("compress")), recipients=recipients
+    )
+    return keys.KeySource(
+        passphrase=Login(password_file=values["passphrase_file"], password_command=values["passphrase_command"],
+                         password_env="MAILBACKUP_PASSPHRASE"),
+        prompt=passphrase_prompt("Archive passphrase", confirm=protection.encrypt),
+        identity_file=values["identity_file"],
+        new_passphrase=new,
+        new_prompt=passphrase_prompt("New archive passphrase", confirm=True) if new is not None else None,
+        protection=protection,
+    )
+
+
+def passphrase_prompt(text: str, confirm: bool) -> Callable[[], str] | None:
+    """Ask on the terminal, or None without one (then the library says which options give it)."""
+    if not sys.stdin.isatty():
+        return None
+    return lambda: str(click.prompt(text, hide_input=True, confirmation_prompt=confirm, err=True))
 
 
 def folder_options(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -301,6 +360,7 @@ def main() -> None:
 
 
 @main.command("backup")
+@passphrase_options(create=True)
 @click.argument("source", required=False)
 @click.argument("archive", required=False)
 @folder_options
@@ -416,6 +476,7 @@ def backup_configured(config_path: Path | None, names: tuple[str, ...], every: b
 
 
 @main.command("prune-server")
+@passphrase_options()
 @click.argument("source")
 @click.argument("archive")
 @click.option("--older-than", "older_than", required=True, metavar="AGE", help="Only messages older than AGE: 365d, 52w, 1y.")
@@ -504,6 +565,7 @@ MAILBOX_HELP = "The account (USER@HOST) to read, in an archive that holds severa
 
 
 @main.command("ls")
+@passphrase_options()
 @click.argument("archive")
 @click.option("--mailbox", metavar="USER@HOST", help="Only this account, in an archive that holds several.")
 @click.option("--as-of", "as_of", metavar="DATE", help="The archive as it stood then: YYYY-MM-DD (end of that day) or YYYY-MM-DDTHH:MM[:SS][+HH:MM]; local time.")
@@ -539,6 +601,7 @@ def ls_command(archive: str, mailbox: str | None, as_of: str | None, json_output
 
 
 @main.command("repair")
+@passphrase_options()
 @click.argument("archive")
 @click.option("--mailbox", metavar="USER@HOST", help="The account that gets recovered messages, in an archive that holds several.")
 @click.option("--json", "json_output", is_flag=True, help="The summary as one JSON object.")
@@ -562,6 +625,7 @@ def repair_command(archive: str, mailbox: str | None, json_output: bool) -> None
 
 # verify, search, reindex, show, export
 @main.command("verify")
+@passphrase_options()
 @click.argument("archive")
 @click.option("--against", "source", metavar="SOURCE", help="Also compare with the live IMAP server (imaps://user@host).")
 @click.option("--sample", type=click.FloatRange(0, 100, min_open=True), default=100.0, show_default=True, metavar="PERCENT",
@@ -623,6 +687,7 @@ def verify_command(
 
 
 @main.command("search")
+@passphrase_options()
 @click.argument("archive")
 @click.argument("query", nargs=-1)
 @click.option("--from", "sender", metavar="TEXT", help="From: contains these words.")
@@ -670,6 +735,7 @@ def search_command(
 
 
 @main.command("reindex")
+@passphrase_options()
 @click.argument("archive")
 @click.option("--rebuild", is_flag=True, help="Drop the search index and build it from scratch.")
 @click.option("--json", "json_output", is_flag=True, help="The summary as one JSON object.")
@@ -689,6 +755,7 @@ def reindex_command(archive: str, rebuild: bool, json_output: bool) -> None:
 
 
 @main.command("show")
+@passphrase_options()
 @click.argument("archive")
 @click.argument("ident", metavar="ID")
 @click.option("--eml", type=click.Path(dir_okay=False), help="Write the message to this file (mode 0600) instead of stdout.")
@@ -729,6 +796,7 @@ def serve_command(archive: str, web: str | None, web_allow_remote: bool) -> None
 
 
 @main.command("export")
+@passphrase_options(create=True)
 @click.argument("archive")
 @click.argument("destination")
 @click.option("--json", "json_output", is_flag=True, help="The summary as one JSON object.")
@@ -748,6 +816,73 @@ def export_command(archive: str, destination: str, json_output: bool, mailbox: s
     else:
         click.echo(f"{summary.messages} messages ({human_bytes(summary.bytes)}) in {summary.folders} folders "
                    f"copied to {summary.destination} in {summary.elapsed:.1f} s")
+
+
+@main.group("key")
+def key_group() -> None:
+    """Manage the passphrase slots of an encrypted archive; no message is touched."""
+
+
+def new_passphrase_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """--new-passphrase-file, --new-passphrase-command (as `new`; MAILBACKUP_NEW_PASSPHRASE or a prompt otherwise)."""
+    names = ["new_passphrase_file", "new_passphrase_command"]
+    build = lambda **v: Login(password_file=v[names[0]], password_command=v[names[1]],  # noqa: E731
+                              password_env="MAILBACKUP_NEW_PASSPHRASE")
+    return _group("new", names, build, [
+        click.option("--new-passphrase-file", names[0], type=click.Path(dir_okay=False), help="Read the new passphrase from this file."),
+        click.option("--new-passphrase-command", names[1], metavar="CMD", help="Run CMD and use its output as the new passphrase."),
+    ])(function)
+
+
+def with_new(new: Login, action: Callable[[], Any]) -> Any:
+    """Run action with the command's key source extended by the new passphrase."""
+    source = replace(keys.current(), new_passphrase=new, new_prompt=passphrase_prompt("New archive passphrase", confirm=True))
+    with keys.using(source):
+        return run(False, action)
+
+
+@key_group.command("list")
+@passphrase_options()
+@click.argument("archive")
+@click.option("--json", "json_output", is_flag=True, help="One JSON object per slot.")
+def key_list_command(archive: str, json_output: bool) -> None:
+    """List the key slots of ARCHIVE (no passphrase needed: slots hold no secret in clear)."""
+    slots: list[keys.Slot] = run(json_output, lambda: keys.manage(archive, keys.list_slots))
+    for slot in slots:
+        if json_output:
+            click.echo(json.dumps(slot.as_dict()))
+        else:
+            click.echo(f"{slot.id:>4}  {slot.kind:<10}  {slot.created_at}  {slot.params}")
+
+
+@key_group.command("add")
+@passphrase_options()
+@new_passphrase_options
+@click.argument("archive")
+def key_add_command(archive: str, new: Login) -> None:
+    """Add a slot for a new passphrase to ARCHIVE; the current one keeps working."""
+    slot = with_new(new, lambda: keys.manage(archive, lambda e, w: keys.add_slot(e, keys.current(), w)))
+    click.echo(f"added key slot {slot}")
+
+
+@key_group.command("change")
+@passphrase_options()
+@new_passphrase_options
+@click.argument("archive")
+def key_change_command(archive: str, new: Login) -> None:
+    """Replace the slot the current passphrase opens by one for the new passphrase."""
+    slot = with_new(new, lambda: keys.manage(archive, lambda e, w: keys.change_slot(e, keys.current(), w)))
+    click.echo(f"passphrase changed (now key slot {slot})")
+
+
+@key_group.command("remove")
+@passphrase_options()
+@click.argument("archive")
+@click.argument("slot_id", metavar="SLOT", type=int)
+def key_remove_command(archive: str, slot_id: int) -> None:
+    """Remove key slot SLOT (an id from 'key list'); never the last one."""
+    run(False, lambda: keys.manage(archive, lambda e, w: keys.remove_slot(e, keys.current(), w, slot_id)))
+    click.echo(f"removed key slot {slot_id}")
 
 
 RATE_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
@@ -834,6 +969,7 @@ def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @main.command("restore")
+@passphrase_options()
 @click.argument("archive")
 @click.argument("target")
 @transfer_options

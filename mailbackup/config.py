@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import oauth
+from . import keys, oauth
 from .credentials import Login, resolve_secret
 from .errors import ConfigError
 
 SECRET_KEYS = ("password_command", "password_file", "password_env", "keyring", "oauth2_token_command", "oauth2")
+# An encrypted archive's passphrase comes the same ways as a password, never in the file itself.
+KEY_KEYS = ("passphrase_file", "passphrase_command", "passphrase_env", "identity_file", "encrypt", "compress", "recipient")
 KNOWN_KEYS = {
     "source",
     "archive",
@@ -31,6 +33,7 @@ KNOWN_KEYS = {
     "oauth2_mechanism",
     "index",
     *SECRET_KEYS,
+    *KEY_KEYS,
 }
 
 
@@ -55,6 +58,7 @@ class Account:
     login: Login = field(default_factory=Login, compare=False)
     index: bool = True
     oauth2: oauth.OAuth2Settings | None = None
+    keys: keys.KeySource | None = field(default=None, compare=False)  # None: as the command line says
 
     @property
     def auth(self) -> str:
@@ -163,6 +167,30 @@ def account(name: str, table: Any, path: Path, explicit: bool = True) -> Account
             login=login_from(secrets | {k: table[k] for k in ("oauth2_mechanism",) if k in table}, where, settings),
             index=bool(table.get("index", True)),
             oauth2=settings,
+            keys=key_source(table, where),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def key_source(table: dict[str, Any], where: str) -> keys.KeySource | None:
+    """The archive's key source from passphrase_file/_command/_env, identity_file, encrypt, compress, recipient."""
+    if not any(k in table for k in KEY_KEYS):
+        return None
+    if "passphrase_file" in table and "passphrase_command" in table:
+        raise ConfigError(f"{where}: give passphrase_file or passphrase_command, not both")
+    recipient = table.get("recipient", ())
+    recipients = keys.recipients_from((recipient,) if isinstance(recipient, str) else tuple(recipient))
+    return keys.KeySource(
+        passphrase=Login(
+            password_file=os.path.expanduser(table["passphrase_file"]) if table.get("passphrase_file") else None,
+            password_command=table.get("passphrase_command"),
+            password_env=table.get("passphrase_env", "MAILBACKUP_PASSPHRASE"),
+        ),
+        identity_file=os.path.expanduser(table["identity_file"]) if table.get("identity_file") else None,
+        protection=keys.Protection(
+            encrypt=bool(table.get("encrypt", False)) or bool(recipients),
+            compress=bool(table.get("compress", False)),
+            recipients=recipients,
+        ),
+    )

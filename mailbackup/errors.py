@@ -128,3 +128,13 @@ class AccountMismatch(UsageError):
 
 class CatalogDamaged(StoreError):
     """The archive's catalog is damaged or lost; run 'mailbackup repair ARCHIVE'."""
+
+
+class ArchiveKeyError(MailbackupError):
+    """This archive is encrypted: give its passphrase (or identity file)."""
+
+    exit_code = 3
+
+
+class WrongPassphrase(ArchiveKeyError):
+    """The passphrase (or identity) does not open any key slot of this archive."""

@@ -7,10 +7,9 @@ if it had been backed up directly: an incremental backup into it fetches nothing
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from . import search
@@ -18,6 +17,7 @@ from .catalog import EntryRecord
 from .errors import ArchiveCorrupt, UsageError
 from .model import ArchivedFolder, Folder, Message
 from .stores import Store, open_store
+from .stores.codec import content_name
 
 BATCH_MESSAGES = 200
 BATCH_BYTES = 16 << 20
@@ -83,11 +83,12 @@ def copy_folder(source: Store, target: Store, folder: ArchivedFolder, progress: 
     batch_bytes = 0
     for record in source.catalog.records(folder.id):
         raw = source.get(record.location)
-        if hashlib.sha256(raw).hexdigest() != record.sha256:
+        if content_name(source, raw) != record.sha256:
             raise ArchiveCorrupt(
                 f"message {record.id} in {folder.name} does not match its SHA-256; "
                 "run 'mailbackup verify' before exporting"
             )
+        record = replace(record, sha256=content_name(target, raw))  # each archive names contents its own way
         batch.append((record, as_message(record, raw)))
         batch_bytes += len(raw)
         if len(batch) >= BATCH_MESSAGES or batch_bytes >= BATCH_BYTES:

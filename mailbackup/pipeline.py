@@ -34,6 +34,7 @@ from .sources import (
     source_kind,
 )
 from .stores import Store, open_store
+from .stores.codec import named
 
 log = logging.getLogger("mailbackup")
 
@@ -379,6 +380,7 @@ class FolderSync:
 
     def store_batch(self, archived: ArchivedFolder, validity: int | None, messages: list[Message], rescan: bool) -> None:
         fresh = []
+        messages = [named(self.store, m) for m in messages]  # an encrypted archive knows them by keyed MAC
         for message in messages:
             stale = self.catalog.stale_entry(archived.id, message.sha256, validity) if rescan else None
             if stale is None:

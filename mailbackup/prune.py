@@ -7,7 +7,6 @@ size equal to the server's. One failed check and nothing in that folder goes.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from .model import ArchivedFolder, Entry, Folder
 from .pipeline import BackupOptions, chunks, wanted
 from .sources import Connect, Source, SourceId, account_name, open_source, source_kind
 from .stores import Store, open_store
+from .stores.codec import content_name
 
 _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([dwy]?)")
 _DAYS = {"": 1, "d": 1, "w": 7, "y": 365}
@@ -71,7 +71,7 @@ def verified(store: Store, entry: Entry, server_size: int | None) -> str | None:
         raw = store.get(entry.location)
     except MailbackupError as exc:
         return f"stored copy unreadable ({exc})"
-    if hashlib.sha256(raw).hexdigest() != entry.sha256:
+    if content_name(store, raw) != entry.sha256:
         return f"stored copy of {entry.uid or entry.source_id} does not match its SHA-256"
     if server_size is not None and server_size != entry.size:
         return f"server size of {entry.uid or entry.source_id} differs from the archived copy"

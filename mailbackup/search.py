@@ -27,6 +27,7 @@ from .errors import StoreError, UsageError
 from .mime import PARSE_CAP, SCHEMA, Document, _send, document
 from .model import Message
 from .stores import Store, open_store
+from .stores.codec import encrypted
 
 log = logging.getLogger("mailbackup")
 
@@ -72,7 +73,8 @@ class Filters:
 
 
 def supported(store: Store) -> bool:
-    return store.catalog.engine.dialect.name == "sqlite"
+    # An encrypted archive keeps no index: its words would sit in the file in clear.
+    return store.catalog.engine.dialect.name == "sqlite" and not encrypted(store)
 
 
 def _ensure_schema(conn: sa.Connection) -> None:
@@ -213,6 +215,8 @@ def reindex(archive: str, *, rebuild: bool = False, batch_size: int = 200) -> Re
 
 
 def _require_sqlite(store: Store) -> None:
+    if encrypted(store):
+        raise UsageError(f"{store.url} is encrypted and keeps no search index (it would hold its words in clear)")
     if not supported(store):
         raise UsageError(
             f"search needs a SQLite catalog (SQLite FTS5); {store.url} keeps its catalog in "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,6 +9,7 @@ from datetime import datetime
 from .errors import ArchiveCorrupt, StoreError, UsageError
 from .model import ArchivedFolder, Entry
 from .stores import Store, open_store
+from .stores.codec import content_name
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,10 @@ def show(archive: str, ident: str, *, mailbox: str | None = None) -> Shown:
         entry = find_entry(store, ident)
         raw = store.get(entry.location)
         folder = next(f.name for f in store.catalog.folders() if f.id == entry.folder_id)
+        digest = content_name(store, raw)
     finally:
         store.close()
-    if hashlib.sha256(raw).hexdigest() != entry.sha256:
+    if digest != entry.sha256:
         raise ArchiveCorrupt(f"message {entry.id} in {folder} does not match its SHA-256; run 'mailbackup verify'")
     return Shown(entry, folder, raw)
 

@@ -7,7 +7,6 @@ many messages (or problems) the archive holds.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from array import array
@@ -15,12 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .catalog import Catalog
-from .errors import StoreError, UsageError, setting
+from .errors import ArchiveCorrupt, StoreError, UsageError, setting
 from .model import ArchivedFolder, Entry, Folder
 from .net import parse_url
 from .pipeline import batches, diff_sorted, wanted
 from .sources.imap import ImapSource
 from .stores import Store, open_store
+from .stores.codec import content_name
 
 # Problem kinds, stable for --json.
 MISSING = "missing"  # the catalog has an entry whose bytes are not in the store
@@ -149,10 +149,13 @@ def check_stored(store: Store, folders: dict[int, ArchivedFolder], report: Repor
         name = folders[entry.folder_id].name
         try:
             raw = store.get(entry.location)
+        except ArchiveCorrupt as exc:  # an encrypted object that fails authentication, named
+            report(Problem(CORRUPT, name, str(exc), entry.id, entry.uid))
+            continue
         except StoreError as exc:
             report(Problem(MISSING, name, str(exc), entry.id, entry.uid))
             continue
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = content_name(store, raw)
         checked += 1
         size += len(raw)
         if digest != entry.sha256:
@@ -219,7 +222,7 @@ def compare_with_server(source: ImapSource, store: Store, options: AgainstOption
             )
         absent = set(only_server)
         both = array("q", (u for u in server if u not in absent and (options.sample >= 100 or chooser.random() * 100 < options.sample)))
-        compared += _compare_bytes(source, catalog, archived, state.uid_validity, both, report)
+        compared += _compare_bytes(source, catalog, archived, state.uid_validity, both, report, lambda raw: content_name(store, raw))
     for archived in catalog.folders():
         if archived.name in seen or not wanted_name(archived, options):
             continue
@@ -239,7 +242,8 @@ def _entries(catalog: Catalog, folder_id: int, uid_validity: int, uids: Sequence
 
 
 def _compare_bytes(
-    source: ImapSource, catalog: Catalog, archived: ArchivedFolder, uid_validity: int, uids: Sequence[int], report: Report
+    source: ImapSource, catalog: Catalog, archived: ArchivedFolder, uid_validity: int, uids: Sequence[int], report: Report,
+    name: Callable[[bytes], str],
 ) -> int:
     compared = 0
     for start in range(0, len(uids), 2000):
@@ -252,7 +256,7 @@ def _compare_bytes(
             for message in fetched:
                 entry = entries[message.uid or 0]
                 compared += 1
-                if message.sha256 != entry.sha256:
+                if name(message.raw) != entry.sha256:  # a keyed MAC in an encrypted archive
                     report(
                         Problem(
                             DIFFERS,

@@ -14,6 +14,7 @@ from typing import cast
 from ..errors import StoreError, UsageError
 from ..model import Entry, Folder, Message
 from ..stores import Store
+from ..stores.codec import encrypted
 from . import LIST_SLICE, Checkpoint, Fetched, Listed, OpenFolder, SourceId, Traits
 
 ARCHIVE = Traits("archive", many_folders=True, flags=False, resumes=False, deletes_at_close=False, exact_sizes=True)
@@ -34,6 +35,7 @@ class ArchiveSource:
         self.identity = store.url
         self.ids: dict[str, int] = {}  # folder name -> catalog folder id
         self.entries: dict[SourceId, Entry] = {}  # of the open folder
+        self.sealed = encrypted(store)
 
     def __str__(self) -> str:
         return self.store.url
@@ -74,7 +76,9 @@ class ArchiveSource:
                 yield Fetched(item.id, None, str(exc))
                 continue
             # The recorded SHA-256 is the message's identity: restore sends what was archived.
-            yield Fetched(item.id, Message(raw=raw, flags=entry.flags, internal_date=entry.internal_date, sha256=entry.sha256))
+            # An encrypted archive records a keyed MAC instead: the target is asked about the plain hash.
+            sha256 = "" if self.sealed else entry.sha256
+            yield Fetched(item.id, Message(raw=raw, flags=entry.flags, internal_date=entry.internal_date, sha256=sha256))
 
     def flag_changes(self, since: Checkpoint, ids: Sequence[SourceId]) -> Iterator[dict[SourceId, tuple[str, ...]]]:
         return iter(())  # nothing changes under an archive being read

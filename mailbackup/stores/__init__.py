@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
+from .. import keys
 from ..catalog import Catalog
 from ..errors import CatalogDamaged, UsageError
 from ..model import ArchivedFolder, Folder, Message
@@ -151,6 +152,8 @@ def open_store(
     cls, where = resolve(url)
     store: Store = cls(where, mode=mode, account=account)
     try:
+        if mode == "write" and not hasattr(store, "codec") and keys.current().protection != keys.Protection():
+            raise UsageError(f"--encrypt, --compress and --recipient need a SQL archive (.sqlite or a database URL), not {url}")
         if check and store.catalog.lost() and store.holds_messages():
             raise CatalogDamaged(
                 f"the catalog of {store.url} lists no messages but the store holds some; "

@@ -5,7 +5,6 @@ A message that sits in three folders is one blob and three catalog entries.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..catalog import RECOVERED_MARK, Catalog, create_engine
 from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError
 from ..model import ArchivedFolder, Folder, Message
 from . import Finding, Recovered
+from .codec import Codec, content_name, open_codec
 from .files import file_lock, header_date, require_writable
 
 RECOVERED = "Recovered"  # where repair puts blobs no entry names: the database keeps no folder for them
@@ -63,6 +63,8 @@ class SqlStore:
             self.catalog = Catalog(engine, read_only=not self.writable)
             if self.writable:
                 blob_metadata.create_all(engine)
+            # Bytes pass through the codec: as they are, zstd, or zstd then AES-256-GCM (stores/codec.py).
+            self.codec: Codec = open_codec(engine, self.catalog.where, writable=self.writable, fresh=self.writable and not self.holds_messages())
             self.catalog.choose_account(account, claim=self.writable, several=True)
         except sa.exc.SQLAlchemyError as exc:
             engine.dispose()
@@ -111,41 +113,45 @@ class SqlStore:
         folder = Folder(RECOVERED, "/", frozenset({RECOVERED_MARK}))
         for sha256, _size in list(self._orphans()):
             raw = self.get(sha256)
-            if hashlib.sha256(raw).hexdigest() == sha256:
+            if content_name(self, raw) == sha256:
                 yield Recovered(folder, RECOVERED, sha256, sha256, sha256, len(raw), (), header_date(raw))
 
     def folder_path(self, folder: Folder) -> str:
         return folder.name
 
     def put(self, folder: ArchivedFolder, messages: Sequence[Message]) -> list[str]:
+        # Callers name messages as the codec does (codec.named): in an encrypted archive
+        # m.sha256 is already the keyed MAC, so it is not computed twice.
         unique = {m.sha256: m for m in messages}
         # SQLite copies a bound blob twice on its way into a row: a big one is streamed instead.
         stream = self.catalog.engine.dialect.name == "sqlite"
-        rows = [{"sha256": m.sha256, "size": m.size, "raw": m.raw} for m in unique.values() if not stream or m.size < BIG]
-        big = [m for m in unique.values() if stream and m.size >= BIG]
+        self.codec.learn([m.raw for m in unique.values()])  # a zstd dictionary from the first small messages
+        encoded = {name: self.codec.encode(name, m.raw) for name, m in unique.items()}
+        rows = [{"sha256": name, "size": len(data), "raw": data} for name, data in encoded.items() if not stream or len(data) < BIG]
+        big = [(name, data) for name, data in encoded.items() if stream and len(data) >= BIG]
         statement = self._insert(blobs).on_conflict_do_nothing(index_elements=["sha256"])
         try:
             with self.catalog.engine.begin() as conn:
                 if rows:
                     conn.execute(statement, rows)
-                for message in big:
-                    self._stream_blob(conn, message)
+                for name, data in big:
+                    self._stream_blob(conn, name, data)
         except sa.exc.OperationalError as exc:
             raise StoreError(f"cannot write to {self.url}: {exc.orig}") from exc
         return [m.sha256 for m in messages]
 
     @staticmethod
-    def _stream_blob(conn: sa.Connection, message: Message) -> None:
+    def _stream_blob(conn: sa.Connection, name: str, data: bytes) -> None:
         """Insert a zeroblob, then write the bytes into it a megabyte at a time."""
         cursor = conn.exec_driver_sql(
             "INSERT INTO blobs (sha256, size, raw) VALUES (?, ?, zeroblob(?)) ON CONFLICT (sha256) DO NOTHING",
-            (message.sha256, message.size, message.size),
+            (name, len(data), len(data)),
         )
         if cursor.rowcount != 1:
             return  # already stored: content-addressed
         raw_connection = conn.connection.driver_connection
-        rowid = conn.exec_driver_sql("SELECT rowid FROM blobs WHERE sha256 = ?", (message.sha256,)).scalar()
-        view = memoryview(message.raw)
+        rowid = conn.exec_driver_sql("SELECT rowid FROM blobs WHERE sha256 = ?", (name,)).scalar()
+        view = memoryview(data)
         with raw_connection.blobopen("blobs", "raw", rowid) as blob:  # type: ignore[union-attr]  # the SQLite branch: sqlite3's connection has blobopen
             for start in range(0, len(view), BIG):
                 blob.write(view[start : start + BIG])
@@ -155,12 +161,15 @@ class SqlStore:
             raw = conn.scalar(sa.select(blobs.c.raw).where(blobs.c.sha256 == location))
         if raw is None:
             raise StoreError(f"blob {location} missing from {self.url}")
-        return bytes(raw)
+        return self.codec.decode(location, bytes(raw))
 
     def stream(self, location: str) -> Iterator[bytes]:
         """get()'s bytes a piece at a time: SQLite's incremental blob reads, else substrings."""
         from . import STREAM_CHUNK
 
+        if self.codec.sealed or self.codec.compress:  # stored bytes are not the message's
+            yield self.get(location)
+            return
         with self.catalog.engine.connect() as conn:
             size = conn.scalar(sa.select(blobs.c.size).where(blobs.c.sha256 == location))
             if size is None:

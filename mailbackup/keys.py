@@ -1,0 +1,389 @@
+"""An archive's keys: a random master key in key slots, each slot wrapped by one passphrase.
+
+Passphrase mode: the master key M opens everything. HKDF gives from M the sealing key
+(AES-256-GCM over each object) and the naming key (HMAC-SHA256 names). Each slot holds
+M sealed under argon2id(passphrase); changing a passphrase rewrites one slot, no message.
+
+Public-key mode (recipients): the backup machine must write what it cannot read. The
+naming key N is random; it is sealed to the recipients (age) and, in "append" slots, under
+the backup machine's own passphrase. Each run seals its objects with a fresh data key that
+is stored only sealed to the recipients, so the backup machine forgets it when the run ends.
+
+Where the secrets come from is a KeySource, which the CLI sets for the command with
+`using(...)`; stores look it up when they open an encrypted archive.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from . import crypto
+from .catalog import new_id, now_iso
+from .credentials import Login, resolve_secret
+from .errors import ArchiveKeyError, ConfigError, UsageError, WrongPassphrase
+
+FORMAT = "1"  # the object format: version byte 1, see stores/codec.py
+
+key_metadata = sa.MetaData()
+crypt_meta = sa.Table(
+    "crypt_meta",
+    key_metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+key_slots = sa.Table(
+    "key_slots",
+    key_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # "passphrase" | "append" | "age"
+    sa.Column("params", sa.Text, nullable=False),  # argon2id parameters as JSON
+    sa.Column("salt", sa.LargeBinary, nullable=False),
+    sa.Column("wrapped", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+)
+# A zstd dictionary trained on the archive's first small messages; sealed like an object
+# in passphrase mode (it is made of their words), as it is in a compressed-only archive.
+dictionaries = sa.Table(
+    "zstd_dictionaries",
+    key_metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),  # zstd's dictionary id
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+data_keys = sa.Table(
+    "data_keys",
+    key_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("wrapped", sa.LargeBinary, nullable=False),  # age-encrypted to the recipients
+)
+
+
+@dataclass(frozen=True)
+class Protection:
+    """How a new archive is to be written (ignored once it exists)."""
+
+    encrypt: bool = False
+    compress: bool = False
+    recipients: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where the secrets for encrypted archives come from; never a secret itself."""
+
+    passphrase: Login = field(default_factory=lambda: Login(password_env="MAILBACKUP_PASSPHRASE"))
+    prompt: Callable[[], str] | None = None
+    identity_file: str | None = None
+    new_passphrase: Login | None = None  # key add/change
+    new_prompt: Callable[[], str] | None = None
+    protection: Protection = Protection()
+
+
+_current: contextvars.ContextVar[KeySource] = contextvars.ContextVar("mailbackup_keys", default=KeySource())  # noqa: B039  frozen, so a shared default is safe
+_passphrases: dict[int, str] = {}  # per KeySource (by id) for this process: prompt once
+# Slots already opened in this command, so that argon2id (about a second here) runs once
+# per archive and command, not at every open of the store.
+_opened: dict[tuple[int, bytes, str], tuple[int, bytes]] = {}
+
+
+@contextmanager
+def using(source: KeySource) -> Iterator[None]:
+    token = _current.set(source)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+        _passphrases.pop(id(source), None)
+        for key in [k for k in _opened if k[0] == id(source)]:
+            del _opened[key]
+
+
+def current() -> KeySource:
+    return _current.get()
+
+
+def passphrase(source: KeySource, what: str) -> str:
+    if id(source) not in _passphrases:
+        try:
+            _passphrases[id(source)] = resolve_secret(source.passphrase, what=what, prompt=source.prompt)
+        except ConfigError as exc:
+            if source.passphrase.password_file or source.passphrase.password_command:
+                raise
+            raise ArchiveKeyError(
+                f"{what} is encrypted: give --passphrase-file, --passphrase-command or MAILBACKUP_PASSPHRASE"
+            ) from exc
+    return _passphrases[id(source)]
+
+
+def new_passphrase(source: KeySource) -> str:
+    if source.new_passphrase is None and source.new_prompt is None:
+        raise UsageError("give the new passphrase with --new-passphrase-file or --new-passphrase-command")
+    login = source.new_passphrase or Login(password_env="MAILBACKUP_NEW_PASSPHRASE")
+    return resolve_secret(login, what="the new passphrase", prompt=source.new_prompt)
+
+
+def identities(source: KeySource) -> tuple[str, ...]:
+    if source.identity_file is None:
+        return ()
+    try:
+        text = Path(source.identity_file).expanduser().read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read identity file {source.identity_file}: {exc.strerror}") from exc
+    found = tuple(line.strip() for line in text.splitlines() if line.strip().startswith("AGE-SECRET-KEY-"))
+    if not found:
+        raise ConfigError(f"{source.identity_file} holds no age identity (AGE-SECRET-KEY-...)")
+    return found
+
+
+def recipients_from(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--recipient takes a key (age1...) or a file of them, one a line."""
+    found: list[str] = []
+    for value in values:
+        if value.startswith("age1"):
+            found.append(value)
+            continue
+        try:
+            lines = Path(value).expanduser().read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--recipient {value}: neither an age1... key nor a readable file ({exc.strerror})") from exc
+        found += [line.strip() for line in lines if line.strip().startswith("age1")]
+    if values and not found:
+        raise ConfigError("--recipient gave no age1... public key")
+    return tuple(found)
+
+
+# the archive's key material
+
+
+@dataclass(frozen=True)
+class Keys:
+    """What one open archive knows: its id, and the keys this machine could unlock."""
+
+    archive_id: bytes
+    mode: str  # "none" (compression only), "passphrase" or "recipients"
+    compress: bool
+    naming_key: bytes | None
+    master: bytes | None = None  # passphrase mode
+    data_key_id: int = 0  # public-key mode: this run's data key (0: the master's sealing key)
+    data_key: bytes | None = None
+    read_keys: dict[int, bytes] = field(default_factory=dict)  # id -> sealing key this machine can open
+
+
+def _meta(conn: sa.Connection) -> dict[str, str]:
+    if not sa.inspect(conn).has_table("crypt_meta"):
+        return {}
+    return {k: v for k, v in conn.execute(sa.select(crypt_meta.c.key, crypt_meta.c.value))}
+
+
+def slot_associated(archive_id: bytes, kind: str) -> bytes:
+    return b"mailbackup key slot v1\0" + archive_id + b"\0" + kind.encode()
+
+
+def _new_slot(conn: sa.Connection, archive_id: bytes, kind: str, secret: str, key: bytes) -> int:
+    params = crypto.Argon2Params()
+    salt = os.urandom(16)
+    wrapped = crypto.Sealer(crypto.passphrase_key(secret, salt, params)).seal(key, slot_associated(archive_id, kind))
+    result = conn.execute(
+        key_slots.insert().values(kind=kind, params=json.dumps(params.as_dict()), salt=salt, wrapped=wrapped, created_at=now_iso())
+    )
+    return new_id(result)
+
+
+def create(engine: sa.Engine, protection: Protection, source: KeySource, where: str) -> None:
+    """Give a new archive its key material (or only its compression), in one transaction."""
+    archive_id = os.urandom(16)
+    mode = "recipients" if protection.recipients else "passphrase" if protection.encrypt else "none"
+    key_metadata.create_all(engine)
+    with engine.begin() as conn:
+        rows = {"format": FORMAT, "archive_id": archive_id.hex(), "mode": mode,
+                "compression": "zstd" if protection.compress or mode != "none" else "none"}
+        if mode == "passphrase":
+            master = crypto.random_key()
+            slot = _new_slot(conn, archive_id, "passphrase", passphrase(source, where), master)
+            _opened[id(source), archive_id, "passphrase"] = (slot, master)
+        elif mode == "recipients":
+            naming = crypto.random_key()
+            rows["recipients"] = "\n".join(protection.recipients)
+            conn.execute(key_slots.insert().values(
+                kind="age", params="{}", salt=b"",
+                wrapped=crypto.age_encrypt(naming, protection.recipients), created_at=now_iso()))
+            slot = _new_slot(conn, archive_id, "append", passphrase(source, where), naming)
+            _opened[id(source), archive_id, "append"] = (slot, naming)
+        conn.execute(crypt_meta.insert(), [{"key": k, "value": v} for k, v in rows.items()])
+
+
+def exists(engine: sa.Engine) -> bool:
+    with engine.connect() as conn:
+        return bool(_meta(conn))
+
+
+def _try_slots(conn: sa.Connection, archive_id: bytes, kinds: tuple[str, ...], secret: str) -> tuple[int, bytes] | None:
+    """The slot id and key that `secret` opens, trying each slot of these kinds."""
+    rows = conn.execute(sa.select(key_slots).where(key_slots.c.kind.in_(kinds)).order_by(key_slots.c.id)).all()
+    for row in rows:
+        kek = crypto.passphrase_key(secret, row.salt, crypto.Argon2Params.from_dict(json.loads(row.params)))
+        key = crypto.open_or_none(crypto.Sealer(kek), row.wrapped, slot_associated(archive_id, row.kind))
+        if key is not None:
+            return row.id, key
+    return None
+
+
+def _open_slot(conn: sa.Connection, archive_id: bytes, kind: str, source: KeySource, where: str) -> bytes:
+    """The key a slot of this kind holds for the source's passphrase (opened once per command)."""
+    cached = (id(source), archive_id, kind)
+    if cached not in _opened:
+        opened = _try_slots(conn, archive_id, (kind,), passphrase(source, where))
+        if opened is None:
+            raise WrongPassphrase(f"wrong passphrase for {where}")
+        _opened[cached] = opened
+    return _opened[cached][1]
+
+
+def unlock(engine: sa.Engine, source: KeySource, where: str, *, writable: bool) -> Keys | None:
+    """The keys of an archive, or None if it has no key material (a plain archive)."""
+    with engine.connect() as conn:
+        meta = _meta(conn)
+        if not meta:
+            return None
+        if meta["format"] != FORMAT:
+            raise ArchiveKeyError(f"{where}: object format {meta['format']} is not supported (want {FORMAT})")
+        archive_id = bytes.fromhex(meta["archive_id"])
+        mode = meta["mode"]
+        compress = meta["compression"] == "zstd"
+        if mode == "none":
+            return Keys(archive_id, mode, compress, None)
+        if mode == "passphrase":
+            master = _open_slot(conn, archive_id, "passphrase", source, where)
+            return Keys(archive_id, mode, compress, crypto.subkey(master, "names"), master,
+                        read_keys={0: crypto.subkey(master, "objects")})
+        return _unlock_recipients(engine, conn, meta, archive_id, source, where, writable)
+
+
+def _unlock_recipients(
+    engine: sa.Engine, conn: sa.Connection, meta: dict[str, str], archive_id: bytes, source: KeySource, where: str, writable: bool
+) -> Keys:
+    ids = identities(source)
+    naming: bytes | None = None
+    read_keys: dict[int, bytes] = {}
+    if ids:
+        for row in conn.execute(sa.select(key_slots.c.wrapped).where(key_slots.c.kind == "age")):
+            naming = naming or crypto.age_decrypt(row.wrapped, ids)
+        if naming is None:
+            raise WrongPassphrase(f"the identity file does not open {where}")
+        for row in conn.execute(sa.select(data_keys)):
+            key = crypto.age_decrypt(row.wrapped, ids)
+            if key is None:
+                raise WrongPassphrase(f"the identity file does not open data key {row.id} of {where}")
+            read_keys[row.id] = key
+    elif writable:
+        naming = _open_slot(conn, archive_id, "append", source, where)
+    else:
+        raise ArchiveKeyError(f"{where} is encrypted to a public key: reading it needs --identity-file")
+    data_key_id, data_key = 0, None
+    if writable:
+        data_key = crypto.random_key()
+        recipients = tuple(meta["recipients"].split())
+        with engine.begin() as write:
+            result = write.execute(data_keys.insert().values(wrapped=crypto.age_encrypt(data_key, recipients)))
+            data_key_id = new_id(result)
+        read_keys[data_key_id] = data_key
+    return Keys(archive_id, "recipients", meta["compression"] == "zstd", naming, None, data_key_id, data_key, read_keys)
+
+
+# key list|add|change|remove
+
+
+@dataclass(frozen=True)
+class Slot:
+    id: int
+    kind: str
+    params: str
+    created_at: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"id": self.id, "kind": self.kind, "kdf": self.params, "created_at": self.created_at}
+
+
+def _passphrase_kind(meta: dict[str, str], where: str) -> str:
+    if meta.get("mode") == "passphrase":
+        return "passphrase"
+    if meta.get("mode") == "recipients":
+        return "append"
+    raise UsageError(f"{where} is not encrypted: it has no key slots")
+
+
+def list_slots(engine: sa.Engine, where: str) -> list[Slot]:
+    with engine.connect() as conn:
+        _passphrase_kind(_meta(conn), where)
+        rows = conn.execute(sa.select(key_slots).order_by(key_slots.c.id)).all()
+    return [Slot(r.id, r.kind, "argon2id " + r.params if r.kind != "age" else "age X25519", r.created_at) for r in rows]
+
+
+def add_slot(engine: sa.Engine, source: KeySource, where: str) -> int:
+    """A new slot for a new passphrase, proved by the current one."""
+    with engine.begin() as conn:
+        meta = _meta(conn)
+        kind = _passphrase_kind(meta, where)
+        archive_id = bytes.fromhex(meta["archive_id"])
+        opened = _try_slots(conn, archive_id, (kind,), passphrase(source, where))
+        if opened is None:
+            raise WrongPassphrase(f"wrong passphrase for {where}")
+        return _new_slot(conn, archive_id, kind, new_passphrase(source), opened[1])
+
+
+def change_slot(engine: sa.Engine, source: KeySource, where: str) -> int:
+    """Replace the slot the current passphrase opens by one for the new passphrase; returns the new id."""
+    with engine.begin() as conn:
+        meta = _meta(conn)
+        kind = _passphrase_kind(meta, where)
+        archive_id = bytes.fromhex(meta["archive_id"])
+        opened = _try_slots(conn, archive_id, (kind,), passphrase(source, where))
+        if opened is None:
+            raise WrongPassphrase(f"wrong passphrase for {where}")
+        new_id = _new_slot(conn, archive_id, kind, new_passphrase(source), opened[1])
+        conn.execute(key_slots.delete().where(key_slots.c.id == opened[0]))
+        return new_id
+
+
+def remove_slot(engine: sa.Engine, source: KeySource, where: str, slot_id: int) -> None:
+    """Remove a slot, proved by a passphrase; never the last one that opens the archive."""
+    with engine.begin() as conn:
+        meta = _meta(conn)
+        kind = _passphrase_kind(meta, where)
+        archive_id = bytes.fromhex(meta["archive_id"])
+        ids = [r.id for r in conn.execute(sa.select(key_slots.c.id).where(key_slots.c.kind == kind))]
+        if slot_id not in ids:
+            raise UsageError(f"{where} has no passphrase slot {slot_id} (see 'mailbackup key list')")
+        if len(ids) == 1:
+            raise UsageError(f"slot {slot_id} is the last passphrase slot of {where}; add another before removing it")
+        if _try_slots(conn, archive_id, (kind,), passphrase(source, where)) is None:
+            raise WrongPassphrase(f"wrong passphrase for {where}")
+        conn.execute(key_slots.delete().where(key_slots.c.id == slot_id))
+
+
+def archive_engine(archive: str) -> tuple[sa.Engine, str]:
+    """The database of a SQL archive, for managing its slots without opening its messages."""
+    from .catalog import create_engine, engine_where
+    from .stores import resolve
+    from .stores.sql import SqlStore, database_url
+
+    cls, where = resolve(archive)
+    if cls is not SqlStore:
+        raise UsageError(f"{archive} is not a SQL archive: only SQLite and PostgreSQL archives are encrypted")
+    engine = create_engine(database_url(where))
+    return engine, engine_where(engine)
+
+
+def manage(archive: str, action: Callable[[sa.Engine, str], object]) -> object:
+    engine, where = archive_engine(archive)
+    try:
+        return action(engine, where)
+    finally:
+        engine.dispose()
