@@ -417,6 +417,16 @@ class Catalog:
             conn.execute(meta.insert().values(key="committed", value=now_iso()))
         self._committed = True
 
+    def setting(self, key: str) -> str | None:
+        """A value the archive keeps about itself (e.g. where its message bytes live)."""
+        with self.engine.connect() as conn:
+            return conn.scalar(sa.select(meta.c.value).where(meta.c.key == key))  # type: ignore[no-any-return]
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(meta.delete().where(meta.c.key == key))
+            conn.execute(meta.insert().values(key=key, value=value))
+
     def sqlite_file(self) -> str | None:
         """The database file, when the catalog is a SQLite file (the search index lives in it)."""
         where = engine_where(self.engine)

@@ -48,6 +48,8 @@ class RestoreOptions:
     timeout: float = 120.0
     auth: str = "password"  # the target's login: or "xoauth2" / "oauthbearer" with an access token
     source_auth: str = "password"  # migrate's source login
+    admin_user: str | None = None  # the target's login is this admin's, on behalf of the URL's user
+    source_admin_user: str | None = None  # the same for migrate's source
     batch_messages: int = 100
     batch_bytes: int = 4 << 20
     # SMTP only
@@ -281,6 +283,9 @@ def connect_target(endpoint: Endpoint, password: str, options: RestoreOptions) -
     if endpoint.scheme in SMTP_SCHEMES:
         from .targets.smtp import SmtpTarget
 
+        if options.admin_user:
+            raise UsageError("--admin-user is for IMAP targets, not SMTP")
+
         return SmtpTarget.connect(endpoint, password, options)
     from .targets.imap import ImapTarget
 
@@ -292,6 +297,7 @@ def connect_target(endpoint: Endpoint, password: str, options: RestoreOptions) -
         automap=options.automap,
         into=options.into,
         auth=options.auth,
+        admin_user=options.admin_user,
     )
 
 
@@ -430,7 +436,12 @@ def migrate(
     reports: list[TransferReport] = []
     try:
         source = ImapSource.connect(
-            source_endpoint, password, ca_file=options.ca_file, timeout=options.timeout, auth=options.source_auth
+            source_endpoint,
+            password,
+            ca_file=options.ca_file,
+            timeout=options.timeout,
+            auth=options.source_auth,
+            admin_user=options.source_admin_user,
         )
         try:
             target = ImapTarget.connect(
@@ -441,6 +452,7 @@ def migrate(
                 automap=options.automap,
                 into=options.into,
                 auth=options.auth,
+                admin_user=options.admin_user,
             )
             try:
                 pair = f"imap://{source_endpoint.user}@{source_endpoint.host}:{source_endpoint.port} -> {target.identity}"

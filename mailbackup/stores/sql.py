@@ -6,6 +6,7 @@ A message that sits in three folders is one blob and three catalog entries.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +15,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..catalog import RECOVERED_MARK, Catalog, create_engine
-from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError
+from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError, UsageError
 from ..model import ArchivedFolder, Folder, Message
 from . import Finding, Recovered
+from .blobs import Blob, BlobBackend, Bucket, S3Blobs
 from .files import file_lock, header_date, require_writable
 
 RECOVERED = "Recovered"  # where repair puts blobs no entry names: the database keeps no folder for them
@@ -44,8 +46,11 @@ def database_url(url: str) -> str:
 class SqlStore:
     kind = "sql"
 
-    def __init__(self, url: str, *, mode: str = "read", account: str | None = None) -> None:
+    external_blobs = True  # takes open_store(..., blobs=Bucket)
+
+    def __init__(self, url: str, *, mode: str = "read", account: str | None = None, blobs: Bucket | None = None) -> None:
         self.url = database_url(url)
+        self.bucket: BlobBackend | None = None
         self.writable = mode == "write"
         if self.url.startswith("sqlite:///"):
             path = Path(self.url[len("sqlite:///") :])
@@ -64,6 +69,7 @@ class SqlStore:
             if self.writable:
                 blob_metadata.create_all(engine)
             self.catalog.choose_account(account, claim=self.writable, several=True)
+            self.bucket = self._bucket(blobs)
         except sa.exc.SQLAlchemyError as exc:
             engine.dispose()
             raise StoreError(f"cannot open {self.url}: {exc}") from exc
@@ -72,11 +78,36 @@ class SqlStore:
             raise
         self._insert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
 
+    def _bucket(self, wanted: Bucket | None) -> BlobBackend | None:
+        """Where message bytes live: the archive records it once, so later commands need no flag."""
+        recorded = self.catalog.setting("blobs")
+        if wanted is not None and recorded is None:
+            if self.holds_messages():
+                raise UsageError(f"{self.url} keeps its messages in the database; --blobs is for a new archive")
+            if not self.writable:
+                raise UsageError("--blobs is given when the archive is written")
+            bucket = S3Blobs(wanted.url, wanted.endpoint)
+            self.catalog.set_setting("blobs", wanted.url)
+            if wanted.endpoint:
+                self.catalog.set_setting("s3_endpoint", wanted.endpoint)
+            return bucket
+        if wanted is not None and recorded != wanted.url:
+            raise UsageError(f"{self.url} keeps its messages in {recorded}, not {wanted.url}")
+        if recorded is None:
+            return None
+        # --s3-endpoint, then AWS_ENDPOINT_URL (boto3 reads it), then the one recorded at the first backup.
+        endpoint = wanted.endpoint if wanted is not None and wanted.endpoint else None
+        if endpoint is None and not os.environ.get("AWS_ENDPOINT_URL"):
+            endpoint = self.catalog.setting("s3_endpoint")
+        return S3Blobs(recorded, endpoint)
+
     @staticmethod
     def accepts(url: str) -> str | None:
         return url if "://" in url or url.endswith((".sqlite", ".db", ".sqlite3")) else None
 
     def holds_messages(self) -> bool:
+        if self.bucket is not None:
+            return self.bucket.any()
         with self.catalog.engine.connect() as conn:
             return conn.execute(sa.select(blobs.c.sha256).limit(1)).first() is not None
 
@@ -84,13 +115,19 @@ class SqlStore:
         """Blobs no entry of any account names, by walking both sorted lists side by side."""
         referenced = self.catalog.stored_hashes()
         following = next(referenced, None)
+        for sha256, size in self._held():
+            while following is not None and following < sha256:
+                following = next(referenced, None)
+            if following != sha256:
+                yield sha256, size
+
+    def _held(self) -> Iterator[tuple[str, int]]:
+        if self.bucket is not None:
+            yield from self.bucket.keys()
+            return
         query = sa.select(blobs.c.sha256, blobs.c.size).order_by(blobs.c.sha256)
         with self.catalog.engine.connect() as conn:
-            for sha256, size in conn.execution_options(yield_per=1000).execute(query):
-                while following is not None and following < sha256:
-                    following = next(referenced, None)
-                if following != sha256:
-                    yield sha256, size
+            yield from conn.execution_options(yield_per=1000).execute(query)
 
     @staticmethod
     def set_catalog_aside(where: str) -> str:
@@ -101,7 +138,8 @@ class SqlStore:
 
     def unrecorded(self) -> Iterator[Finding]:
         for sha256, size in self._orphans():
-            yield Finding(None, f"blob {sha256} ({size} bytes) that no entry references")
+            where = f"object {self.bucket.address(sha256)}" if self.bucket else f"blob {sha256}"
+            yield Finding(None, f"{where} ({size} bytes) that no entry references")
 
     def duplicates(self) -> Iterator[Finding]:
         return iter(())  # content-addressed: one blob per content, whatever the catalog says
@@ -119,6 +157,9 @@ class SqlStore:
 
     def put(self, folder: ArchivedFolder, messages: Sequence[Message]) -> list[str]:
         unique = {m.sha256: m for m in messages}
+        if self.bucket is not None:
+            self.bucket.put([Blob(m.sha256, m.raw) for m in unique.values()])
+            return [m.sha256 for m in messages]
         # SQLite copies a bound blob twice on its way into a row: a big one is streamed instead.
         stream = self.catalog.engine.dialect.name == "sqlite"
         rows = [{"sha256": m.sha256, "size": m.size, "raw": m.raw} for m in unique.values() if not stream or m.size < BIG]
@@ -151,6 +192,8 @@ class SqlStore:
                 blob.write(view[start : start + BIG])
 
     def get(self, location: str) -> bytes:
+        if self.bucket is not None:
+            return self.bucket.get(location)
         with self.catalog.engine.connect() as conn:
             raw = conn.scalar(sa.select(blobs.c.raw).where(blobs.c.sha256 == location))
         if raw is None:
@@ -177,4 +220,6 @@ class SqlStore:
                 conn.scalar(sa.select(sa.func.pg_advisory_unlock(LOCK_KEY)))
 
     def close(self) -> None:
+        if self.bucket is not None:
+            self.bucket.close()
         self.catalog.close()
