@@ -414,7 +414,11 @@ class Catalog:
         if self._committed:
             return
         if conn.execute(sa.select(meta.c.key).where(meta.c.key == "committed")).first() is None:
-            conn.execute(meta.insert().values(key="committed", value=now_iso()))
+            try:
+                with conn.begin_nested():  # another account's first commit may have won the race
+                    conn.execute(meta.insert().values(key="committed", value=now_iso()))
+            except sa.exc.IntegrityError:
+                pass
         self._committed = True
 
     def setting(self, key: str) -> str | None:

@@ -218,3 +218,26 @@ def test_blobs_url_must_be_s3() -> None:
     assert parse_bucket_url("s3://mail/org/2026/") == ("mail", "org/2026")
     with pytest.raises(UsageError):
         parse_bucket_url("https://mail/x")
+
+
+def test_two_accounts_write_one_postgresql_archive_at_once(dovecot, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    from mailbackup.errors import ArchiveLocked
+
+    alice, bob = dovecot.add_user(), dovecot.add_user()
+    stores = [open_store(pg_url, mode="write", account=f"{who.user}@{who.host}") for who in (alice, bob, alice)]
+    whole = open_store(pg_url, mode="write")  # no account: a run over the whole archive
+    try:
+        with stores[0].lock(), stores[1].lock():  # two accounts side by side
+            with pytest.raises(ArchiveLocked, match=alice.user):
+                with stores[2].lock():  # the same account twice: refused
+                    pass
+            with pytest.raises(ArchiveLocked):
+                with whole.lock():
+                    pass
+        with whole.lock():
+            with pytest.raises(ArchiveLocked):
+                with stores[1].lock():
+                    pass
+    finally:
+        for store in [*stores, whole]:
+            store.close()

@@ -24,6 +24,7 @@ from .files import file_lock, header_date, require_writable
 RECOVERED = "Recovered"  # where repair puts blobs no entry names: the database keeps no folder for them
 
 LOCK_KEY = 0x6D61696C6261636B  # "mailback": one advisory lock per database
+ACCOUNT_LOCK = 0x6D61696C  # "mail": with an account's id, one advisory lock per account
 BIG = 1 << 20
 
 blob_metadata = sa.MetaData()
@@ -210,14 +211,31 @@ class SqlStore:
             with file_lock(Path(f"{engine.url.database}.lock"), self.url):
                 yield
             return
-        # Elsewhere a session-level advisory lock, held by one connection for the run.
+        # Elsewhere session-level advisory locks, held by one connection for the run. A run for
+        # one account shares the archive's lock and holds its account's alone, so workers back
+        # up the accounts of one shared archive side by side; a run over the whole archive
+        # (no account) holds the archive's lock alone.
+        account_id = self.catalog.account_id
+        where = engine.url.render_as_string()
         with engine.connect() as conn:
-            if not conn.scalar(sa.select(sa.func.pg_try_advisory_lock(LOCK_KEY))):
-                raise ArchiveLocked(f"another mailbackup run is writing {engine.url.render_as_string()}")
+            if account_id is None:
+                taken = [(sa.func.pg_try_advisory_lock, sa.func.pg_advisory_unlock, (LOCK_KEY,))]
+            else:
+                taken = [
+                    (sa.func.pg_try_advisory_lock_shared, sa.func.pg_advisory_unlock_shared, (LOCK_KEY,)),
+                    (sa.func.pg_try_advisory_lock, sa.func.pg_advisory_unlock, (ACCOUNT_LOCK, account_id)),
+                ]
+            held: list[tuple[object, tuple[int, ...]]] = []
             try:
+                for take, release, key in taken:
+                    if not conn.scalar(sa.select(take(*key))):
+                        who = f" for {self.catalog.account}" if account_id is not None else ""
+                        raise ArchiveLocked(f"another mailbackup run is writing {where}{who}")
+                    held.append((release, key))
                 yield
             finally:
-                conn.scalar(sa.select(sa.func.pg_advisory_unlock(LOCK_KEY)))
+                for release, key in reversed(held):
+                    conn.scalar(sa.select(release(*key)))  # type: ignore[operator]
 
     def close(self) -> None:
         if self.bucket is not None:
