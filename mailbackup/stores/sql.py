@@ -217,25 +217,27 @@ class SqlStore:
         # (no account) holds the archive's lock alone.
         account_id = self.catalog.account_id
         where = engine.url.render_as_string()
+        # (take, release) pairs of SQL calls, taken in order and released in reverse.
+        wanted: list[tuple[sa.Function[bool], sa.Function[bool]]]
+        if account_id is None:
+            wanted = [(sa.func.pg_try_advisory_lock(LOCK_KEY), sa.func.pg_advisory_unlock(LOCK_KEY))]
+        else:
+            wanted = [
+                (sa.func.pg_try_advisory_lock_shared(LOCK_KEY), sa.func.pg_advisory_unlock_shared(LOCK_KEY)),
+                (sa.func.pg_try_advisory_lock(ACCOUNT_LOCK, account_id), sa.func.pg_advisory_unlock(ACCOUNT_LOCK, account_id)),
+            ]
         with engine.connect() as conn:
-            if account_id is None:
-                taken = [(sa.func.pg_try_advisory_lock, sa.func.pg_advisory_unlock, (LOCK_KEY,))]
-            else:
-                taken = [
-                    (sa.func.pg_try_advisory_lock_shared, sa.func.pg_advisory_unlock_shared, (LOCK_KEY,)),
-                    (sa.func.pg_try_advisory_lock, sa.func.pg_advisory_unlock, (ACCOUNT_LOCK, account_id)),
-                ]
-            held: list[tuple[object, tuple[int, ...]]] = []
+            held: list[sa.Function[bool]] = []
             try:
-                for take, release, key in taken:
-                    if not conn.scalar(sa.select(take(*key))):
+                for take, release in wanted:
+                    if not conn.scalar(sa.select(take)):
                         who = f" for {self.catalog.account}" if account_id is not None else ""
                         raise ArchiveLocked(f"another mailbackup run is writing {where}{who}")
-                    held.append((release, key))
+                    held.append(release)
                 yield
             finally:
-                for release, key in reversed(held):
-                    conn.scalar(sa.select(release(*key)))  # type: ignore[operator]
+                for release in reversed(held):
+                    conn.scalar(sa.select(release))
 
     def close(self) -> None:
         if self.bucket is not None:
