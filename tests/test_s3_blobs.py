@@ -87,14 +87,14 @@ def test_verify_names_a_deleted_and_a_corrupted_object(dovecot, account, s3_serv
     archive = str(tmp_path / "a.sqlite")
     back_up(account, archive, s3_bucket.name)
     stored = sorted(objects(s3_bucket).items())
-    (gone, gone_path), (bad, bad_path), _ = stored
+    (gone, _), (bad, bad_path), _ = stored
     s3_server.client().delete_object(Bucket=s3_bucket.name, Key=f"mail/{gone[:2]}/{gone}")
     bad_path.write_bytes(bad_path.read_bytes().replace(b"body", b"BODY"))
     found = problems(archive)
     assert {kind for kind, _ in found} == {MISSING, CORRUPT}
     assert any(kind == MISSING and gone in detail for kind, detail in found)
     assert any(kind == CORRUPT and bad[:16] in detail for kind, detail in found)
-    cli = subprocess.run([sys.executable, "-m", "mailbackup", "verify", archive], cwd=ROOT, capture_output=True, text=True)
+    cli = subprocess.run([sys.executable, "-m", "mailbackup", "verify", archive], cwd=ROOT, capture_output=True, text=True, check=False)
     assert cli.returncode != 0 and gone in cli.stdout
 
 
@@ -187,13 +187,13 @@ def test_kill_9_between_upload_and_commit_then_rerun_leaves_each_message_once(do
     archive = str(tmp_path / "a.sqlite")
     env = {**os.environ, "MAILBACKUP_PASSWORD": account.password}
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_UPLOAD, account.url("imap"), archive, f"s3://{s3_bucket.name}/mail"],
-                            env=env, cwd=ROOT, capture_output=True)
+                            env=env, cwd=ROOT, capture_output=True, check=False)
     assert killed.returncode == -9, killed.stderr
     orphans = objects(s3_bucket)
     assert len(orphans) == 10  # the first batch went up, and nothing names it
     assert [kind for kind, _ in problems(archive)] == [UNRECORDED] * 10
     rerun = subprocess.run([sys.executable, "-m", "mailbackup", "backup", account.url("imap"), archive, "--no-tls", "--json"],
-                           env=env, cwd=ROOT, capture_output=True, text=True)
+                           env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout)["new"] == total
     view = archived(archive)["INBOX"]
@@ -231,13 +231,10 @@ def test_two_accounts_write_one_postgresql_archive_at_once(dovecot, pg_url: str)
             with pytest.raises(ArchiveLocked, match=alice.user):
                 with stores[2].lock():  # the same account twice: refused
                     pass
-            with pytest.raises(ArchiveLocked):
-                with whole.lock():
-                    pass
-        with whole.lock():
-            with pytest.raises(ArchiveLocked):
-                with stores[1].lock():
-                    pass
+            with pytest.raises(ArchiveLocked), whole.lock():
+                pass
+        with whole.lock(), pytest.raises(ArchiveLocked), stores[1].lock():
+            pass
     finally:
         for store in [*stores, whole]:
             store.close()
