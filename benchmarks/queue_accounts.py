@@ -16,6 +16,9 @@ backing up every account into a fresh SQLite archive per account:
               starting the enqueue command until every account has a finished run; "jobs s"
               is the first job's start to the last job's end in the runs table
 
+With --shared, every contender writes all accounts into one PostgreSQL archive (a fresh
+database each) whose message bytes go to a bucket of `rclone serve s3` (issue 11's setup).
+
 Each archive's message count is checked afterwards, so a broken run cannot post a fast
 time. Peak RSS is per process (GNU time; for loop and jobs, the largest process).
 Not run in CI.
@@ -93,19 +96,35 @@ def seed(dovecot: Dovecot, count: int, low: int, high: int, seed_value: int) -> 
     return accounts
 
 
-def write_config(path: Path, accounts: dict[str, tuple[Account, int]], archives: Path, index: bool) -> Path:
-    lines = ["[defaults]", "no_tls = true", f"index = {'true' if index else 'false'}", ""]
+def write_config(path: Path, accounts: dict[str, tuple[Account, int]], archives: Path, index: bool,
+                 shared: tuple[str, str] | None = None) -> Path:
+    """shared=(database URL, s3://bucket/prefix): one archive for all, bytes in the bucket."""
+    lines = ["[defaults]", "no_tls = true", f"index = {'true' if index else 'false'}"]
+    if shared:
+        lines += [f'archive = "{shared[0]}"', f'blobs = "{shared[1]}"']
+    lines.append("")
     for name, (account, _) in accounts.items():
         secret = archives.parent / f"{name}.pw"
         secret.write_text(account.password + "\n")
-        lines += [f"[accounts.{name}]", f'source = "{account.url("imap")}"',
-                  f'archive = "{archives / (name + ".sqlite")}"', f'password_file = "{secret}"', ""]
+        lines += [f"[accounts.{name}]", f'source = "{account.url("imap")}"', f'password_file = "{secret}"', ""]
+        if not shared:
+            lines.insert(-1, f'archive = "{archives / (name + ".sqlite")}"')
     path.write_text("\n".join(lines))
     return path
 
 
-def stored(archives: Path, accounts: dict[str, tuple[Account, int]]) -> bool:
+def stored(archives: Path, accounts: dict[str, tuple[Account, int]], shared: str | None = None) -> bool:
     """Every archive holds exactly its account's messages."""
+    if shared:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(shared)
+        with engine.connect() as conn:
+            counts = dict(conn.execute(sa.text(
+                "SELECT a.name, count(*) FROM messages m JOIN folders f ON f.id = m.folder_id "
+                "JOIN accounts a ON a.id = f.account_id GROUP BY a.name")).all())
+        engine.dispose()
+        return all(counts.get(f"{account.user}@{account.host}") == total for account, total in accounts.values())
     for name, (_, total) in accounts.items():
         with sqlite3.connect(archives / f"{name}.sqlite") as conn:
             if conn.execute("SELECT count(*) FROM messages").fetchone()[0] != total:
@@ -159,7 +178,9 @@ def main() -> int:
     parser.add_argument("--dir", default="/tmp")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--shared", action="store_true", help="one PostgreSQL archive, blobs in rclone's S3")
     args = parser.parse_args()
+    s3 = None
 
     root = Path(tempfile.mkdtemp(prefix="mbq-", dir=args.dir))
     dovecot, postgres = Dovecot(), Postgres()
@@ -167,6 +188,12 @@ def main() -> int:
     try:
         dovecot.start(tempfile.mkdtemp(prefix="mbqd", dir="/tmp"), tls=False)
         postgres.start()
+        if args.shared:
+            from tests.servers.s3 import S3Server
+
+            (root / "s3").mkdir()
+            s3 = S3Server(root / "s3").start()
+            os.environ.update(s3.env)  # the contenders find the bucket the AWS way
         say(f"seeding {args.accounts} accounts of {args.min}-{args.max} messages ...")
         accounts = seed(dovecot, args.accounts, args.min, args.max, args.seed)
         total = sum(n for _, n in accounts.values())
@@ -183,7 +210,12 @@ def main() -> int:
             work = root / f"c{number}"
             archives = work / "archives"
             archives.mkdir(parents=True)
-            config = write_config(work / "config.toml", accounts, archives, not args.no_index)
+            shared = None
+            if s3 is not None:
+                database = postgres.create_database(f"mbqa{number}")
+                s3.bucket(f"mbq{number}")
+                shared = (database, f"s3://mbq{number}/mail")
+            config = write_config(work / "config.toml", accounts, archives, not args.no_index, shared)
             say(f"{label} ...")
             if kind == "loop":
                 loop = " ".join(f"{sys.executable} -m mailbackup backup --config {config} --account {a} -q || exit 1;"
@@ -197,7 +229,7 @@ def main() -> int:
             else:
                 queue_url = postgres.create_database(f"mbq{number}")
                 seconds, span, rss_each, ok = run_queue(n, config, queue_url, work, len(accounts))
-            ok = ok and stored(archives, accounts)
+            ok = ok and stored(archives, accounts, shared[0] if shared else None)
             if kind != "queue":
                 span = seconds
             results.append({"contender": label, "processes": n, "seconds": round(seconds, 2), "jobs_span": round(span, 2),
@@ -208,6 +240,8 @@ def main() -> int:
     finally:
         dovecot.stop()
         postgres.stop()
+        if s3 is not None:
+            s3.stop()
         subprocess.run(["rm", "-rf", str(root), str(dovecot.directory or "")], check=False)
 
     if args.json:

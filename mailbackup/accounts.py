@@ -10,6 +10,7 @@ from .config import Account
 from .errors import MailbackupError
 from .model import Summary
 from .pipeline import BackupOptions, Progress, backup
+from .stores.blobs import Bucket
 
 Outcome = Summary | MailbackupError
 
@@ -26,6 +27,8 @@ def options_for(account: Account) -> BackupOptions:
         delete=account.delete,
         delete_older_than=account.delete_older_than,
         index=account.index,
+        admin_user=account.login.admin_user,
+        blobs=Bucket(account.blobs, account.s3_endpoint) if account.blobs else None,
     )
 
 

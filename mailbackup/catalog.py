@@ -439,8 +439,22 @@ class Catalog:
         if self._committed:
             return
         if conn.execute(sa.select(meta.c.key).where(meta.c.key == "committed")).first() is None:
-            conn.execute(meta.insert().values(key="committed", value=now_iso()))
+            try:
+                with conn.begin_nested():  # another account's first commit may have won the race
+                    conn.execute(meta.insert().values(key="committed", value=now_iso()))
+            except sa.exc.IntegrityError:
+                pass
         self._committed = True
+
+    def setting(self, key: str) -> str | None:
+        """A value the archive keeps about itself (e.g. where its message bytes live)."""
+        with self.engine.connect() as conn:
+            return conn.scalar(sa.select(meta.c.value).where(meta.c.key == key))
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(meta.delete().where(meta.c.key == key))
+            conn.execute(meta.insert().values(key=key, value=value))
 
     def sqlite_file(self) -> str | None:
         """The database file, when the catalog is a SQLite file (the search index lives in it)."""

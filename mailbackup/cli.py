@@ -21,6 +21,7 @@ from .errors import ConfigError, MailbackupError, PartialFailure, UsageError
 from .model import FolderReport, Summary
 from .pipeline import BackupOptions, Progress, backup
 from .prune import PruneReport, parse_age, prune_server
+from .stores.blobs import Bucket
 
 log = logging.getLogger("mailbackup")
 
@@ -74,7 +75,13 @@ def login_options(prefix: str = "", what: str = "the server", env: str = "MAILBA
     With prefix "target-", the twins for a second server (as `target_login`).
     """
     key = prefix.replace("-", "_")
-    names = [f"{key}password_file", f"{key}password_command", f"{key}oauth2_token_command", f"{key}oauth2_mechanism"]
+    names = [
+        f"{key}password_file",
+        f"{key}password_command",
+        f"{key}oauth2_token_command",
+        f"{key}oauth2_mechanism",
+        f"{key}admin_user",
+    ]
 
     def build(**values: Any) -> Login:
         return Login(
@@ -83,6 +90,7 @@ def login_options(prefix: str = "", what: str = "the server", env: str = "MAILBA
             password_env=env,
             oauth2_token_command=values[names[2]],
             oauth2_mechanism=values[names[3]],
+            admin_user=values[names[4]],
         )
 
     return _group(f"{key}login", names, build, [
@@ -94,6 +102,9 @@ def login_options(prefix: str = "", what: str = "the server", env: str = "MAILBA
                      help=f"Log in to {what} with OAuth2: CMD prints an access token."),
         click.option(f"--{prefix}oauth2-mechanism", names[3], type=click.Choice(["xoauth2", "oauthbearer"]),
                      default="xoauth2", show_default=True, help=f"SASL mechanism for OAuth2 logins to {what}."),
+        click.option(f"--{prefix}admin-user", names[4], metavar="NAME",
+                     help=f"Log in to {what} as this administrator (SASL PLAIN) for the URL's user; "
+                     "the password options give the admin's password."),
     ])
 
 
@@ -376,6 +387,8 @@ def main() -> None:
 @click.option("--no-index", is_flag=True, help="Do not update the search index (mailbackup reindex catches up).")
 @click.option("--retries", type=click.IntRange(0, 100), default=3, show_default=True, help="Give up after this many reconnects in a row that made no progress.")
 @click.option("--batch-messages", type=click.IntRange(1, 10000), default=200, hidden=True)
+@click.option("--blobs", metavar="s3://BUCKET/PREFIX", help="A new SQL archive keeps message bytes in this S3 bucket (recorded in the archive).")
+@click.option("--s3-endpoint", metavar="URL", help="The S3 server (default: AWS_ENDPOINT_URL, else AWS). Credentials come the AWS way, never argv.")
 @output_options()
 def backup_command(
     source: str | None,
@@ -394,6 +407,8 @@ def backup_command(
     no_index: bool,
     retries: int,
     batch_messages: int,
+    blobs: str | None,
+    s3_endpoint: str | None,
     out: Output,
 ) -> None:
     """Back up SOURCE into ARCHIVE, or configured accounts with --account/--all.
@@ -425,6 +440,8 @@ def backup_command(
         auth=login.auth,
         index=not no_index,
         retries=retries,
+        admin_user=login.admin_user,
+        blobs=Bucket(blobs, s3_endpoint) if blobs else None,
     )
     bars = bars_for(out)
 
@@ -506,7 +523,7 @@ def prune_server_command(
     """
     options = BackupOptions(
         include=include, exclude=exclude, into=into, no_tls=tls.no_tls, ca_file=tls.ca_file, timeout=tls.timeout,
-        auth=login.auth,
+        auth=login.auth, admin_user=login.admin_user,
     )
 
     def action() -> PruneReport:
@@ -668,7 +685,8 @@ def verify_command(
         if source:
             password = secret_for(login, source, "the --against server")
             against = AgainstOptions(
-                source, password, sample, include, exclude, tls.no_tls, tls.ca_file, tls.timeout, auth=login.auth
+                source, password, sample, include, exclude, tls.no_tls, tls.ca_file, tls.timeout, auth=login.auth,
+                admin_user=login.admin_user,
             )
         elif include or exclude or sample != 100.0:
             raise UsageError("--sample, --folder and --exclude go with --against SOURCE")
@@ -1042,6 +1060,7 @@ def restore_command(
             resent=resent,
             rate_per_minute=parse_rate(rate),
             auth=login.auth,
+            admin_user=login.admin_user,
         )
         password = secret_for(login, target, "the target")
         try:
@@ -1109,6 +1128,8 @@ def migrate_command(
             batch_messages=batch_messages,
             source_auth=login.auth,
             auth=target_login.auth,
+            source_admin_user=login.admin_user,
+            admin_user=target_login.admin_user,
         )
         password = secret_for(login, source, "the source")
         target_password = secret_for(target_login, target, "the target", "target-")

@@ -32,6 +32,9 @@ KNOWN_KEYS = {
     "delete_older_than",
     "oauth2_mechanism",
     "index",
+    "admin_user",
+    "blobs",
+    "s3_endpoint",
     *SECRET_KEYS,
     *KEY_KEYS,
 }
@@ -59,6 +62,8 @@ class Account:
     index: bool = True
     oauth2: oauth.OAuth2Settings | None = None
     keys: keys.KeySource | None = field(default=None, compare=False)  # None: as the command line says
+    blobs: str | None = None  # s3://BUCKET/PREFIX for a SQL archive's message bytes
+    s3_endpoint: str | None = None
 
     @property
     def auth(self) -> str:
@@ -86,6 +91,7 @@ def login_from(table: dict[str, Any], where: str, oauth2: oauth.OAuth2Settings |
         oauth2_mechanism=str(table.get("oauth2_mechanism", "xoauth2")).lower(),
         # a picklable callable, so accounts still cross to worker processes
         oauth2_provider=functools.partial(oauth.access_token, oauth2) if oauth2 is not None else None,
+        admin_user=table.get("admin_user"),
     )
 
 
@@ -164,10 +170,14 @@ def account(name: str, table: Any, path: Path, explicit: bool = True) -> Account
             into=table.get("into"),
             delete=bool(table.get("delete", False)),
             delete_older_than=float(table["delete_older_than"]) if "delete_older_than" in table else None,
-            login=login_from(secrets | {k: table[k] for k in ("oauth2_mechanism",) if k in table}, where, settings),
+            login=login_from(
+                secrets | {k: table[k] for k in ("oauth2_mechanism", "admin_user") if k in table}, where, settings
+            ),
             index=bool(table.get("index", True)),
             oauth2=settings,
             keys=key_source(table, where),
+            blobs=table.get("blobs"),
+            s3_endpoint=table.get("s3_endpoint"),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc

@@ -28,6 +28,8 @@ class Login:
     oauth2_mechanism: str = "xoauth2"
     # The built-in sign-in (mailbackup login): returns a fresh access token.
     oauth2_provider: Callable[[], str] | None = None
+    # An administrator (Dovecot master user, Cyrus admin) whose password logs in as the URL's user.
+    admin_user: str | None = None
 
     @property
     def auth(self) -> str:

@@ -25,6 +25,7 @@ from .errors import (
     HostileServer,
     ServerError,
     TLSError,
+    UsageError,
     setting,
 )
 from .model import Folder
@@ -172,9 +173,15 @@ def _parse_fetch_general(lines: list[object]) -> dict[int, dict[bytes, object]]:
     return out
 
 
-def login(client: imapclient.IMAPClient, endpoint: Endpoint, secret: str, auth: str) -> None:
-    """LOGIN with a password, or SASL XOAUTH2/OAUTHBEARER with an access token."""
-    if auth == "password":
+def login(client: imapclient.IMAPClient, endpoint: Endpoint, secret: str, auth: str, admin_user: str | None = None) -> None:
+    """LOGIN with a password, SASL PLAIN as an admin for the user, or SASL XOAUTH2/OAUTHBEARER with an access token."""
+    if admin_user and auth != "password":
+        raise UsageError("--admin-user goes with the admin's password, not with OAuth2")
+    if admin_user:
+        if not client.has_capability("AUTH=PLAIN"):
+            raise imap_errors.LoginError(f"the server offers no AUTHENTICATE PLAIN for the admin login as {admin_user}")
+        client.plain_login(admin_user, secret, authorization_identity=endpoint.user)
+    elif auth == "password":
         client.login(endpoint.user, secret)
     elif auth == "xoauth2":
         client.oauth2_login(endpoint.user, secret, mech="XOAUTH2")
@@ -250,12 +257,17 @@ class ImapSession:
         ca_file: str | None = None,
         timeout: float = 120.0,
         auth: str = "password",
+        admin_user: str | None = None,
     ) -> ImapSession:
         """Connect and log in; a login the server calls temporarily unavailable is tried again."""
-        return retry_temporary(lambda: cls._connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth))
+        return retry_temporary(
+            lambda: cls._connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth, admin_user=admin_user)
+        )
 
     @classmethod
-    def _connect(cls, endpoint: Endpoint, password: str, *, ca_file: str | None, timeout: float, auth: str) -> ImapSession:
+    def _connect(
+        cls, endpoint: Endpoint, password: str, *, ca_file: str | None, timeout: float, auth: str, admin_user: str | None
+    ) -> ImapSession:
         context = tls_context(ca_file) if endpoint.tls != "none" else None
         warn_cleartext(endpoint)
         with connect_errors(endpoint), greeting_errors(endpoint, imaplib.IMAP4.error):
@@ -281,10 +293,11 @@ class ImapSession:
                     )
                 client.starttls(context)
         try:
-            login(client, endpoint, password, auth)
+            login(client, endpoint, password, auth, admin_user)
         except imap_errors.LoginError as exc:
             client.shutdown()
-            raise AuthError(f"login as {endpoint.user} at {endpoint.host} failed: {text_of(exc)}") from exc
+            who = f"{endpoint.user} (admin {admin_user})" if admin_user else endpoint.user
+            raise AuthError(f"login as {who} at {endpoint.host} failed: {text_of(exc)}") from exc
         except (imap_errors.IMAPClientAbortError, OSError) as exc:
             raise lost(exc) from exc
         return cls(client, endpoint)

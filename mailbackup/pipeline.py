@@ -34,6 +34,7 @@ from .sources import (
     source_kind,
 )
 from .stores import Store, open_store
+from .stores.blobs import Bucket
 from .stores.codec import named
 
 log = logging.getLogger("mailbackup")
@@ -65,6 +66,8 @@ class BackupOptions:
     batch_messages: int = 200
     batch_bytes: int = 12 << 20  # up to three batches are in memory at once (prefetch)
     flag_chunk: int = 2000
+    admin_user: str | None = None  # log in as this administrator, for the source URL's user (SASL PLAIN authzid)
+    blobs: Bucket | None = None  # a new SQL archive keeps message bytes in this bucket
     # POP3 only
     into: str | None = None
     delete: bool = False
@@ -553,11 +556,16 @@ def backup(
     started = time.monotonic()
     kind = source_kind(source_url)
     connect = Connect(
-        secret=password, auth=options.auth, ca_file=options.ca_file, no_tls=options.no_tls, timeout=options.timeout
+        secret=password,
+        auth=options.auth,
+        ca_file=options.ca_file,
+        no_tls=options.no_tls,
+        timeout=options.timeout,
+        admin_user=options.admin_user,
     )
     address = kind.address(source_url, connect)  # a bad URL fails here, before the archive is touched
     check_options(kind.traits, options)
-    store = open_store(archive, mode="write", account=account_name(source_url))
+    store = open_store(archive, mode="write", account=account_name(source_url), blobs=options.blobs)
     try:
         reports: list[FolderReport] = []
         run = Run(options)

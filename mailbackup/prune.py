@@ -147,7 +147,12 @@ def prune_server(
         raise UsageError(f"{setting('older_than')} must be more than 0 days")
     kind = source_kind(source_url)
     connect = Connect(
-        secret=password, auth=options.auth, ca_file=options.ca_file, no_tls=options.no_tls, timeout=options.timeout
+        secret=password,
+        auth=options.auth,
+        ca_file=options.ca_file,
+        no_tls=options.no_tls,
+        timeout=options.timeout,
+        admin_user=options.admin_user,
     )
     address = kind.address(source_url, connect)
     cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)

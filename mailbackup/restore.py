@@ -59,6 +59,8 @@ class RestoreOptions:
     source_no_tls: bool | None = None
     source_ca_file: str | None = None
     source_timeout: float | None = None
+    admin_user: str | None = None  # the target's login is this admin's, on behalf of the URL's user
+    source_admin_user: str | None = None  # the same for migrate's source
     batch_messages: int = 100
     batch_bytes: int = 4 << 20
     reconnects: int = 3  # after a dropped line: consecutive attempts without progress
@@ -121,6 +123,8 @@ def connect_target(endpoint: Endpoint, password: str, options: RestoreOptions) -
     if endpoint.scheme in SMTP_SCHEMES:
         from .targets.smtp import SmtpOptions, SmtpTarget
 
+        if options.admin_user:
+            raise UsageError(f"{setting('admin_user')} is for IMAP targets, not SMTP")
         smtp = SmtpOptions(
             recipients=options.recipients,
             sender=options.sender,
@@ -143,6 +147,7 @@ def connect_target(endpoint: Endpoint, password: str, options: RestoreOptions) -
         automap=options.automap,
         into=options.into,
         auth=options.auth,
+        admin_user=options.admin_user,
     )
 
 
@@ -238,7 +243,12 @@ def migrate(
     def connect() -> tuple[Source, Target]:
         nonlocal prefix
         source = ImapSource.connect(
-            source_endpoint, password, ca_file=source_ca_file, timeout=source_timeout, auth=options.source_auth
+            source_endpoint,
+            password,
+            ca_file=source_ca_file,
+            timeout=source_timeout,
+            auth=options.source_auth,
+            admin_user=options.source_admin_user,
         )
         try:
             # Cyrus keeps every personal folder under "INBOX.": that is the namespace, not a parent.
@@ -251,6 +261,7 @@ def migrate(
                 automap=options.automap,
                 into=options.into,
                 auth=options.auth,
+                admin_user=options.admin_user,
             )
         except BaseException:
             source.close(commit=False)

@@ -84,6 +84,7 @@ class AgainstOptions:
     timeout: float = 120.0
     seed: int | None = None
     auth: str = "password"  # or an OAuth2 SASL mechanism: password is then an access token
+    admin_user: str | None = None  # log in as this admin for the URL's user
 
 
 Report = Callable[[Problem], None]
@@ -131,7 +132,12 @@ def verify(
         compared = 0
         if against is not None and endpoint is not None:
             source = ImapSource.connect(
-                endpoint, against.password, ca_file=against.ca_file, timeout=against.timeout, auth=against.auth
+                endpoint,
+                against.password,
+                ca_file=against.ca_file,
+                timeout=against.timeout,
+                auth=against.auth,
+                admin_user=against.admin_user,
             )
             try:
                 compared = compare_with_server(source, store, against, counter)

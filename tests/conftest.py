@@ -23,6 +23,7 @@ from corpus.tricky import tricky_messages as _tricky_messages  # noqa: E402
 from servers.cyrus import Cyrus  # noqa: E402
 from servers.dovecot import Account, Dovecot  # noqa: E402
 from servers.postgres import Postgres  # noqa: E402
+from servers.s3 import S3Server  # noqa: E402
 
 _database_numbers = itertools.count(1)
 
@@ -56,6 +57,55 @@ def dovecot() -> Iterator[Dovecot]:
 def account(dovecot: Dovecot) -> Account:
     """A fresh, empty mail account on ``dovecot``."""
     return dovecot.add_user()
+
+
+MASTER = ("admin", "pw-master-admin")
+
+
+@pytest.fixture(scope="session")
+def dovecot_master() -> Iterator[Dovecot]:
+    """Dovecot with a master user MASTER (admin logins), started only when asked for."""
+    directory = tempfile.mkdtemp(prefix="mbdm", dir="/tmp")
+    server = Dovecot()
+    try:
+        server.start(directory, master=MASTER)
+    except Exception as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.fail(f"cannot start Dovecot: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """`rclone serve s3` on a free loopback port over its own temp dir, stopped by PID."""
+    directory = Path(tempfile.mkdtemp(prefix="mbs3", dir="/tmp"))
+    server = S3Server(directory / "data")
+    server.directory.mkdir()
+    try:
+        server.start()
+    except Exception as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.fail(f"cannot start rclone serve s3: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+_bucket_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh bucket, with the AWS variables set for this test; returns its folder on disk."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.bucket(f"mb{next(_bucket_numbers)}")
 
 
 @pytest.fixture(scope="session")

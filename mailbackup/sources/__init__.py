@@ -145,6 +145,7 @@ class Connect:
     ca_file: str | None = None
     no_tls: bool = False
     timeout: float = 120.0  # covers connect, TLS handshake, greeting and every read
+    admin_user: str | None = None  # log in as this administrator on behalf of the URL's user (SASL PLAIN)
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,14 @@ class ImapSource:
     @classmethod
     def open_url(cls, url: str, connect: Connect) -> ImapSource:
         endpoint = parse_url(url, no_tls=connect.no_tls, schemes=("imap", "imaps"))
-        return cls.connect(endpoint, connect.secret, ca_file=connect.ca_file, timeout=connect.timeout, auth=connect.auth)
+        return cls.connect(
+            endpoint,
+            connect.secret,
+            ca_file=connect.ca_file,
+            timeout=connect.timeout,
+            auth=connect.auth,
+            admin_user=connect.admin_user,
+        )
 
     @classmethod
     def connect(cls, endpoint: Endpoint, password: str, **options: Any) -> ImapSource:

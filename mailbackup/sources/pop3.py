@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
 from ..credentials import oauthbearer, sasl_b64, xoauth2
-from ..errors import AuthError, ConnectionLost, ServerError, TLSError, setting
+from ..errors import AuthError, ConnectionLost, ServerError, TLSError, UsageError, setting
 from ..model import Folder, Message
 from ..net import (
     Endpoint,
@@ -168,7 +168,14 @@ class Pop3Source:
     @classmethod
     def open_url(cls, url: str, connect: Connect) -> Pop3Source:
         endpoint = parse_url(url, no_tls=connect.no_tls, schemes=("pop3", "pop3s"))
-        return cls.connect(endpoint, connect.secret, ca_file=connect.ca_file, timeout=connect.timeout, auth=connect.auth)
+        return cls.connect(
+            endpoint,
+            connect.secret,
+            ca_file=connect.ca_file,
+            timeout=connect.timeout,
+            auth=connect.auth,
+            admin_user=connect.admin_user,
+        )
 
     @classmethod
     def connect(cls, endpoint: Endpoint, password: str, **options: Any) -> Pop3Source:
@@ -184,6 +191,7 @@ class Pop3Source:
         ca_file: str | None = None,
         timeout: float = 120.0,
         auth: str = "password",
+        admin_user: str | None = None,
     ) -> Pop3Source:
         context = tls_context(ca_file) if endpoint.tls != "none" else None
         warn_cleartext(endpoint)
@@ -207,10 +215,11 @@ class Pop3Source:
                 conn.stls(context)
         try:
             with connect_errors(endpoint):
-                login(conn, endpoint, password, auth)
+                login(conn, endpoint, password, auth, admin_user)
         except poplib.error_proto as exc:
             conn.close()
-            raise AuthError(f"login as {endpoint.user} at {endpoint.host} failed: {_reason(exc)}") from exc
+            who = f"{endpoint.user} (admin {admin_user})" if admin_user else endpoint.user
+            raise AuthError(f"login as {who} at {endpoint.host} failed: {_reason(exc)}") from exc
         return cls(conn, endpoint)
 
     def __str__(self) -> str:
@@ -332,9 +341,14 @@ class Pop3Source:
             return read_multiline(self.conn.file, 2 * size + (1 << 20))
 
 
-def login(conn: poplib.POP3, endpoint: Endpoint, secret: str, auth: str) -> None:
-    """USER/PASS, or AUTH XOAUTH2/OAUTHBEARER (RFC 5034) with an access token."""
-    if auth == "password":
+def login(conn: poplib.POP3, endpoint: Endpoint, secret: str, auth: str, admin_user: str | None = None) -> None:
+    """USER/PASS, AUTH PLAIN as an admin for the user, or AUTH XOAUTH2/OAUTHBEARER (RFC 5034) with an access token."""
+    if admin_user and auth != "password":
+        raise UsageError("--admin-user goes with the admin's password, not with OAuth2")
+    if admin_user:
+        response = f"{endpoint.user}\0{admin_user}\0{secret}".encode()  # authzid, authcid, password (RFC 4616)
+        auth = "plain"
+    elif auth == "password":
         conn.user(endpoint.user)
         conn.pass_(secret)
         return
@@ -342,7 +356,7 @@ def login(conn: poplib.POP3, endpoint: Endpoint, secret: str, auth: str) -> None
         response = xoauth2(endpoint.user, secret)
     elif auth == "oauthbearer":
         response = oauthbearer(endpoint.user, secret, endpoint.host, endpoint.port)
-    else:
+    elif auth != "plain":
         raise ValueError(f"unknown auth {auth!r}")
     # poplib has no AUTH: its private one-line command call is what its own user() uses
     reply = conn._shortcmd(f"AUTH {auth.upper()} {sasl_b64(response)}")  # type: ignore[attr-defined]  # see above

@@ -17,6 +17,7 @@ from .. import keys
 from ..catalog import Catalog
 from ..errors import CatalogDamaged, UsageError
 from ..model import ArchivedFolder, Folder, Message
+from .blobs import Bucket
 
 Mode = Literal["read", "write"]
 
@@ -137,6 +138,7 @@ def open_store(
     account: str | None = None,
     create: bool | None = None,
     check: bool = True,
+    blobs: Bucket | None = None,
 ) -> Store:
     """Open the archive named by `url`: maildir:DIR, mbox:DIR, a .sqlite/.db path or a SQLAlchemy URL.
 
@@ -145,12 +147,16 @@ def open_store(
     account ("user@host") scopes the catalog: a writer records it and a Maildir or
     mbox archive refuses a second one; a reader picks it among several.
     check=False lets repair open an archive whose catalog is lost.
+    blobs puts a new SQL archive's message bytes in a bucket; the archive records it.
     `create` is the old spelling of mode (True: write, False: read), kept while callers move.
     """
     if create is not None:
         mode = "write" if create else "read"
     cls, where = resolve(url)
-    store: Store = cls(where, mode=mode, account=account)
+    if blobs is not None and not getattr(cls, "external_blobs", False):
+        raise UsageError("--blobs is for SQL archives (a .sqlite path or a database URL)")
+    extra = {"blobs": blobs} if blobs is not None else {}
+    store: Store = cls(where, mode=mode, account=account, **extra)
     try:
         if mode == "write" and not hasattr(store, "codec") and keys.current().protection != keys.Protection():
             raise UsageError(f"--encrypt, --compress and --recipient need a SQL archive (.sqlite or a database URL), not {url}")

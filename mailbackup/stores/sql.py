@@ -5,6 +5,7 @@ A message that sits in three folders is one blob and three catalog entries.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,15 +14,17 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..catalog import RECOVERED_MARK, Catalog, create_engine
-from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError
+from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError, UsageError
 from ..model import ArchivedFolder, Folder, Message
 from . import Finding, Recovered
+from .blobs import Blob, BlobBackend, Bucket, S3Blobs
 from .codec import Codec, content_name, open_codec
 from .files import file_lock, header_date, require_writable
 
 RECOVERED = "Recovered"  # where repair puts blobs no entry names: the database keeps no folder for them
 
 LOCK_KEY = 0x6D61696C6261636B  # "mailback": one advisory lock per database
+ACCOUNT_LOCK = 0x6D61696C  # "mail": with an account's id, one advisory lock per account
 BIG = 1 << 20
 
 blob_metadata = sa.MetaData()
@@ -44,8 +47,11 @@ def database_url(url: str) -> str:
 class SqlStore:
     kind = "sql"
 
-    def __init__(self, url: str, *, mode: str = "read", account: str | None = None) -> None:
+    external_blobs = True  # takes open_store(..., blobs=Bucket)
+
+    def __init__(self, url: str, *, mode: str = "read", account: str | None = None, blobs: Bucket | None = None) -> None:
         self.url = database_url(url)
+        self.bucket: BlobBackend | None = None
         self.writable = mode == "write"
         if self.url.startswith("sqlite:///"):
             path = Path(self.url[len("sqlite:///") :])
@@ -66,6 +72,7 @@ class SqlStore:
             # Bytes pass through the codec: as they are, zstd, or zstd then AES-256-GCM (stores/codec.py).
             self.codec: Codec = open_codec(engine, self.catalog.where, writable=self.writable, fresh=self.writable and not self.holds_messages())
             self.catalog.choose_account(account, claim=self.writable, several=True)
+            self.bucket = self._bucket(blobs)
         except sa.exc.SQLAlchemyError as exc:
             engine.dispose()
             raise StoreError(f"cannot open {self.url}: {exc}") from exc
@@ -74,11 +81,36 @@ class SqlStore:
             raise
         self._insert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
 
+    def _bucket(self, wanted: Bucket | None) -> BlobBackend | None:
+        """Where message bytes live: the archive records it once, so later commands need no flag."""
+        recorded = self.catalog.setting("blobs")
+        if wanted is not None and recorded is None:
+            if self.holds_messages():
+                raise UsageError(f"{self.url} keeps its messages in the database; --blobs is for a new archive")
+            if not self.writable:
+                raise UsageError("--blobs is given when the archive is written")
+            bucket = S3Blobs(wanted.url, wanted.endpoint)
+            self.catalog.set_setting("blobs", wanted.url)
+            if wanted.endpoint:
+                self.catalog.set_setting("s3_endpoint", wanted.endpoint)
+            return bucket
+        if wanted is not None and recorded != wanted.url:
+            raise UsageError(f"{self.url} keeps its messages in {recorded}, not {wanted.url}")
+        if recorded is None:
+            return None
+        # --s3-endpoint, then AWS_ENDPOINT_URL (boto3 reads it), then the one recorded at the first backup.
+        endpoint = wanted.endpoint if wanted is not None and wanted.endpoint else None
+        if endpoint is None and not os.environ.get("AWS_ENDPOINT_URL"):
+            endpoint = self.catalog.setting("s3_endpoint")
+        return S3Blobs(recorded, endpoint)
+
     @staticmethod
     def accepts(url: str) -> str | None:
         return url if "://" in url or url.endswith((".sqlite", ".db", ".sqlite3")) else None
 
     def holds_messages(self) -> bool:
+        if self.bucket is not None:
+            return self.bucket.any()
         with self.catalog.engine.connect() as conn:
             return conn.execute(sa.select(blobs.c.sha256).limit(1)).first() is not None
 
@@ -86,13 +118,19 @@ class SqlStore:
         """Blobs no entry of any account names, by walking both sorted lists side by side."""
         referenced = self.catalog.stored_hashes()
         following = next(referenced, None)
+        for sha256, size in self._held():
+            while following is not None and following < sha256:
+                following = next(referenced, None)
+            if following != sha256:
+                yield sha256, size
+
+    def _held(self) -> Iterator[tuple[str, int]]:
+        if self.bucket is not None:
+            yield from self.bucket.keys()
+            return
         query = sa.select(blobs.c.sha256, blobs.c.size).order_by(blobs.c.sha256)
         with self.catalog.engine.connect() as conn:
-            for sha256, size in conn.execution_options(yield_per=1000).execute(query):
-                while following is not None and following < sha256:
-                    following = next(referenced, None)
-                if following != sha256:
-                    yield sha256, size
+            yield from conn.execution_options(yield_per=1000).execute(query)
 
     @staticmethod
     def set_catalog_aside(where: str) -> str:
@@ -103,7 +141,8 @@ class SqlStore:
 
     def unrecorded(self) -> Iterator[Finding]:
         for sha256, size in self._orphans():
-            yield Finding(None, f"blob {sha256} ({size} bytes) that no entry references")
+            where = f"object {self.bucket.address(sha256)}" if self.bucket else f"blob {sha256}"
+            yield Finding(None, f"{where} ({size} bytes) that no entry references")
 
     def duplicates(self) -> Iterator[Finding]:
         return iter(())  # content-addressed: one blob per content, whatever the catalog says
@@ -123,10 +162,14 @@ class SqlStore:
         # Callers name messages as the codec does (codec.named): in an encrypted archive
         # m.sha256 is already the keyed MAC, so it is not computed twice.
         unique = {m.sha256: m for m in messages}
-        # SQLite copies a bound blob twice on its way into a row: a big one is streamed instead.
-        stream = self.catalog.engine.dialect.name == "sqlite"
+        # Bytes -> codec (as they are, zstd, or zstd then AES-GCM) -> where they live (a table or a bucket).
         self.codec.learn([m.raw for m in unique.values()])  # a zstd dictionary from the first small messages
         encoded = {name: self.codec.encode(name, m.raw) for name, m in unique.items()}
+        if self.bucket is not None:
+            self.bucket.put([Blob(name, data) for name, data in encoded.items()])
+            return [m.sha256 for m in messages]
+        # SQLite copies a bound blob twice on its way into a row: a big one is streamed instead.
+        stream = self.catalog.engine.dialect.name == "sqlite"
         rows = [{"sha256": name, "size": len(data), "raw": data} for name, data in encoded.items() if not stream or len(data) < BIG]
         big = [(name, data) for name, data in encoded.items() if stream and len(data) >= BIG]
         statement = self._insert(blobs).on_conflict_do_nothing(index_elements=["sha256"])
@@ -157,6 +200,8 @@ class SqlStore:
                 blob.write(view[start : start + BIG])
 
     def get(self, location: str) -> bytes:
+        if self.bucket is not None:
+            return self.codec.decode(location, self.bucket.get(location))
         with self.catalog.engine.connect() as conn:
             raw = conn.scalar(sa.select(blobs.c.raw).where(blobs.c.sha256 == location))
         if raw is None:
@@ -167,7 +212,7 @@ class SqlStore:
         """get()'s bytes a piece at a time: SQLite's incremental blob reads, else substrings."""
         from . import STREAM_CHUNK
 
-        if self.codec.sealed or self.codec.compress:  # stored bytes are not the message's
+        if self.codec.sealed or self.codec.compress or self.bucket is not None:  # whole: not the table's bytes
             yield self.get(location)
             return
         with self.catalog.engine.connect() as conn:
@@ -193,14 +238,35 @@ class SqlStore:
             with file_lock(Path(f"{engine.url.database}.lock"), self.url):
                 yield
             return
-        # Elsewhere a session-level advisory lock, held by one connection for the run.
+        # Elsewhere session-level advisory locks, held by one connection for the run. A run for
+        # one account shares the archive's lock and holds its account's alone, so workers back
+        # up the accounts of one shared archive side by side; a run over the whole archive
+        # (no account) holds the archive's lock alone.
+        account_id = self.catalog.account_id
+        where = engine.url.render_as_string()
+        # (take, release) pairs of SQL calls, taken in order and released in reverse.
+        wanted: list[tuple[sa.Function[bool], sa.Function[bool]]]
+        if account_id is None:
+            wanted = [(sa.func.pg_try_advisory_lock(LOCK_KEY), sa.func.pg_advisory_unlock(LOCK_KEY))]
+        else:
+            wanted = [
+                (sa.func.pg_try_advisory_lock_shared(LOCK_KEY), sa.func.pg_advisory_unlock_shared(LOCK_KEY)),
+                (sa.func.pg_try_advisory_lock(ACCOUNT_LOCK, account_id), sa.func.pg_advisory_unlock(ACCOUNT_LOCK, account_id)),
+            ]
         with engine.connect() as conn:
-            if not conn.scalar(sa.select(sa.func.pg_try_advisory_lock(LOCK_KEY))):
-                raise ArchiveLocked(f"another mailbackup run is writing {engine.url.render_as_string()}")
+            held: list[sa.Function[bool]] = []
             try:
+                for take, release in wanted:
+                    if not conn.scalar(sa.select(take)):
+                        who = f" for {self.catalog.account}" if account_id is not None else ""
+                        raise ArchiveLocked(f"another mailbackup run is writing {where}{who}")
+                    held.append(release)
                 yield
             finally:
-                conn.scalar(sa.select(sa.func.pg_advisory_unlock(LOCK_KEY)))
+                for release in reversed(held):
+                    conn.scalar(sa.select(release))
 
     def close(self) -> None:
+        if self.bucket is not None:
+            self.bucket.close()
         self.catalog.close()

@@ -160,8 +160,9 @@ class ImapTarget:
         automap: bool = True,
         into: str | None = None,
         auth: str = "password",
+        admin_user: str | None = None,
     ) -> ImapTarget:
-        session = ImapSession.connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth)
+        session = ImapSession.connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth, admin_user=admin_user)
         try:
             return cls(session, endpoint, automap=automap, into=into)
         except BaseException:

@@ -113,8 +113,12 @@ class Dovecot:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self, directory: str | os.PathLike[str], separator: str = "/",
-              tls: bool = True, oauth2_url: str | None = None) -> Dovecot:
-        """Start on fresh free ports; raises RuntimeError with the log tail on failure."""
+              tls: bool = True, oauth2_url: str | None = None,
+              master: tuple[str, str] | None = None) -> Dovecot:
+        """Start on fresh free ports; raises RuntimeError with the log tail on failure.
+
+        master=(name, password) adds a master user that can log in as anyone (admin logins).
+        """
         self.directory = Path(directory).absolute()
         self.separator = separator
         self.imap_port, self.pop3_port = free_port(), free_port()
@@ -123,7 +127,8 @@ class Dovecot:
         ports = [self.imap_port, self.pop3_port, self.imaps_port or 0, self.pop3s_port or 0]
         proc = subprocess.run(
             ["bash", str(SCRIPT), "start", str(self.directory), *map(str, ports)],
-            env={**os.environ, "SEPARATOR": separator, "OAUTH2_URL": oauth2_url or ""},
+            env={**os.environ, "SEPARATOR": separator, "OAUTH2_URL": oauth2_url or "",
+                 "MASTER_USER": ":".join(master) if master else ""},
             capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"dovecot failed to start in {self.directory}:\n"

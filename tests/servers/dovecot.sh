@@ -18,6 +18,8 @@
 # Sent, Drafts, Trash, Junk and Archive carry SPECIAL-USE attributes but are
 # not auto-created.  Users can be added while it runs: append a line to
 # DIR/passwd (seen from the next second on) or write DIR/users/NAME (at once).
+# MASTER_USER=NAME:PASSWORD adds a master user (admin logins): SASL PLAIN with
+# authzid alice and authcid NAME, or LOGIN as "alice*NAME", opens alice's mail.
 set -euo pipefail
 USERS="alice bob carol dave"
 
@@ -66,6 +68,18 @@ start)
     done
     chmod 644 "$DIR/passwd"   # read by the auth process (runs as user 'dovecot' when root)
     chmod 755 "$DIR/users"
+    master_passdb=
+    if [ -n "${MASTER_USER:-}" ]; then
+        echo "${MASTER_USER%%:*}:{PLAIN}${MASTER_USER#*:}" > "$DIR/master"
+        chmod 644 "$DIR/master"
+        master_passdb="auth_master_user_separator = *
+passdb {
+  driver = passwd-file
+  master = yes
+  args = scheme=PLAIN $DIR/master
+  result_success = continue
+}"
+    fi
 
     ssl=no
     if [ "$P_IMAPS" != 0 ] || [ "$P_POP3S" != 0 ]; then
@@ -154,6 +168,7 @@ namespace inbox {
 # until the next second.  DIR/users/NAME (one passwd line each) is looked up
 # afresh every time: the way to add a user that can log in at once.
 $( [ -n "${OAUTH2_URL:-}" ] && printf 'passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = %s\n}\n' "$DIR/oauth2.conf.ext")
+$master_passdb
 passdb {
   driver = passwd-file
   args = scheme=PLAIN $DIR/passwd
