@@ -513,6 +513,50 @@ def ls_command(archive: str, mailbox: str | None, as_of: Any, json_output: bool)
         click.echo(f"{'total':<{width}}  {0:>8}  {human_bytes(0):>9}  {0:>5}")
 
 
+@main.command("serve")
+@click.argument("archive")
+@click.option("--imap", "imap_address", metavar="HOST:PORT", help="Serve the archive read-only over IMAP here (e.g. 127.0.0.1:1143).")
+@click.option("--user", metavar="NAME", help="The one login name (default: the archive's account user name).")
+@click.option("--password-file", type=click.Path(dir_okay=False), help="Clients log in with the password in this file.")
+@click.option("--password-command", metavar="CMD", help="Clients log in with the password CMD prints.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="TLS certificate (PEM): offers STARTTLS, and allows a non-loopback address.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="Private key of --tls-cert (if not in the same file).")
+@click.option("--implicit-tls", is_flag=True, help="TLS from the first byte (imaps) instead of STARTTLS.")
+@click.option("--include-gone", is_flag=True, help="Also show messages gone from the server, in folders Gone/<folder>.")
+@click.option("--mailbox", metavar="USER@HOST", help="The account to serve, in an archive that holds several.")
+def serve_command(
+    archive: str, imap_address: str | None, user: str | None, password_file: str | None, password_command: str | None,
+    tls_cert: str | None, tls_key: str | None, implicit_tls: bool, include_gone: bool, mailbox: str | None,
+) -> None:
+    """Serve ARCHIVE read-only to mail clients, without restoring it (Ctrl-C stops)."""
+    import threading
+
+    from .serve import ServeSettings, default_user, parse_address, start_imap
+
+    def start() -> Any:
+        if not imap_address:
+            raise UsageError("nothing to serve: give --imap HOST:PORT")
+        address = parse_address(imap_address)
+        login = Login(password_file=password_file, password_command=password_command)
+        password = secret_for(login, f"mailbackup serve {archive}", "the served archive")
+        settings = ServeSettings(
+            archive=archive, user=user or default_user(archive, mailbox), password=password, mailbox=mailbox,
+            tls_cert=tls_cert, tls_key=tls_key, implicit_tls=implicit_tls, include_gone=include_gone,
+        )
+        server = start_imap(address, settings)
+        click.echo(f"serving {archive} read-only over IMAP at {address[0]}:{server.port} as user {settings.user}", err=True)
+        return server
+
+    server = run(False, start)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @main.command("repair")
 @click.argument("archive")
 @click.option("--mailbox", metavar="USER@HOST", help="The account that gets recovered messages, in an archive that holds several.")
