@@ -1,6 +1,6 @@
 #!/bin/bash
 # Idempotent setup of everything the test suite and the demo need, on Debian 12:
-# the Debian packages (Dovecot, PostgreSQL, openssl, mutt), a virtualenv
+# the Debian packages (Dovecot, PostgreSQL, openssl, mutt, tmux, isync), a virtualenv
 # .venv at the repo root with mailbackup installed editable plus its test extra,
 # and Cyrus IMAP unpacked (not installed) into .venv/cyrus/root.
 # Installs only what is missing; a warm run takes well under a second.
@@ -39,6 +39,8 @@ missing=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v mutt >/dev/null || missing+=(mutt)
+command -v tmux >/dev/null || missing+=(tmux)    # drives mutt in tests/test_serve_imap.py
+command -v mbsync >/dev/null || missing+=(isync) # pulls a served archive in tests/test_serve_imap.py
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi

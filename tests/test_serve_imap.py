@@ -105,13 +105,21 @@ def served(archive) -> Iterator[tuple[str, int, str]]:  # type: ignore[no-untype
         server.server_close()
 
 
-def archived(url: str) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
-    """Folder -> [(sha256, flags)] of live messages, as the catalog has them."""
+def archived(url: str, unix_lines: bool = False) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    """Folder -> [(sha256, flags)] of live messages, as the catalog has them.
+
+    unix_lines: the SHA-256 of the archived bytes with CRLF made LF (what mbsync writes to a Maildir).
+    """
     store = open_store(url, mode="read")
     try:
         out: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
         for folder in store.catalog.folders():
-            out[folder.name] = sorted((e.sha256, tuple(sorted(e.flags))) for e in store.catalog.entries(folder.id) if not e.gone)
+            live = [e for e in store.catalog.entries(folder.id) if not e.gone]
+            if unix_lines:
+                hashes = [hashlib.sha256(store.get(e.location).replace(b"\r\n", b"\n")).hexdigest() for e in live]
+            else:
+                hashes = [e.sha256 for e in live]
+            out[folder.name] = sorted((h, tuple(sorted(e.flags))) for h, e in zip(hashes, live))
         return out
     finally:
         store.close()
@@ -141,3 +149,56 @@ def imap_quote(name: str) -> str:
     from imapclient import imap_utf7
 
     return '"' + imap_utf7.encode(name).decode("ascii") + '"'
+
+
+def mbsync_pull(host: str, port: int, into: Path, user: str = "reader") -> subprocess.CompletedProcess[str]:
+    into.mkdir(parents=True, exist_ok=True)
+    config = into.parent / (into.name + ".mbsyncrc")
+    config.write_text(
+        f"IMAPAccount served\nHost {host}\nPort {port}\nUser {user}\nPass {PASSWORD}\nSSLType None\nAuthMechs LOGIN\n\n"
+        "IMAPStore far\nAccount served\n\n"
+        f"MaildirStore near\nPath {into}/\nInbox {into}/INBOX\nSubFolders Verbatim\n\n"
+        "Channel pull\nFar :far:\nNear :near:\nPatterns *\nCreate Near\nSync Pull\nSyncState *\nCopyArrivalDate yes\n"
+    )
+    return subprocess.run(["mbsync", "-c", str(config), "-a"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(into.parent)})
+
+
+MAILDIR_FLAGS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted"}
+
+
+def without_tuid(data: bytes) -> bytes:
+    """mbsync adds one 'X-TUID: ...' header line to every message it copies (to find it after a crash)."""
+    head, sep, body = data.partition(b"\n\n")
+    lines = [line for line in head.split(b"\n") if not line.startswith(b"X-TUID: ")]
+    assert len(lines) == head.count(b"\n"), "exactly one X-TUID line expected"
+    return b"\n".join(lines) + sep + body
+
+
+def pulled(into: Path) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    """Folder -> [(sha256 of the file, system flags from its name)] of what mbsync wrote."""
+    from imapclient import imap_utf7
+
+    out: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for cur in into.rglob("cur"):
+        folder = imap_utf7.decode(str(cur.parent.relative_to(into)).encode("ascii"))
+        items = []
+        for path in [*cur.iterdir(), *(cur.parent / "new").iterdir()]:
+            letters = path.name.rpartition(":2,")[2] if ":2," in path.name else ""
+            items.append((hashlib.sha256(without_tuid(path.read_bytes())).hexdigest(), tuple(sorted(MAILDIR_FLAGS[c] for c in letters if c in MAILDIR_FLAGS))))
+        out[folder] = sorted(items)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("mbsync") is None, reason="mbsync (Debian's isync) not installed: bash tests/bootstrap.sh")
+def test_mbsync_pulls_every_folder_byte_identical_with_flags(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    host, port, url = served
+    before = tree_hash(tmp_path / "a")
+    result = mbsync_pull(host, port, tmp_path / "pulled")
+    assert result.returncode == 0, result.stdout + result.stderr
+    system = set(MAILDIR_FLAGS.values())
+    # mbsync stores mail with Unix line ends and adds an X-TUID line (it does so from Dovecot too): with those two
+    # undone, every file is the archive's bytes.
+    want = {f: sorted((h, tuple(x for x in flags if x in system)) for h, flags in items) for f, items in archived(url, unix_lines=True).items()}
+    assert pulled(tmp_path / "pulled") == want
+    assert tree_hash(tmp_path / "a") == before
