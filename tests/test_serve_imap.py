@@ -202,3 +202,168 @@ def test_mbsync_pulls_every_folder_byte_identical_with_flags(served, tmp_path) -
     want = {f: sorted((h, tuple(x for x in flags if x in system)) for h, flags in items) for f, items in archived(url, unix_lines=True).items()}
     assert pulled(tmp_path / "pulled") == want
     assert tree_hash(tmp_path / "a") == before
+
+
+def test_backup_from_the_served_archive_gives_identical_hashes_and_flags(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    host, port, url = served
+    copy = f"maildir:{tmp_path}/copy"
+    summary = backup(f"imap://reader@{host}:{port}", copy, password=PASSWORD, options=BackupOptions(no_tls=True))
+    assert summary.ok and summary.new == sum(FOLDERS.values()) + 1
+    assert archived(copy) == archived(url)
+
+
+@pytest.fixture
+def imapclient_for(served):  # type: ignore[no-untyped-def]
+    from imapclient import IMAPClient
+
+    host, port, _ = served
+    clients = []
+
+    def connect() -> IMAPClient:
+        imap = IMAPClient(host, port, ssl=False, timeout=30)
+        imap.normalise_times = False
+        imap.login("reader", PASSWORD)
+        clients.append(imap)
+        return imap
+
+    yield connect
+    for imap in clients:
+        try:
+            imap.logout()
+        except Exception:
+            pass
+
+
+def test_envelope_and_bodystructure_agree_with_the_email_package(imapclient_for) -> None:  # type: ignore[no-untyped-def]
+    imap = imapclient_for()
+    imap.select_folder("INBOX", readonly=True)
+    data = imap.fetch(imap.search("ALL"), ["BODY.PEEK[]", "ENVELOPE", "BODYSTRUCTURE"])
+    assert len(data) == FOLDERS["INBOX"] + 1
+    for item in data.values():
+        parsed = email.message_from_bytes(item[b"BODY[]"], policy=email.policy.compat32)
+        envelope = item[b"ENVELOPE"]
+        assert envelope.subject.decode() == parsed["Subject"]
+        assert envelope.message_id == (parsed["Message-ID"].encode() if parsed["Message-ID"] else None)
+        assert envelope.date == email.utils.parsedate_to_datetime(parsed["Date"])
+        want_from = email.utils.getaddresses([parsed["From"]])[0][1]
+        assert f"{envelope.from_[0].mailbox.decode()}@{envelope.from_[0].host.decode()}" == want_from
+        want_to = [a for _, a in email.utils.getaddresses([parsed["To"]])]
+        assert [f"{a.mailbox.decode()}@{a.host.decode()}" for a in envelope.to] == want_to
+        structure = item[b"BODYSTRUCTURE"]
+        if parsed.is_multipart():
+            assert structure.is_multipart
+            parts, subtype = structure[0], structure[1]
+            assert subtype.decode().lower() == parsed.get_content_subtype()
+            leaves = list(parsed.get_payload())
+            assert [(p[0].decode().lower(), p[1].decode().lower()) for p in parts] == [
+                (leaf.get_content_maintype(), leaf.get_content_subtype()) for leaf in leaves]
+            # the size of each part is the size of its encoded body
+            assert int(parts[1][6]) == len(leaves[1].get_payload().encode())
+            assert parts[1][8][0].decode().lower() == "attachment"
+        else:
+            assert (structure[0].decode().lower(), structure[1].decode().lower()) == ("text", "plain")
+            assert structure[6] == len(item[b"BODY[]"].split(b"\r\n\r\n", 1)[1])
+
+
+def test_sections_and_partials_are_the_archived_bytes(imapclient_for) -> None:  # type: ignore[no-untyped-def]
+    imap = imapclient_for()
+    imap.select_folder("INBOX", readonly=True)
+    uid = imap.search(["SUBJECT", "with attachment"])[0]
+    items = ["BODY.PEEK[1]", "BODY.PEEK[2.MIME]", "BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)]", "BODY.PEEK[TEXT]", "BODY.PEEK[]<10.20>"]
+    data = imap.fetch([uid], items)[uid]
+    assert data[b"BODY[1]"] == b"see the zanzibar file"
+    assert data[b"BODY[2.MIME]"].startswith(b"Content-Type: application/pdf") and data[b"BODY[2.MIME]"].endswith(b"\r\n\r\n")
+    assert data[b"BODY[HEADER.FIELDS (SUBJECT FROM)]"] == b"From: =?utf-8?q?J=C3=B6rg?= <joerg@example.org>\r\nSubject: with attachment\r\n\r\n"
+    assert data[b"BODY[TEXT]"] == MULTIPART.split(b"\r\n\r\n", 1)[1]
+    assert data[b"BODY[]<10>"] == MULTIPART[10:30]
+
+
+def fetch_hashes(imap, uids) -> set[str]:  # type: ignore[no-untyped-def]
+    return {hashlib.sha256(d[b"BODY[]"]).hexdigest() for d in imap.fetch(uids, ["BODY.PEEK[]"]).values()} if uids else set()
+
+
+def test_search_finds_what_mailbackup_search_finds(imapclient_for, served) -> None:  # type: ignore[no-untyped-def]
+    _, _, url = served
+    imap = imapclient_for()
+    imap.select_folder("INBOX", readonly=True)
+
+    def hits(filters: Filters) -> set[str]:
+        return {hit.sha256 for hit in search(url, filters)}
+
+    cases = [
+        (["TEXT", "zanzibar"], Filters(query="zanzibar", folder="INBOX")),
+        (["BODY", "note"], Filters(query="note", folder="INBOX")),
+        (["FROM", "sender1"], Filters(sender="sender1", folder="INBOX")),
+        (["SUBJECT", "attachment"], Filters(subject="attachment", folder="INBOX")),
+        (["SENTSINCE", "3-Mar-2021"], Filters(since=datetime_utc(2021, 3, 3), folder="INBOX")),
+        (["SENTBEFORE", "3-Mar-2021"], Filters(before=datetime_utc(2021, 3, 3), folder="INBOX")),
+    ]
+    for criteria, filters in cases:
+        want = hits(filters)
+        assert want, criteria  # each case finds something, so agreement means something
+        assert fetch_hashes(imap, imap.search(criteria)) == want, criteria
+    seen = imap.search(["SEEN"])
+    assert seen and set(imap.search(["UNSEEN"])) == set(imap.search("ALL")) - set(seen)
+    assert set(imap.search(["OR", "FLAGGED", "SEEN"])) >= set(seen)
+    assert imap.search(["NOT", "ALL"]) == []
+
+
+def datetime_utc(*parts: int):  # type: ignore[no-untyped-def]
+    from datetime import datetime, timezone
+
+    return datetime(*parts, tzinfo=timezone.utc)
+
+
+def test_every_write_is_refused_and_the_archive_stays_byte_identical(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    host, port, url = served
+    root = tmp_path / "a"
+    before = tree_hash(root)
+    imap = client(host, port)
+    with pytest.raises(imaplib.IMAP4.readonly):
+        imap.select("INBOX")  # SELECT answers [READ-ONLY]
+    imap = client(host, port)
+    flags_before = imap.select("INBOX", readonly=True)[0] and imap.fetch("1:*", "(FLAGS)")[1]
+    imap.fetch("1:*", "(BODY[] RFC822)")  # not PEEK: would set \Seen on a writable server
+    refused = [
+        imap.append("INBOX", "(\\Seen)", None, message(99, "INBOX")),
+        imap.store("1:*", "+FLAGS", "(\\Deleted)"),
+        imap.uid("STORE", "1:*", "-FLAGS", "(\\Seen)"),
+        imap.copy("1", "Sent"),
+        imap.uid("COPY", "1:*", "Sent"),
+        imap.xatom("MOVE", "1", "Sent"),
+        imap.expunge(),
+        imap.uid("EXPUNGE", "1:*"),
+        imap.create("New"),
+        imap.delete("Sent"),
+        imap.rename("Sent", "Sent2"),
+    ]
+    assert [typ for typ, _ in refused] == ["NO"] * len(refused), refused
+    assert imap.fetch("1:*", "(FLAGS)")[1] == flags_before
+    imap.logout()
+    assert tree_hash(root) == before
+
+
+def test_ten_clients_at_once_fetch_everything(served) -> None:  # type: ignore[no-untyped-def]
+    host, port, url = served
+    want = {f: sorted(h for h, _ in items) for f, items in archived(url).items()}
+    results: list[object] = []
+
+    def fetch_all() -> None:
+        try:
+            imap = client(host, port)
+            got = {}
+            for folder in want:
+                imap.select(imap_quote(folder), readonly=True)
+                _, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[] FLAGS)")
+                got[folder] = sorted(hashlib.sha256(item[1]).hexdigest() for item in data if isinstance(item, tuple))
+            imap.logout()
+            results.append(got)
+        except Exception as exc:  # reported below, in the test's own thread
+            results.append(exc)
+
+    threads = [threading.Thread(target=fetch_all) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == [want] * 10
