@@ -87,11 +87,13 @@ def tree_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.fixture(params=["maildir", "mbox", "sqlite"])
+@pytest.fixture(params=["maildir", "mbox", "sqlite", "postgresql"])
 def archive(request, filled, tmp_path):  # type: ignore[no-untyped-def]
+    """The filled account backed up; for PostgreSQL the tree under tmp_path/a is empty (and stays so)."""
+    (tmp_path / "a").mkdir()
+    if request.param == "postgresql":
+        return make_archive(filled, request.getfixturevalue("pg_url"))
     urls = {"maildir": f"maildir:{tmp_path}/a", "mbox": f"mbox:{tmp_path}/a", "sqlite": f"{tmp_path}/a/archive.sqlite"}
-    if request.param == "sqlite":
-        (tmp_path / "a").mkdir()
     return make_archive(filled, urls[request.param])
 
 
@@ -287,6 +289,10 @@ def test_search_finds_what_mailbackup_search_finds(imapclient_for, served) -> No
     imap = imapclient_for()
     imap.select_folder("INBOX", readonly=True)
 
+    if url.startswith("postgresql"):  # no search index there: TEXT matches the bytes
+        assert fetch_hashes(imap, imap.search(["TEXT", "zanzibar"])) == {hashlib.sha256(MULTIPART).hexdigest()}
+        pytest.skip("mailbackup search needs a SQLite catalog; SEARCH matched the bytes")
+
     def hits(filters: Filters) -> set[str]:
         return {hit.sha256 for hit in search(url, filters)}
 
@@ -367,3 +373,207 @@ def test_ten_clients_at_once_fetch_everything(served) -> None:  # type: ignore[n
     for thread in threads:
         thread.join(60)
     assert results == [want] * 10
+
+
+class Tmux:
+    """A tmux server of our own (its own socket), one window running a program."""
+
+    def __init__(self, directory: Path, command: list[str]) -> None:
+        self.socket = str(directory / "tmux.sock")
+        self.run("new-session", "-d", "-x", "160", "-y", "45", "-s", "t", *command)
+
+    def run(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True, timeout=30, check=True).stdout
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", "t")
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", "t", *keys)
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if text in screen:
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not on the screen:\n{screen}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("mutt") is None or shutil.which("tmux") is None, reason="mutt and tmux: bash tests/bootstrap.sh")
+def test_mutt_opens_the_served_archive_lists_folders_and_shows_a_message(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    host, port, url = served
+    rc = tmp_path / "muttrc"
+    rc.write_text(
+        f'set folder="imap://reader@{host}:{port}/"\nset spoolfile="+INBOX"\nset imap_pass="{PASSWORD}"\n'
+        "set ssl_starttls=no\nset ssl_force_tls=no\nset sort=date\nset mail_check=600\nset timeout=600\n"
+        "set header_cache=\nset message_cachedir=\nset move=no\nset confirmappend=no\nset charset=utf-8\n"
+        f"set tmpdir={tmp_path}\n"
+    )
+    before = tree_hash(tmp_path / "a")
+    tmux = Tmux(tmp_path, ["env", "TERM=xterm", "LANG=C.UTF-8", f"HOME={tmp_path}", "mutt", "-n", "-F", str(rc)])
+    try:
+        index = tmux.wait_for("with attachment")
+        assert "note 0 in INBOX" in index
+        tmux.keys("/", "attachment", "Enter")  # find the message in the index, then open it
+        tmux.keys("Enter")
+        tmux.wait_for("see the zanzibar file")
+        tmux.keys("q")
+        tmux.wait_for("note 0 in INBOX")
+        tmux.keys("c", "?")  # change folder: the server's folder list
+        listing = tmux.wait_for("Sent")
+        assert "Archive" in listing and "INBOX" in listing and "Über" in listing
+        tmux.keys("q", "q")
+    finally:
+        tmux.close()
+    assert tree_hash(tmp_path / "a") == before
+
+
+def serve(url: str, **settings: object):  # type: ignore[no-untyped-def]
+    return start_imap(("127.0.0.1", 0), ServeSettings(archive=url, user="reader", password=PASSWORD, **settings))  # type: ignore[arg-type]
+
+
+def test_gone_messages_are_hidden_unless_asked_for_then_in_gone_folders(dovecot, filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = make_archive(filled, f"maildir:{tmp_path}/a")
+    with dovecot.client(filled) as imap:
+        imap.select_folder("INBOX")
+        first = imap.search(["SUBJECT", "note 0 in INBOX"])
+        imap.delete_messages(first)
+        imap.expunge()
+    backup(filled.url("imap"), url, password=filled.password, options=BackupOptions(no_tls=True))
+    gone_hash = next(hashlib.sha256(b).hexdigest() for b in [message(0, "INBOX")])
+    for include_gone in (False, True):
+        server = serve(url, include_gone=include_gone)
+        try:
+            imap = client("127.0.0.1", server.port)
+            names = [line.decode().rsplit(" ", 1)[1].strip('"') for line in imap.list()[1]]
+            imap.select("INBOX", readonly=True)
+            inbox = {hashlib.sha256(i[1]).hexdigest() for i in imap.fetch("1:*", "(BODY.PEEK[])")[1] if isinstance(i, tuple)}
+            assert gone_hash not in inbox and len(inbox) == FOLDERS["INBOX"]
+            if include_gone:
+                assert "Gone/INBOX" in names
+                imap.select('"Gone/INBOX"', readonly=True)
+                gone = [hashlib.sha256(i[1]).hexdigest() for i in imap.fetch("1:*", "(BODY.PEEK[])")[1] if isinstance(i, tuple)]
+                assert gone == [gone_hash]
+            else:
+                assert not any(n.startswith("Gone") for n in names)
+            imap.logout()
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def test_pop3_archive_without_uids_gets_stable_uids_from_entry_ids(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"maildir:{tmp_path}/pop"
+    backup(filled.url("pop3"), url, password=filled.password, options=BackupOptions(no_tls=True))
+    store = open_store(url, mode="read")
+    try:
+        folder = store.catalog.folders()[0]
+        ids = sorted(e.id for e in store.catalog.entries(folder.id))
+        assert all(e.uid is None for e in store.catalog.entries(folder.id))
+    finally:
+        store.close()
+    seen = []
+    for _ in range(2):  # a restarted server gives the same UIDVALIDITY and UIDs
+        server = serve(url)
+        try:
+            imap = client("127.0.0.1", server.port)
+            imap.select("INBOX", readonly=True)
+            validity = imap.response("UIDVALIDITY")[1][0]
+            uids = [int(u) for u in imap.uid("SEARCH", "ALL")[1][0].split()]
+            imap.logout()
+        finally:
+            server.shutdown()
+            server.server_close()
+        seen.append((validity, uids))
+    assert seen[0] == seen[1] and seen[0][1] == ids
+
+
+def tls_files(dovecot) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {"tls_cert": str(dovecot.cert_path), "tls_key": str(dovecot.cert_path.parent / "key.pem")}
+
+
+def test_starttls_and_implicit_tls_with_the_given_certificate(dovecot, filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import ssl
+
+    url = make_archive(filled, f"maildir:{tmp_path}/a")
+    context = ssl.create_default_context(cafile=str(dovecot.cert_path))
+    server = serve(url, **tls_files(dovecot))
+    try:
+        imap = imaplib.IMAP4("127.0.0.1", server.port)
+        assert "STARTTLS" in imap.capabilities
+        imap.starttls(context)
+        assert "STARTTLS" not in imap.capabilities
+        imap.login("reader", PASSWORD)
+        assert imap.select("INBOX", readonly=True)[1] == [str(FOLDERS["INBOX"] + 1).encode()]
+        imap.logout()
+    finally:
+        server.shutdown()
+        server.server_close()
+    server = serve(url, implicit_tls=True, **tls_files(dovecot))
+    try:
+        imap = imaplib.IMAP4_SSL("127.0.0.1", server.port, ssl_context=context)
+        imap.login("reader", PASSWORD)
+        assert imap.select("INBOX", readonly=True)[0] == "OK"
+        imap.logout()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_login_and_authenticate_plain_check_user_and_password(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = make_archive(filled, f"maildir:{tmp_path}/a")
+    server = serve(url)
+    try:
+        for user, password in (("reader", "wrong"), ("other", PASSWORD)):
+            imap = imaplib.IMAP4("127.0.0.1", server.port)
+            with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+                imap.login(user, password)
+            imap.send(b"x1 EXAMINE INBOX\r\n")
+            assert imap.readline() == b"x1 NO log in first\r\n"
+            imap.logout()
+        imap = imaplib.IMAP4("127.0.0.1", server.port)
+        typ, _ = imap.authenticate("PLAIN", lambda _: f"\0reader\0{PASSWORD}".encode())
+        assert typ == "OK" and imap.select("INBOX", readonly=True)[0] == "OK"
+        imap.logout()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_refuses_a_non_loopback_address_without_tls(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = make_archive(filled, f"maildir:{tmp_path}/a")
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    result = CliRunner().invoke(main, ["serve", url, "--imap", "0.0.0.0:0", "--password-file", str(tmp_path / "pw")])
+    assert result.exit_code != 0 and "refusing to serve 0.0.0.0 without TLS" in result.output
+
+
+def test_serve_command_serves_until_interrupted(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import sys
+
+    from servers.dovecot import free_port
+
+    url = make_archive(filled, f"maildir:{tmp_path}/a")
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailbackup", "serve", url, "--imap", f"127.0.0.1:{port}", "--password-file", str(tmp_path / "pw")],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        assert f"at 127.0.0.1:{port} as user {filled.user}" in line  # the archive's account user name by default
+        imap = imaplib.IMAP4("127.0.0.1", port)
+        imap.login(filled.user, PASSWORD)
+        assert imap.select("INBOX", readonly=True)[0] == "OK"
+        imap.logout()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 0
