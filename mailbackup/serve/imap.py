@@ -48,6 +48,9 @@ class Session(socketserver.StreamRequestHandler):
     wbufsize = 1 << 16  # FETCH responses are buffered and flushed with the tagged answer
 
     def setup(self) -> None:
+        # Responses go out in pieces (a header, a message, a closing parenthesis): without
+        # TCP_NODELAY, Nagle's algorithm and the client's delayed ACK stall the small ones.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().setup()
         self.store: Store | None = None
         self.user: str | None = None
@@ -342,7 +345,11 @@ class Session(socketserver.StreamRequestHandler):
                     log.warning("serve: %s", exc)
                     failed.append(str(exc))
                     continue
-            self.wfile.write(b"* %d FETCH (" % (index + 1) + _fetch_response(items, snap.uids[index], entry, raw) + b")\r\n")
+            pieces = _fetch_response(items, snap.uids[index], entry, raw)
+            self.wfile.write(b"* %d FETCH (" % (index + 1))
+            for piece in pieces:
+                self.wfile.write(piece)
+            self.wfile.write(b")\r\n")
         if failed:
             return b"NO " + failed[0].encode("utf-8", "replace") + (b" (and %d more)" % (len(failed) - 1) if len(failed) > 1 else b"")
         return b"OK " + command.name.encode() + b" completed"
@@ -399,43 +406,50 @@ def _fetch_items(token: object) -> list[str]:
     return [i if "[" in i else i.upper() for i in items]
 
 
-def _fetch_response(items: list[str], uid: int, entry: view.Entry, raw: bytes | None) -> bytes:
-    out = []
+def _fetch_response(items: list[str], uid: int, entry: view.Entry, raw: bytes | None) -> list[bytes]:
+    """The FETCH data items as pieces to write in turn (a message's bytes are never copied into a bigger one)."""
+    out: list[bytes] = []
     tree: parts.Part | None = None
+
+    def add(*pieces: bytes) -> None:
+        if out:
+            out.append(b" ")
+        out.extend(pieces)
+
     for item in items:
         upper = item.upper()
         if upper == "UID":
-            out.append(b"UID %d" % uid)
+            add(b"UID %d" % uid)
         elif upper == "FLAGS":
-            out.append(b"FLAGS " + wire.flag_list([f for f in entry.flags if f != "\\Recent"]))
+            add(b"FLAGS " + wire.flag_list([f for f in entry.flags if f != "\\Recent"]))
         elif upper == "INTERNALDATE":
-            out.append(b"INTERNALDATE " + wire.internal_date(entry.internal_date))
+            add(b"INTERNALDATE " + wire.internal_date(entry.internal_date))
         elif upper == "RFC822.SIZE":
-            out.append(b"RFC822.SIZE %d" % (len(raw) if raw is not None else entry.size))
+            add(b"RFC822.SIZE %d" % (len(raw) if raw is not None else entry.size))
         elif upper in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
             assert raw is not None
             tree = tree or parts.parse(raw)
             value = parts.envelope(tree) if upper == "ENVELOPE" else parts.bodystructure(tree, upper == "BODYSTRUCTURE")
-            out.append(upper.encode() + b" " + value)
+            add(upper.encode() + b" " + value)
         elif upper in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
             assert raw is not None
-            head, body = parts.split_header(raw)
-            out.append(upper.encode() + b" " + wire.literal(raw if upper == "RFC822" else head if upper == "RFC822.HEADER" else body))
+            data = raw if upper == "RFC822" else parts.split_header(raw)[0 if upper == "RFC822.HEADER" else 1]
+            add(upper.encode() + b" {%d}\r\n" % len(data), data)
         elif upper.startswith(("BODY[", "BODY.PEEK[", "BINARY[", "BINARY.PEEK[")):
             assert raw is not None
-            tree = tree or parts.parse(raw)
-            out.append(_section_response(item, tree))
+            spec = item.split("[", 1)[1].partition("]")[0]
+            if spec and tree is None:  # BODY[] needs no MIME tree: the common case stays cheap
+                tree = parts.parse(raw)
+            add(*_section_response(item, raw, tree))
         else:
             raise BadCommand(f"unknown FETCH item {item}")
-    return b" ".join(out)
+    return out
 
 
-def _section_response(item: str, tree: parts.Part) -> bytes:
+def _section_response(item: str, raw: bytes, tree: parts.Part | None) -> tuple[bytes, bytes]:
     name = item.split("[", 1)[0].upper().replace(".PEEK", "")
     spec, _, partial = item.split("[", 1)[1].partition("]")
-    data = parts.section(tree, spec)
-    if data is None:
-        data = b""
+    data = (parts.section(tree, spec) if tree is not None else raw) or b""
     label = f"{name}[{spec}]"
     if partial:
         try:
@@ -445,7 +459,7 @@ def _section_response(item: str, tree: parts.Part) -> bytes:
             raise BadCommand(f"bad partial {partial}") from exc
         data = data[offset : offset + length if length is not None else None]
         label += f"<{offset}>"
-    return label.encode("utf-8", "surrogateescape") + b" " + wire.literal(data)
+    return label.encode("utf-8", "surrogateescape") + b" {%d}\r\n" % len(data), data
 
 
 class ImapServer(socketserver.ThreadingTCPServer):
