@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -162,7 +163,7 @@ def mbsync_pull(host: str, port: int, into: Path, user: str = "reader") -> subpr
         f"MaildirStore near\nPath {into}/\nInbox {into}/INBOX\nSubFolders Verbatim\n\n"
         "Channel pull\nFar :far:\nNear :near:\nPatterns *\nCreate Near\nSync Pull\nSyncState *\nCopyArrivalDate yes\n"
     )
-    return subprocess.run(["mbsync", "-c", str(config), "-a"], capture_output=True, text=True, timeout=120,
+    return subprocess.run(["mbsync", "-c", str(config), "-a"], capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, "HOME": str(into.parent)})
 
 
@@ -232,7 +233,7 @@ def imapclient_for(served):  # type: ignore[no-untyped-def]
     for imap in clients:
         try:
             imap.logout()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110  (a test that failed may have left it logged out)
             pass
 
 
@@ -315,13 +316,13 @@ def test_search_finds_what_mailbackup_search_finds(imapclient_for, served) -> No
 
 
 def datetime_utc(*parts: int):  # type: ignore[no-untyped-def]
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime(*parts, tzinfo=timezone.utc)
+    return datetime(*parts, tzinfo=UTC)
 
 
 def test_every_write_is_refused_and_the_archive_stays_byte_identical(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    host, port, url = served
+    host, port, _ = served
     root = tmp_path / "a"
     before = tree_hash(root)
     imap = client(host, port)
@@ -364,7 +365,7 @@ def test_ten_clients_at_once_fetch_everything(served) -> None:  # type: ignore[n
                 got[folder] = sorted(hashlib.sha256(item[1]).hexdigest() for item in data if isinstance(item, tuple))
             imap.logout()
             results.append(got)
-        except Exception as exc:  # reported below, in the test's own thread
+        except Exception as exc:  # noqa: BLE001  (reported below, in the test's own thread)
             results.append(exc)
 
     threads = [threading.Thread(target=fetch_all) for _ in range(10)]
@@ -402,12 +403,12 @@ class Tmux:
             time.sleep(0.2)
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30, check=False)
 
 
 @pytest.mark.skipif(shutil.which("mutt") is None or shutil.which("tmux") is None, reason="mutt and tmux: bash tests/bootstrap.sh")
 def test_mutt_opens_the_served_archive_lists_folders_and_shows_a_message(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    host, port, url = served
+    host, port, _ = served
     rc = tmp_path / "muttrc"
     rc.write_text(
         f'set folder="imap://reader@{host}:{port}/"\nset spoolfile="+INBOX"\nset imap_pass="{PASSWORD}"\n'
@@ -577,3 +578,52 @@ def test_serve_command_serves_until_interrupted(filled, tmp_path) -> None:  # ty
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 0
+
+
+# pure functions over bytes: no server
+
+
+def test_tokenize_reads_quoted_strings_literals_lists_and_sections() -> None:
+    from mailbackup.serve.wire import parse_command
+
+    command = parse_command(b'a1 UID FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (From "To")]<0.10> FLAGS)\r\n')
+    assert (command.tag, command.name) == ("a1", "UID FETCH")
+    assert command.args == ["1:*", ["UID", 'BODY.PEEK[HEADER.FIELDS (From "To")]<0.10>', "FLAGS"]]
+    command = parse_command(b'a2 LOGIN {5}\r\nr"e d "p\\\\w"\r\n')
+    assert command.args == [b'r"e d', b"p\\w"]
+
+
+def test_sequence_sets_take_star_as_the_largest_and_any_order() -> None:
+    from mailbackup.serve.view import Snapshot
+    from mailbackup.serve.wire import sequence_set
+
+    assert sequence_set("3:1,7,9:*", 12) == [(1, 3), (7, 7), (9, 12)]
+    snap = Snapshot(1, [2, 5, 9], [])  # type: ignore[arg-type]
+    assert list(snap.by_uid_ranges(sequence_set("20:*", 9))) == [2]  # '*' is the last UID even below 20
+    assert list(snap.by_uid_ranges(sequence_set("1:5,5", 9))) == [0, 1]  # each message once
+    assert list(snap.by_seq_ranges(sequence_set("2:*", 3))) == [1, 2]
+
+
+NESTED = (
+    b"Subject: outer\r\nContent-Type: multipart/mixed; boundary=o\r\n\r\n"
+    b"--o\r\nContent-Type: text/plain\r\n\r\nfirst\r\n"
+    b"--o\r\nContent-Type: message/rfc822\r\n\r\n"
+    b"Subject: inner\r\nContent-Type: multipart/alternative; boundary=i\r\n\r\n"
+    b"--i\r\nContent-Type: text/plain\r\n\r\ninner plain\r\n--i\r\nContent-Type: text/html\r\n\r\n<p>inner</p>\r\n--i--\r\n"
+    b"\r\n--o--\r\n"
+)
+
+
+def test_sections_reach_into_an_attached_message() -> None:
+    from mailbackup.serve.parts import bodystructure, parse, section
+
+    tree = parse(NESTED)
+    assert section(tree, "1") == b"first"
+    assert section(tree, "2.HEADER").startswith(b"Subject: inner\r\n")
+    assert section(tree, "2.1") == b"inner plain"
+    assert section(tree, "2.2") == b"<p>inner</p>"
+    assert section(tree, "2.MIME") == b"Content-Type: message/rfc822\r\n\r\n"
+    assert section(tree, "3") is None
+    structure = bodystructure(tree)
+    assert structure.startswith(b'(("text" "plain" ("charset" "us-ascii") NIL NIL "7BIT" 5 0')
+    assert b'"message" "rfc822"' in structure and b'"alternative"' in structure and structure.endswith(b' "mixed" ("boundary" "o") NIL NIL NIL)')

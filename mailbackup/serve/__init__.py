@@ -82,6 +82,6 @@ def start_imap(address: tuple[str, int], settings: ServeSettings) -> ImapServer:
     return server
 
 
-from .imap import ImapServer  # noqa: E402  (imap imports ServeSettings from here)
+from .imap import ImapServer
 
 __all__ = ["ImapServer", "ServeSettings", "default_user", "parse_address", "start_imap"]

@@ -8,6 +8,7 @@ holds back the reading (socket back-pressure) and memory stays flat whatever the
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import ipaddress
 import logging
@@ -145,7 +146,11 @@ class Session(socketserver.StreamRequestHandler):
             self.send(tag + b" BAD " + str(exc).encode())
         except (MailbackupError, sa.exc.SQLAlchemyError) as exc:
             log.warning("serve: %s failed: %s", command.name, exc)
-            self.send(tag + b" NO [SERVERBUG] " + str(exc).splitlines()[0].encode("utf-8", "replace")[:300])
+            self.send(tag + b" NO [SERVERBUG] " + (str(exc).splitlines() or [""])[0].encode("utf-8", "replace")[:300])
+        except (ValueError, LookupError, TypeError, UnicodeError, AttributeError) as exc:
+            # A message this code reads wrong must cost one command, not the client's connection.
+            log.exception("serve: %s failed", command.name)
+            self.send(tag + b" NO [SERVERBUG] " + type(exc).__name__.encode())
         if command.name == "LOGOUT":
             raise Closed("logout")
 
@@ -345,11 +350,16 @@ class Session(socketserver.StreamRequestHandler):
                     log.warning("serve: %s", exc)
                     failed.append(str(exc))
                     continue
-            pieces = _fetch_response(items, snap.uids[index], entry, raw)
-            self.wfile.write(b"* %d FETCH (" % (index + 1))
-            for piece in pieces:
+            small = bytearray(b"* %d FETCH (" % (index + 1))
+            for piece in _fetch_response(items, snap.uids[index], entry, raw):
+                if len(piece) < 8192:
+                    small += piece
+                    continue
+                self.wfile.write(small)  # then the message itself, uncopied
                 self.wfile.write(piece)
-            self.wfile.write(b")\r\n")
+                small = bytearray()
+            small += b")\r\n"
+            self.wfile.write(small)
         if failed:
             return b"NO " + failed[0].encode("utf-8", "replace") + (b" (and %d more)" % (len(failed) - 1) if len(failed) > 1 else b"")
         return b"OK " + command.name.encode() + b" completed"
@@ -364,8 +374,8 @@ class Session(socketserver.StreamRequestHandler):
         found = []
         largest_uid = snap.uids[-1] if snap.uids else 0
         for index, entry in enumerate(snap.entries):
-            candidate = query.Candidate(index + 1, snap.uids[index], entry, lambda e=entry: view.message_bytes(store, e),
-                                        len(snap.uids), largest_uid)
+            load = functools.partial(view.message_bytes, store, entry)
+            candidate = query.Candidate(index + 1, snap.uids[index], entry, load, len(snap.uids), largest_uid)
             if predicate(candidate):
                 found.append(snap.uids[index] if command.name == "UID SEARCH" else index + 1)
         self.send(b"* SEARCH" + b"".join(b" %d" % n for n in found))

@@ -110,6 +110,18 @@ def _compare_day(day_of: Callable[[Candidate], date | None], when: date, how: st
     return match
 
 
+def _in_set(spec: str, by_uid: bool) -> Predicate:
+    sequence_set(spec, 1)  # a bad set is a BAD answer now, not at the first message
+    ranges: list[list[tuple[int, int]]] = []  # parsed once, at the first message: '*' needs the largest
+
+    def match(c: Candidate) -> bool:
+        if not ranges:
+            ranges.append(sequence_set(spec, c.largest_uid if by_uid else c.largest_seq))
+        return in_ranges(c.uid if by_uid else c.seq, ranges[0])
+
+    return match
+
+
 def parse_keys(tokens: list, index: IndexLookup) -> Predicate:  # type: ignore[type-arg]
     """All keys ANDed; raises BadCommand on what it does not know."""
     items = list(tokens)
@@ -133,8 +145,7 @@ def _one(items: list, index: IndexLookup) -> Predicate:  # type: ignore[type-arg
             parts.append(_one(inner, index))
         return lambda c: all(p(c) for p in parts)
     if is_sequence_set(token):
-        spec = str(token)
-        return lambda c: in_ranges(c.seq, sequence_set(spec, c.largest_seq))
+        return _in_set(str(token), by_uid=False)
     if not isinstance(token, str):
         raise BadCommand("expected a search key")
     key = token.upper()
@@ -178,11 +189,10 @@ def _one(items: list, index: IndexLookup) -> Predicate:  # type: ignore[type-arg
             raise BadCommand(f"{key} needs a number") from exc
         return (lambda c: c.entry.size > size) if key == "LARGER" else (lambda c: c.entry.size < size)
     if key == "UID":
-        spec = text(arg())
-        return lambda c: in_ranges(c.uid, sequence_set(spec, c.largest_uid))
+        return _in_set(text(arg()), by_uid=True)
     if key == "NOT":
-        inner = _one(items, index)
-        return lambda c: not inner(c)
+        negated = _one(items, index)
+        return lambda c: not negated(c)
     if key == "OR":
         left, right = _one(items, index), _one(items, index)
         return lambda c: left(c) or right(c)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from imapclient import imap_utf7
 
@@ -125,7 +125,7 @@ def mailbox_name(token: object) -> str:
     name = text(token)
     try:
         decoded = imap_utf7.decode(name.encode("ascii")) if name.isascii() else name
-    except Exception:  # not valid modified UTF-7: take it as it is
+    except (ValueError, UnicodeError):  # not valid modified UTF-7: take it as it is
         decoded = name
     return "INBOX" if decoded.upper() == "INBOX" else decoded
 
@@ -159,9 +159,9 @@ def flag_list(flags: Sequence[str]) -> bytes:
 
 
 def internal_date(when: datetime | None) -> bytes:
-    when = when or datetime(1970, 1, 1, tzinfo=timezone.utc)
+    when = when or datetime(1970, 1, 1, tzinfo=UTC)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return b'"' + when.strftime("%d-%b-%Y %H:%M:%S %z").encode("ascii") + b'"'
 
 
