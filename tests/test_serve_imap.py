@@ -627,3 +627,20 @@ def test_sections_reach_into_an_attached_message() -> None:
     structure = bodystructure(tree)
     assert structure.startswith(b'(("text" "plain" ("charset" "us-ascii") NIL NIL "7BIT" 5 0')
     assert b'"message" "rfc822"' in structure and b'"alternative"' in structure and structure.endswith(b' "mixed" ("boundary" "o") NIL NIL NIL)')
+
+
+def test_append_is_refused_before_its_message_is_sent_and_big_commands_before_login(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = make_archive(filled, f"maildir:{tmp_path}/a")
+    server = serve(url)
+    try:
+        imap = imaplib.IMAP4("127.0.0.1", server.port)
+        imap.send(b"x1 LOGIN {100000}\r\n")
+        assert imap.readline() == b"* BYE command too large\r\n"
+        imap = client("127.0.0.1", server.port)
+        imap.send(b"x2 APPEND INBOX (\\Seen) {5000000}\r\n")
+        assert imap.readline().startswith(b"x2 NO [CANNOT] the archive is read-only")
+        assert imap.noop()[0] == "OK"  # still in step
+        imap.logout()
+    finally:
+        server.shutdown()
+        server.server_close()

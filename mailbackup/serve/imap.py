@@ -98,12 +98,20 @@ class Session(socketserver.StreamRequestHandler):
 
     def read_command(self) -> bytes:
         data = self.read_line()
+        # Before login a command is small; after it, an APPEND's message is read (then refused).
+        limit = MAX_LITERAL if self.user is not None else 8192
         while (announced := wire.literal_at_end(data)) is not None:
             size, non_sync = announced
-            if size > MAX_LITERAL:
-                self.send(b"* BYE literal too large")
-                raise Closed("literal too large")
+            if size + len(data) > limit:
+                self.send(b"* BYE command too large")
+                raise Closed("command too large")
             if not non_sync:
+                words = data.split(b" ", 2)
+                if len(words) > 1 and words[1].upper() == b"APPEND":
+                    # Refused before the client sends the message: no "+ go ahead", and the
+                    # announcement is dropped so the command parses (and is answered NO).
+                    match = wire.LITERAL_AT_END.search(data)
+                    return data[: match.start()] if match else data
                 self.send(b"+ go ahead")
             body = self.rfile.read(size)
             if len(body) < size:
@@ -130,14 +138,14 @@ class Session(socketserver.StreamRequestHandler):
         tag = command.tag.encode()
         handler: Callable[[Command], bytes | None] | None = getattr(self, "do_" + command.name.replace(" ", "_").lower(), None)
         try:
+            if self.user is None and command.name not in ("CAPABILITY", "NOOP", "LOGOUT", "LOGIN", "AUTHENTICATE", "STARTTLS", "ID"):
+                self.send(tag + b" NO log in first")
+                return
             if command.name in WRITES:
                 self.send(tag + b" " + READ_ONLY)
                 return
             if handler is None:
                 self.send(tag + b" BAD unknown command " + command.name.encode())
-                return
-            if self.user is None and command.name not in ("CAPABILITY", "NOOP", "LOGOUT", "LOGIN", "AUTHENTICATE", "STARTTLS", "ID"):
-                self.send(tag + b" NO log in first")
                 return
             answer = handler(command)
             if answer is not None:
