@@ -644,3 +644,29 @@ def test_append_is_refused_before_its_message_is_sent_and_big_commands_before_lo
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_list_shows_special_use_and_parents_and_idle_waits_for_done(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    (tmp_path / "a").mkdir()
+    url = make_archive(filled, f"{tmp_path}/a/archive.sqlite")
+    with sqlite3.connect(f"{tmp_path}/a/archive.sqlite") as db:  # as if the server had said Sent is \Sent
+        db.execute("UPDATE folders SET attributes = '\\HasNoChildren \\Sent' WHERE name = 'Sent'")
+    server = serve(url)
+    try:
+        imap = client("127.0.0.1", server.port)
+        listed = {line.decode().rsplit(" ", 1)[1].strip('"'): line.decode().split(")")[0] for line in imap.list()[1]}
+        assert "\\Sent" in listed["Sent"] and "\\HasNoChildren" in listed["Sent"]
+        assert "\\Noselect" in listed["Archive"] and "\\HasChildren" in listed["Archive"]
+        assert listed["&ANw-ber"] == "(\\HasNoChildren"  # modified UTF-7 on the wire
+        typ, special = imap._simple_command("LIST", "(SPECIAL-USE)", '""', '"*"')
+        assert typ == "OK" and [line.decode() for line in imap.untagged_responses.pop("LIST")] == ['(\\Sent \\HasNoChildren) "/" "Sent"']
+        imap.send(b"x1 IDLE\r\n")
+        assert imap.readline().startswith(b"+ ")
+        imap.send(b"DONE\r\n")
+        assert imap.readline() == b"x1 OK IDLE terminated\r\n"
+        imap.logout()
+    finally:
+        server.shutdown()
+        server.server_close()
