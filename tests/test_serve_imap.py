@@ -660,7 +660,7 @@ def test_list_shows_special_use_and_parents_and_idle_waits_for_done(filled, tmp_
         assert "\\Sent" in listed["Sent"] and "\\HasNoChildren" in listed["Sent"]
         assert "\\Noselect" in listed["Archive"] and "\\HasChildren" in listed["Archive"]
         assert listed["&ANw-ber"] == "(\\HasNoChildren"  # modified UTF-7 on the wire
-        typ, special = imap._simple_command("LIST", "(SPECIAL-USE)", '""', '"*"')
+        typ, _ = imap._simple_command("LIST", "(SPECIAL-USE)", '""', '"*"')
         assert typ == "OK" and [line.decode() for line in imap.untagged_responses.pop("LIST")] == ['(\\Sent \\HasNoChildren) "/" "Sent"']
         imap.send(b"x1 IDLE\r\n")
         assert imap.readline().startswith(b"+ ")
