@@ -315,7 +315,7 @@ def option_name(setting: str, role: str) -> str:
     return name
 
 
-TWINNED = {"--password-file", "--password-command", "--oauth2-token-command", "--oauth2-mechanism",
+TWINNED = {"--password-file", "--password-command", "--oauth2-token-command", "--oauth2-mechanism", "--admin-user",
            "--ca-file", "--no-tls", "--timeout"}
 
 
@@ -617,6 +617,67 @@ def ls_command(archive: str, mailbox: str | None, as_of: str | None, json_output
         click.echo(f"{'total':<{width}}  {0:>8}  {human_bytes(0):>9}  {0:>5}")
 
 
+@main.command("serve")
+@click.argument("archive")
+@click.option("--imap", "imap_address", metavar="HOST:PORT", help="Serve the archive read-only over IMAP here (e.g. 127.0.0.1:1143).")
+@click.option("--web", "web", metavar="HOST:PORT", help="Serve the web viewer here (loopback only by default; port 0 picks one).")
+@click.option("--web-allow-remote", is_flag=True, help="Allow --web on an address beyond loopback (no TLS: a warning is printed).")
+@click.option("--user", metavar="NAME", help="IMAP: the one login name (default: the archive's account user name).")
+@click.option("--password-file", type=click.Path(dir_okay=False), help="IMAP: clients log in with the password in this file.")
+@click.option("--password-command", metavar="CMD", help="IMAP: clients log in with the password CMD prints.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="IMAP: TLS certificate (PEM): offers STARTTLS, and allows a non-loopback address.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="IMAP: private key of --tls-cert (if not in the same file).")
+@click.option("--implicit-tls", is_flag=True, help="IMAP: TLS from the first byte (imaps) instead of STARTTLS.")
+@click.option("--include-gone", is_flag=True, help="IMAP: also show messages gone from the server, in folders Gone/<folder>.")
+@click.option("--mailbox", metavar="USER@HOST", help="IMAP: the account to serve, in an archive that holds several.")
+def serve_command(
+    archive: str, imap_address: str | None, web: str | None, web_allow_remote: bool, user: str | None,
+    password_file: str | None, password_command: str | None, tls_cert: str | None, tls_key: str | None,
+    implicit_tls: bool, include_gone: bool, mailbox: str | None,
+) -> None:
+    """Open ARCHIVE read-only without restoring it: --imap for mail clients, --web for a browser (Ctrl-C stops).
+
+    The web viewer prints a URL with a random access token. The archive never changes.
+    """
+    import threading
+
+    if not imap_address and not web:
+        fail(UsageError("say what to serve: --imap HOST:PORT and/or --web HOST:PORT, e.g. --web 127.0.0.1:8025"), False)
+
+    def start() -> Any:
+        from .serve import ServeSettings, default_user, parse_address, start_imap
+
+        address = parse_address(imap_address or "")
+        login = Login(password_file=password_file, password_command=password_command)
+        password = secret_for(login, f"mailbackup serve {archive}", "the served archive")
+        settings = ServeSettings(
+            archive=archive, user=user or default_user(archive, mailbox), password=password, mailbox=mailbox,
+            tls_cert=tls_cert, tls_key=tls_key, implicit_tls=implicit_tls, include_gone=include_gone,
+        )
+        server = start_imap(address, settings)
+        click.echo(f"serving {archive} read-only over IMAP at {address[0]}:{server.port} as user {settings.user}", err=True)
+        return server
+
+    def announce(url: str) -> None:
+        click.echo(f"mailbackup: web viewer at {url}  (Ctrl-C stops it)")
+
+    server = run(False, start) if imap_address else None
+    try:
+        if web:
+            from .web import serve_web
+
+            run(False, lambda: serve_web(archive, web, allow_remote=web_allow_remote, announce=announce,
+                                         warn=lambda line: click.echo(f"mailbackup: {line}", err=True)))
+        else:
+            threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
 @main.command("repair")
 @passphrase_options()
 @click.argument("archive")
@@ -790,27 +851,6 @@ def show_command(archive: str, ident: str, eml: str | None, mailbox: str | None)
     out = sys.stdout.buffer
     out.write(shown.raw)
     out.flush()
-
-
-@main.command("serve")
-@click.argument("archive")
-@click.option("--web", "web", metavar="HOST:PORT", help="Serve the web viewer here (loopback only by default; port 0 picks one).")
-@click.option("--web-allow-remote", is_flag=True, help="Allow --web on an address beyond loopback (no TLS: a warning is printed).")
-def serve_command(archive: str, web: str | None, web_allow_remote: bool) -> None:
-    """Open ARCHIVE read-only for looking into: --web serves a viewer in the browser.
-
-    It prints a URL with a random access token; the archive never changes.
-    """
-    from .web import serve_web
-
-    if not web:
-        fail(UsageError("say what to serve: --web HOST:PORT, e.g. --web 127.0.0.1:8025"), False)
-
-    def announce(url: str) -> None:
-        click.echo(f"mailbackup: web viewer at {url}  (Ctrl-C stops it)")
-
-    run(False, lambda: serve_web(archive, web, allow_remote=web_allow_remote, announce=announce,
-                                 warn=lambda line: click.echo(f"mailbackup: {line}", err=True)))
 
 
 @main.command("export")

@@ -176,7 +176,7 @@ def _parse_fetch_general(lines: list[object]) -> dict[int, dict[bytes, object]]:
 def login(client: imapclient.IMAPClient, endpoint: Endpoint, secret: str, auth: str, admin_user: str | None = None) -> None:
     """LOGIN with a password, SASL PLAIN as an admin for the user, or SASL XOAUTH2/OAUTHBEARER with an access token."""
     if admin_user and auth != "password":
-        raise UsageError("--admin-user goes with the admin's password, not with OAuth2")
+        raise UsageError(f"{setting('admin_user')} goes with the admin's password, not with OAuth2")
     if admin_user:
         if not client.has_capability("AUTH=PLAIN"):
             raise imap_errors.LoginError(f"the server offers no AUTHENTICATE PLAIN for the admin login as {admin_user}")

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from . import crypto
 from .catalog import new_id, now_iso
 from .credentials import Login, resolve_secret
-from .errors import ArchiveKeyError, ConfigError, UsageError, WrongPassphrase
+from .errors import ArchiveKeyError, ConfigError, UsageError, WrongPassphrase, setting
 
 FORMAT = "1"  # the object format: version byte 1, see stores/codec.py
 
@@ -124,7 +124,7 @@ def passphrase(source: KeySource, what: str) -> str:
 
 def new_passphrase(source: KeySource) -> str:
     if source.new_passphrase is None and source.new_prompt is None:
-        raise UsageError("give the new passphrase with --new-passphrase-file or --new-passphrase-command")
+        raise UsageError(f"give the new passphrase with {setting('new_passphrase_file')} or {setting('new_passphrase_command')}")
     login = source.new_passphrase or Login(password_env="MAILBACKUP_NEW_PASSPHRASE")
     return resolve_secret(login, what="the new passphrase", prompt=source.new_prompt)
 
@@ -152,10 +152,10 @@ def recipients_from(values: tuple[str, ...]) -> tuple[str, ...]:
         try:
             lines = Path(value).expanduser().read_text().splitlines()
         except OSError as exc:
-            raise ConfigError(f"--recipient {value}: neither an age1... key nor a readable file ({exc.strerror})") from exc
+            raise ConfigError(f"{setting('recipient')} {value}: neither an age1... key nor a readable file ({exc.strerror})") from exc
         found += [line.strip() for line in lines if line.strip().startswith("age1")]
     if values and not found:
-        raise ConfigError("--recipient gave no age1... public key")
+        raise ConfigError(f"{setting('recipient')} gave no age1... public key")
     return tuple(found)
 
 
@@ -285,7 +285,7 @@ def _unlock_recipients(
     elif writable:
         naming = _open_slot(conn, archive_id, "append", source, where)
     else:
-        raise ArchiveKeyError(f"{where} is encrypted to a public key: reading it needs --identity-file")
+        raise ArchiveKeyError(f"{where} is encrypted to a public key: reading it needs {setting('identity_file')}")
     data_key_id, data_key = 0, None
     if writable:
         data_key = crypto.random_key()

@@ -318,3 +318,24 @@ def _utc(when: datetime) -> str:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def indexed_hashes(store: Store, word: str) -> tuple[set[str], set[str]] | None:
+    """(SHA-256s whose indexed text holds word, every SHA-256 the index covers); None without an index.
+
+    For IMAP SEARCH TEXT/BODY in `mailbackup serve`; messages the index does not cover are matched otherwise.
+    """
+    if not supported(store):
+        return None
+    with store.catalog.engine.connect() as conn:
+        if not sa.inspect(conn).has_table("search_docs"):
+            return None
+        try:
+            found = {row[0] for row in conn.exec_driver_sql(
+                "SELECT sha256 FROM search_docs WHERE id IN (SELECT rowid FROM search_text WHERE search_text MATCH ?)",
+                (match_expression(Filters(query=word)),),
+            )}
+        except sa.exc.OperationalError:
+            return None
+        covered = {row[0] for row in conn.exec_driver_sql("SELECT sha256 FROM search_docs")}
+    return found, covered

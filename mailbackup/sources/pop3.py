@@ -344,7 +344,7 @@ class Pop3Source:
 def login(conn: poplib.POP3, endpoint: Endpoint, secret: str, auth: str, admin_user: str | None = None) -> None:
     """USER/PASS, AUTH PLAIN as an admin for the user, or AUTH XOAUTH2/OAUTHBEARER (RFC 5034) with an access token."""
     if admin_user and auth != "password":
-        raise UsageError("--admin-user goes with the admin's password, not with OAuth2")
+        raise UsageError(f"{setting('admin_user')} goes with the admin's password, not with OAuth2")
     if admin_user:
         response = f"{endpoint.user}\0{admin_user}\0{secret}".encode()  # authzid, authcid, password (RFC 4616)
         auth = "plain"

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 from .. import keys
 from ..catalog import Catalog
-from ..errors import CatalogDamaged, UsageError
+from ..errors import CatalogDamaged, UsageError, setting
 from ..model import ArchivedFolder, Folder, Message
 from .blobs import Bucket
 
@@ -154,12 +154,12 @@ def open_store(
         mode = "write" if create else "read"
     cls, where = resolve(url)
     if blobs is not None and not getattr(cls, "external_blobs", False):
-        raise UsageError("--blobs is for SQL archives (a .sqlite path or a database URL)")
+        raise UsageError(f"{setting('blobs')} is for SQL archives (a .sqlite path or a database URL)")
     extra = {"blobs": blobs} if blobs is not None else {}
     store: Store = cls(where, mode=mode, account=account, **extra)
     try:
         if mode == "write" and not hasattr(store, "codec") and keys.current().protection != keys.Protection():
-            raise UsageError(f"--encrypt, --compress and --recipient need a SQL archive (.sqlite or a database URL), not {url}")
+            raise UsageError(f"{setting('encrypt')}, {setting('compress')} and {setting('recipient')} need a SQL archive (.sqlite or a database URL), not {url}")
         if check and store.catalog.lost() and store.holds_messages():
             raise CatalogDamaged(
                 f"the catalog of {store.url} lists no messages but the store holds some; "

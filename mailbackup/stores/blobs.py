@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from ..errors import StoreError, UsageError
+from ..errors import StoreError, UsageError, setting
 
 BIG = 8 << 20  # from here on a message goes up in 8 MB parts (multipart upload)
 PUT_THREADS = 8  # objects written at once within one batch: S3 round trips, not CPU, bound a batch
@@ -68,7 +68,7 @@ def parse_bucket_url(url: str) -> tuple[str, str]:
     """s3://BUCKET/PREFIX -> (bucket, prefix without slashes at either end)."""
     parts = urlsplit(url)
     if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
-        raise UsageError(f"--blobs wants s3://BUCKET/PREFIX, not {url!r}")
+        raise UsageError(f"{setting('blobs')} wants s3://BUCKET/PREFIX, not {url!r}")
     return parts.netloc, parts.path.strip("/")
 
 

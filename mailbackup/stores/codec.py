@@ -18,7 +18,7 @@ import struct
 import sqlalchemy as sa
 
 from .. import crypto, keys
-from ..errors import ArchiveCorrupt, ArchiveKeyError, UsageError
+from ..errors import ArchiveCorrupt, ArchiveKeyError, UsageError, setting
 from ..model import Message
 
 VERSION = 1
@@ -144,7 +144,7 @@ class Codec:
             key = self.keys.read_keys.get(key_id)
             if key is None:
                 if self.keys.mode == "recipients":
-                    raise ArchiveKeyError(f"{what} is sealed to the archive's public key: reading it needs --identity-file")
+                    raise ArchiveKeyError(f"{what} is sealed to the archive's public key: reading it needs {setting('identity_file')}")
                 raise ArchiveCorrupt(f"{what} names data key {key_id}, which the archive does not have")
             self._readers[key_id] = crypto.Sealer(key)
         return self._readers[key_id]

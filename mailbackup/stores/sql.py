@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..catalog import RECOVERED_MARK, Catalog, create_engine
-from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError, UsageError
+from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError, UsageError, setting
 from ..model import ArchivedFolder, Folder, Message
 from . import Finding, Recovered
 from .blobs import Blob, BlobBackend, Bucket, S3Blobs
@@ -86,9 +86,9 @@ class SqlStore:
         recorded = self.catalog.setting("blobs")
         if wanted is not None and recorded is None:
             if self.holds_messages():
-                raise UsageError(f"{self.url} keeps its messages in the database; --blobs is for a new archive")
+                raise UsageError(f"{self.url} keeps its messages in the database; {setting('blobs')} is for a new archive")
             if not self.writable:
-                raise UsageError("--blobs is given when the archive is written")
+                raise UsageError(f"{setting('blobs')} is given when the archive is written")
             bucket = S3Blobs(wanted.url, wanted.endpoint)
             self.catalog.set_setting("blobs", wanted.url)
             if wanted.endpoint:

@@ -11,14 +11,14 @@ import socket
 import threading
 from collections.abc import Callable
 
-from ..errors import UsageError
+from ..errors import UsageError, setting
 
 
 def parse_address(address: str) -> tuple[str, int]:
     """HOST:PORT (or [IPv6]:PORT) -> (host, port); port 0 picks a free one."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"--web wants HOST:PORT, e.g. 127.0.0.1:8025, not {address!r}")
+        raise UsageError(f"{setting('web')} wants HOST:PORT, e.g. 127.0.0.1:8025, not {address!r}")
     return host.strip("[]"), int(port)
 
 
@@ -47,7 +47,7 @@ class WebServer:
         if self.remote and not allow_remote:
             raise UsageError(
                 f"refusing to serve the viewer on {host}: it is not a loopback address and the viewer has no TLS; "
-                "add --web-allow-remote if you mean it"
+                f"add {setting('web_allow_remote')} if you mean it"
             )
         self.archive = Archive(archive)
         try:
