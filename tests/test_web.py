@@ -436,7 +436,7 @@ def test_only_loopback_unless_allowed() -> None:
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")
     with pytest.raises(UsageError, match="HOST:PORT"):
         parse_address("8025")
-    with pytest.raises(UsageError, match="--web-allow-remote"):
+    with pytest.raises(UsageError, match="web allow remote"):
         WebServer("maildir:/nonexistent", "0.0.0.0:0")
 
 
