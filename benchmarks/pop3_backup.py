@@ -194,7 +194,8 @@ class Bench(ImapBench):
         env = {**os.environ, "FETCHMAILHOME": str(home), "HOME": str(home)}
         seconds, rss, proc = timed(["fetchmail", "-s", "-f", str(rc), "--idfile", str(home / ".fetchids"),
                                     "--nodetach"], env)
-        r = Result(FM_MDA if mda else FM_BSMTP, seconds, peak_rss_mb=rss, bytes=self.total_bytes)
+        r = Result(FM_MDA if mda else FM_BSMTP, seconds, peak_rss_mb=rss, bytes=self.total_bytes,
+                   cpu_seconds=proc.cpu_seconds)
         if proc.returncode != 0:  # 0 = got mail; 1 would be "no mail", a failure here
             r.ok, r.error = False, f"exit {proc.returncode}: " + \
                 (proc.stdout + proc.stderr).decode(errors="replace").strip()[-2000:]
@@ -238,12 +239,16 @@ class Bench(ImapBench):
         return r
 
     def run_mailbackup(self, name: str, account: Account, archive: str, expected_new: int,
-                       expected_total: int) -> Result:
+                       expected_total: int, extra: tuple[str, ...] = (), baseline: bool = False) -> Result:
         env = {**os.environ, "MAILBACKUP_PASSWORD": account.password}
+        if baseline:  # another checkout of mailbackup, e.g. `git worktree add /tmp/base main`
+            env["PYTHONPATH"] = self.args.baseline
+            name += " (baseline)"
         cmd = [*self.mailbackup, "backup", f"pop3://{account.user}@127.0.0.1:{self.server.pop3_port}",
-               "--no-tls", archive, "--json", "-q"]
+               "--no-tls", archive, "--json", "-q", *extra]
         seconds, rss, proc = timed(cmd, env)
-        r = Result(name, seconds, peak_rss_mb=rss, bytes=self.total_bytes if expected_new else 0)
+        r = Result(name, seconds, peak_rss_mb=rss, bytes=self.total_bytes if expected_new else 0,
+                   cpu_seconds=proc.cpu_seconds)
         out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
         if proc.returncode != 0:
             r.ok = False
@@ -269,13 +274,14 @@ class Bench(ImapBench):
         self.fetchmail(account, n, mda=True)
         self.getmail(account, n)
         for store in self.args.stores:
-            out = self.fresh(store)
-            archive = self.archive_spec(store, out)
-            self.run_mailbackup(store, account, archive, n, n)
-            if store == "maildir":
-                self.run_mailbackup("maildir-incr", account, archive, 0, n)
-            if not self.args.keep:
-                shutil.rmtree(out, ignore_errors=True)
+            for baseline in (True, False) if self.args.baseline else (False,):
+                out = self.fresh(store)
+                archive = self.archive_spec(store, out)
+                self.run_mailbackup(store, account, archive, n, n, baseline=baseline)
+                if store == "maildir":
+                    self.run_mailbackup("maildir-incr", account, archive, 0, n, baseline=baseline)
+                if not self.args.keep:
+                    shutil.rmtree(out, ignore_errors=True)
 
     def main(self) -> dict:  # type: ignore[override]
         n = self.args.messages
@@ -326,13 +332,13 @@ def print_table(report: dict) -> None:
           f"{report['bytes_fetched'] / 1e6:.0f} MB as served (CRLF), seed {report['seed']}")
     print(f"transport: {report['transport']}; output under {report['filesystem_dir']}")
     print("; ".join(f"{k}: {v}" for k, v in report["versions"].items()))
-    head = f"{'contender':<24} {'messages':>8} {'seconds':>8} {'msgs/s':>8} {'MB/s':>7} {'RSS MB':>7}"
+    head = f"{'contender':<24} {'messages':>8} {'seconds':>8} {'msgs/s':>8} {'MB/s':>7} {'RSS MB':>7} {'CPU s':>7}"
     print(head)
     print("-" * len(head))
     for row in report["results"]:
         if row["ok"]:
             print(f"{row['contender']:<24} {row['messages']:>8} {row['seconds']:>8.2f} "
-                  f"{row['msgs_per_s']:>8.0f} {row['mb_per_s']:>7.1f} {row['peak_rss_mb']:>7.1f}")
+                  f"{row['msgs_per_s']:>8.0f} {row['mb_per_s']:>7.1f} {row['peak_rss_mb']:>7.1f} {row.get('cpu_s', 0):>7.1f}")
         else:
             print(f"{row['contender']:<24} {row['messages']:>8} {row['seconds']:>8.2f} "
                   f"{'FAILED':>8} {'':>7} {row['peak_rss_mb']:>7.1f}")
@@ -366,6 +372,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="comma-separated subset of maildir,mbox,sqlite")
     parser.add_argument("--dir", default="/tmp", help="where contenders write (same filesystem for all)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run each mailbackup contender from the checkout at DIR (PYTHONPATH), interleaved")
     parser.add_argument("--keep", action="store_true", help="keep mailbackup's output directories")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)

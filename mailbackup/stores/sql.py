@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ..catalog import RECOVERED_MARK, Catalog, create_engine
 from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError
@@ -39,6 +38,15 @@ def database_url(url: str) -> str:
         return url
     path = Path(url).expanduser().absolute()
     return f"sqlite:///{path}"
+
+
+def insert_for(dialect: str):  # type: ignore[no-untyped-def]
+    """The dialect's INSERT (with ON CONFLICT); imported here, as PostgreSQL's pulls in its drivers' modules."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
 
 
 class SqlStore:
@@ -70,7 +78,7 @@ class SqlStore:
         except BaseException:
             engine.dispose()
             raise
-        self._insert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
+        self._insert = insert_for(engine.dialect.name)
 
     @staticmethod
     def accepts(url: str) -> str | None:
