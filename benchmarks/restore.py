@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from imap_backup import TIME, Result, mbsync_tls_keyword, seed, timed  # noqa: E402
+from imapclient import imap_utf7  # noqa: E402
 from tests.servers.dovecot import Account, Dovecot  # noqa: E402
 
 TARGETS = {"restore_vs_doveadm_import": 1.0, "migrate_vs_doveadm_import": 1.0}
@@ -136,7 +137,12 @@ class Bench:
     def maildir_copy(self, archive: Path, into: Path) -> Path:
         """The archive's Maildir folders without its catalog, owned by the mail user."""
         shutil.copytree(archive, into, ignore=shutil.ignore_patterns(".mailbackup"))
+        # Dovecot 2.3 reads folder names on disk as modified UTF-7 (its UTF8 option came in 2.4).
+        for path in sorted(into.rglob("*"), key=lambda p: -len(p.parts)):
+            if path.is_dir() and not path.name.isascii():
+                path.rename(path.with_name(imap_utf7.encode(path.name).decode("ascii")))
         owner = self.server.mail_root.stat()
+        self.work.chmod(0o711)  # doveadm reads it as the mail user
         for path in [into, *into.rglob("*")]:
             os.chown(path, owner.st_uid, owner.st_gid)
         return into
@@ -146,8 +152,8 @@ class Bench:
         copy = self.maildir_copy(archive, self.work / "import-src")
         imported = self.server.add_user("imported")
         self.server.doveadm("mailbox", "list", "-u", imported.user)  # creates the user's Maildir, untimed
-        # The archive nests folders as directories (LAYOUT=fs) with UTF-8 names; INBOX is INBOX/.
-        location = f"maildir:{copy}:LAYOUT=fs:UTF8:INBOX={copy}/INBOX"
+        # The archive nests folders as directories (LAYOUT=fs); INBOX is INBOX/.
+        location = f"maildir:{copy}:LAYOUT=fs:INBOX={copy}/INBOX"
         seconds, rss, proc = timed(
             ["doveadm", "-c", str(self.server.conf_path), "import", "-s", "-u", imported.user, location, "", "ALL"]
         )
