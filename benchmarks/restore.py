@@ -180,7 +180,7 @@ class Bench:
         self.doveadm_import(archive)
         maildir = self.work / "mbsync"
         maildir.mkdir()
-        if shutil.which("mbsync"):
+        if shutil.which("mbsync") and not self.args.target_refs_only:
             seconds, rss, proc = timed(["mbsync", "-q", "-c", str(self.mbsyncrc(source, maildir, "Pull")), "bench"])
             self.record(Result("mbsync pull", seconds, peak_rss_mb=rss), proc, maildir)
 
@@ -190,15 +190,16 @@ class Bench:
             shutil.copytree(maildir, push_dir, ignore=shutil.ignore_patterns(".mbsyncstate*", ".uidvalidity"))
             seconds, rss, proc = timed(["mbsync", "-q", "-c", str(self.mbsyncrc(pushed, push_dir, "Push")), "bench"])
             self.record(Result("mbsync push", seconds, peak_rss_mb=rss), proc, pushed)
-        else:
+        elif not self.args.target_refs_only:
             maildir = self.maildir_copy(archive, self.work / "loop-src")
 
-        looped = self.server.add_user("loop")
-        seconds, rss, proc = timed(
-            [sys.executable, __file__, "append-loop", "127.0.0.1", str(self.server.imap_port), looped.user, str(maildir)],
-            {**os.environ, "IMAP_PASSWORD": looped.password},
-        )
-        self.record(Result("imaplib APPEND loop", seconds, peak_rss_mb=rss), proc, looped)
+        if not self.args.target_refs_only:
+            looped = self.server.add_user("loop")
+            seconds, rss, proc = timed(
+                [sys.executable, __file__, "append-loop", "127.0.0.1", str(self.server.imap_port), looped.user, str(maildir)],
+                {**os.environ, "IMAP_PASSWORD": looped.password},
+            )
+            self.record(Result("imaplib APPEND loop", seconds, peak_rss_mb=rss), proc, looped)
 
         # With --baseline, restore and migrate also run from that checkout, each just before its twin.
         for baseline in (True, False) if self.args.baseline else (False,):
@@ -282,6 +283,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dir", default="/tmp", help="where archives and Maildirs go")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--baseline", metavar="DIR", help="also run restore and migrate from the checkout at DIR")
+    parser.add_argument("--target-refs-only", action="store_true", help="of the references, run only doveadm import")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
