@@ -318,7 +318,7 @@ class Bench(ImapBench):
                 ["fetchmail", "--version"], capture_output=True, text=True).stdout.splitlines()
                 if "release" in line), "").strip(),
             "getmail": subprocess.run(["getmail", "--version"], capture_output=True,
-                                      text=True).stdout.strip(),
+                                      text=True).stdout.strip() if shutil.which("getmail") else "not installed",
         }
         return {
             "messages": n, "seed": self.args.seed, "bytes_fetched": self.total_bytes,
