@@ -7,7 +7,9 @@ N generated messages (the generator of imap_backup.py), then times, in the same 
 each contender as a subprocess under /usr/bin/time -v, each into a fresh empty account:
 
   doveadm import     a Maildir copy of the archive -> an empty account, by the server's own
-                     importer (`doveadm -c CONF import`, no IMAP): the reference for both
+                     importer (`doveadm -c CONF import`, no IMAP), copying each file
+                     (maildir_copy_with_hardlinks=no): the reference for both; the same
+                     with Dovecot's default hard links is shown too
   mbsync pull        the seeded account -> a local Maildir (if isync is installed)
   mbsync push        that Maildir -> an empty account (if isync is installed)
   imaplib APPEND     one APPEND per message from that Maildir, waiting for each OK
@@ -147,17 +149,24 @@ class Bench:
             os.chown(path, owner.st_uid, owner.st_gid)
         return into
 
-    def doveadm_import(self, archive: Path) -> None:
-        """Dovecot's own importer, against the benchmark's Dovecot config: no IMAP, no client."""
+    def doveadm_import(self, archive: Path, hardlinks: bool = False) -> None:
+        """Dovecot's own importer, against the benchmark's Dovecot config: no IMAP, no client.
+
+        Maildir to Maildir on one filesystem, Dovecot hard-links each file instead of
+        writing it (maildir_copy_with_hardlinks, on by default): no byte is copied. The
+        reference copies, as a restore to a server elsewhere must; the hard-link run is
+        shown for information.
+        """
         copy = self.maildir_copy(archive, self.work / "import-src")
-        imported = self.server.add_user("imported")
+        imported = self.server.add_user("imported" + ("-ln" if hardlinks else ""))
         self.server.doveadm("mailbox", "list", "-u", imported.user)  # creates the user's Maildir, untimed
         # The archive nests folders as directories (LAYOUT=fs); INBOX is INBOX/.
         location = f"maildir:{copy}:LAYOUT=fs:INBOX={copy}/INBOX"
         seconds, rss, proc = timed(
-            ["doveadm", "-c", str(self.server.conf_path), "import", "-s", "-u", imported.user, location, "", "ALL"]
+            ["doveadm", "-c", str(self.server.conf_path), "-o", f"maildir_copy_with_hardlinks={'yes' if hardlinks else 'no'}",
+             "import", "-s", "-u", imported.user, location, "", "ALL"]
         )
-        self.record(Result("doveadm import", seconds, peak_rss_mb=rss), proc, imported)
+        self.record(Result("doveadm import" + (" (hard links)" if hardlinks else ""), seconds, peak_rss_mb=rss), proc, imported)
         shutil.rmtree(copy, ignore_errors=True)
 
     def main(self) -> dict:
@@ -178,6 +187,7 @@ class Bench:
         self.log(f"archive made (untimed): {self.total_bytes / 1e6:.0f} MB")
 
         self.doveadm_import(archive)
+        self.doveadm_import(archive, hardlinks=True)
         maildir = self.work / "mbsync"
         maildir.mkdir()
         if shutil.which("mbsync") and not self.args.target_refs_only:
