@@ -8,6 +8,8 @@ and the rest (an incremental run with nothing new takes a fraction of a second).
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -47,6 +49,33 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{home}", __name__), name)
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """`restore` and `verify` name both a submodule and the function it exports.
+
+    Importing a submodule sets it as an attribute of its package; the API name must
+    stay the function, as it did when this file imported it eagerly.
+    """
+
+    @property
+    def restore(self) -> Any:
+        return getattr(importlib.import_module(".restore", __name__), "restore")
+
+    @restore.setter
+    def restore(self, value: Any) -> None:
+        pass  # the import system recording the submodule: sys.modules keeps it
+
+    @property
+    def verify(self) -> Any:
+        return getattr(importlib.import_module(".verify", __name__), "verify")
+
+    @verify.setter
+    def verify(self, value: Any) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:
