@@ -1,4 +1,4 @@
-"""Restore and migrate benchmark: mailbackup against an imaplib APPEND loop and mbsync.
+"""Restore and migrate benchmark: mailbackup against Dovecot's own importer, mbsync and an APPEND loop.
 
     python benchmarks/restore.py [--messages N] [--seed S] [--json] [--keep]
 
@@ -6,8 +6,12 @@ Starts a private Dovecot (plain IMAP on 127.0.0.1, ssl=no), seeds one account wi
 N generated messages (the generator of imap_backup.py), then times, in the same run,
 each contender as a subprocess under /usr/bin/time -v, each into a fresh empty account:
 
-  mbsync pull        the seeded account -> a local Maildir (the reference for migrate)
-  mbsync push        that Maildir -> an empty account (the reference for restore)
+  doveadm import     a Maildir copy of the archive -> an empty account, by the server's own
+                     importer (`doveadm -c CONF import`, no IMAP), copying each file
+                     (maildir_copy_with_hardlinks=no): the reference for both; the same
+                     with Dovecot's default hard links is shown too
+  mbsync pull        the seeded account -> a local Maildir (if isync is installed)
+  mbsync push        that Maildir -> an empty account (if isync is installed)
   imaplib APPEND     one APPEND per message from that Maildir, waiting for each OK
   mailbackup restore a Maildir archive (made untimed with `mailbackup backup`) -> empty account
   mailbackup migrate the seeded account -> empty account, no local copy
@@ -36,10 +40,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from imap_backup import TIME, Result, mbsync_tls_keyword, seed, timed  # noqa: E402
+from imapclient import imap_utf7  # noqa: E402
 
 from tests.servers.dovecot import Account, Dovecot  # noqa: E402
 
-TARGETS = {"restore_vs_mbsync_push": 1.0, "migrate_vs_mbsync_pull": 0.8}
+TARGETS = {"restore_vs_doveadm_import": 1.0, "migrate_vs_doveadm_import": 1.0}
 FLAG_LETTERS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted"}
 
 
@@ -128,8 +133,42 @@ class Bench:
         if result.ok and result.messages != self.args.messages:
             result.ok, result.error = False, f"target holds {result.messages} messages, expected {self.args.messages}"
         result.bytes = self.total_bytes
+        result.cpu_seconds = getattr(proc, "cpu_seconds", 0.0)
         self.results.append(result)
         self.log(f"{result.name}: {result.seconds:.1f} s, {result.peak_rss_mb:.0f} MB RSS" if result.ok else f"{result.name}: FAILED {result.error}")
+
+    def maildir_copy(self, archive: Path, into: Path) -> Path:
+        """The archive's Maildir folders without its catalog, owned by the mail user."""
+        shutil.copytree(archive, into, ignore=shutil.ignore_patterns(".mailbackup"))
+        # Dovecot 2.3 reads folder names on disk as modified UTF-7 (its UTF8 option came in 2.4).
+        for path in sorted(into.rglob("*"), key=lambda p: -len(p.parts)):
+            if path.is_dir() and not path.name.isascii():
+                path.rename(path.with_name(imap_utf7.encode(path.name).decode("ascii")))
+        owner = self.server.mail_root.stat()
+        self.work.chmod(0o711)  # doveadm reads it as the mail user
+        for path in [into, *into.rglob("*")]:
+            os.chown(path, owner.st_uid, owner.st_gid)
+        return into
+
+    def doveadm_import(self, archive: Path, hardlinks: bool = False) -> None:
+        """Dovecot's own importer, against the benchmark's Dovecot config: no IMAP, no client.
+
+        Maildir to Maildir on one filesystem, Dovecot hard-links each file instead of
+        writing it (maildir_copy_with_hardlinks, on by default): no byte is copied. The
+        reference copies, as a restore to a server elsewhere must; the hard-link run is
+        shown for information.
+        """
+        copy = self.maildir_copy(archive, self.work / "import-src")
+        imported = self.server.add_user("imported" + ("-ln" if hardlinks else ""))
+        self.server.doveadm("mailbox", "list", "-u", imported.user)  # creates the user's Maildir, untimed
+        # The archive nests folders as directories (LAYOUT=fs); INBOX is INBOX/.
+        location = f"maildir:{copy}:LAYOUT=fs:INBOX={copy}/INBOX"
+        seconds, rss, proc = timed(
+            ["doveadm", "-c", str(self.server.conf_path), "-o", f"maildir_copy_with_hardlinks={'yes' if hardlinks else 'no'}",
+             "import", "-s", "-u", imported.user, location, "", "ALL"]
+        )
+        self.record(Result("doveadm import" + (" (hard links)" if hardlinks else ""), seconds, peak_rss_mb=rss), proc, imported)
+        shutil.rmtree(copy, ignore_errors=True)
 
     def main(self) -> dict:
         n = self.args.messages
@@ -148,41 +187,53 @@ class Bench:
         self.total_bytes = json.loads(done.stdout.decode().strip().splitlines()[-1])["bytes"]
         self.log(f"archive made (untimed): {self.total_bytes / 1e6:.0f} MB")
 
+        self.doveadm_import(archive)
+        self.doveadm_import(archive, hardlinks=True)
         maildir = self.work / "mbsync"
         maildir.mkdir()
-        seconds, rss, proc = timed(["mbsync", "-q", "-c", str(self.mbsyncrc(source, maildir, "Pull")), "bench"])
-        self.record(Result("mbsync pull", seconds, peak_rss_mb=rss), proc, maildir)
+        if shutil.which("mbsync") and not self.args.target_refs_only:
+            seconds, rss, proc = timed(["mbsync", "-q", "-c", str(self.mbsyncrc(source, maildir, "Pull")), "bench"])
+            self.record(Result("mbsync pull", seconds, peak_rss_mb=rss), proc, maildir)
 
-        pushed = self.server.add_user("push")
-        # mbsync keeps its sync state in the Maildir: push a copy without it.
-        push_dir = self.work / "push"
-        shutil.copytree(maildir, push_dir, ignore=shutil.ignore_patterns(".mbsyncstate*", ".uidvalidity"))
-        seconds, rss, proc = timed(["mbsync", "-q", "-c", str(self.mbsyncrc(pushed, push_dir, "Push")), "bench"])
-        self.record(Result("mbsync push", seconds, peak_rss_mb=rss), proc, pushed)
+            pushed = self.server.add_user("push")
+            # mbsync keeps its sync state in the Maildir: push a copy without it.
+            push_dir = self.work / "push"
+            shutil.copytree(maildir, push_dir, ignore=shutil.ignore_patterns(".mbsyncstate*", ".uidvalidity"))
+            seconds, rss, proc = timed(["mbsync", "-q", "-c", str(self.mbsyncrc(pushed, push_dir, "Push")), "bench"])
+            self.record(Result("mbsync push", seconds, peak_rss_mb=rss), proc, pushed)
+        elif not self.args.target_refs_only:
+            maildir = self.maildir_copy(archive, self.work / "loop-src")
 
-        looped = self.server.add_user("loop")
-        seconds, rss, proc = timed(
-            [sys.executable, __file__, "append-loop", "127.0.0.1", str(self.server.imap_port), looped.user, str(maildir)],
-            {**os.environ, "IMAP_PASSWORD": looped.password},
-        )
-        self.record(Result("imaplib APPEND loop", seconds, peak_rss_mb=rss), proc, looped)
+        if not self.args.target_refs_only:
+            looped = self.server.add_user("loop")
+            seconds, rss, proc = timed(
+                [sys.executable, __file__, "append-loop", "127.0.0.1", str(self.server.imap_port), looped.user, str(maildir)],
+                {**os.environ, "IMAP_PASSWORD": looped.password},
+            )
+            self.record(Result("imaplib APPEND loop", seconds, peak_rss_mb=rss), proc, looped)
 
-        restored = self.server.add_user("restored")
-        seconds, rss, proc = timed(
-            [sys.executable, "-m", "mailbackup", "restore", f"maildir:{archive}", self.url(restored), "--no-tls", "--json", "-q",
-             "--state", str(self.work / "restore.sqlite")],
-            {**os.environ, "MAILBACKUP_PASSWORD": restored.password, "PYTHONPATH": str(REPO)},
-        )
-        self.record(Result("mailbackup restore", seconds, peak_rss_mb=rss), proc, restored)
-
-        migrated = self.server.add_user("migrated")
-        seconds, rss, proc = timed(
-            [sys.executable, "-m", "mailbackup", "migrate", self.url(source), self.url(migrated), "--no-tls", "--json", "-q",
-             "--state", str(self.work / "migrate.sqlite")],
-            {**os.environ, "MAILBACKUP_PASSWORD": source.password, "MAILBACKUP_TARGET_PASSWORD": migrated.password,
-             "PYTHONPATH": str(REPO)},
-        )
-        self.record(Result("mailbackup migrate", seconds, peak_rss_mb=rss), proc, migrated)
+        # With --baseline, restore and migrate also run from that checkout, each just before its twin.
+        for baseline in (True, False) if self.args.baseline else (False,):
+            mark, path = (" (baseline)", self.args.baseline) if baseline else ("", str(REPO))
+            restored = self.server.add_user("restored" + ("b" if baseline else ""))
+            state = self.work / f"restore{'-b' if baseline else ''}.sqlite"
+            seconds, rss, proc = timed(
+                [sys.executable, "-m", "mailbackup", "restore", f"maildir:{archive}", self.url(restored), "--no-tls", "--json",
+                 "-q", "--state", str(state)],
+                {**os.environ, "MAILBACKUP_PASSWORD": restored.password, "PYTHONPATH": path},
+            )
+            self.record(Result("mailbackup restore" + mark, seconds, peak_rss_mb=rss), proc, restored)
+        for baseline in (True, False) if self.args.baseline else (False,):
+            mark, path = (" (baseline)", self.args.baseline) if baseline else ("", str(REPO))
+            migrated = self.server.add_user("migrated" + ("b" if baseline else ""))
+            state = self.work / f"migrate{'-b' if baseline else ''}.sqlite"
+            seconds, rss, proc = timed(
+                [sys.executable, "-m", "mailbackup", "migrate", self.url(source), self.url(migrated), "--no-tls", "--json",
+                 "-q", "--state", str(state)],
+                {**os.environ, "MAILBACKUP_PASSWORD": source.password, "MAILBACKUP_TARGET_PASSWORD": migrated.password,
+                 "PYTHONPATH": path},
+            )
+            self.record(Result("mailbackup migrate" + mark, seconds, peak_rss_mb=rss), proc, migrated)
         return self.report()
 
     def report(self) -> dict:
@@ -195,6 +246,8 @@ class Bench:
             return round((x.messages / x.seconds) / (y.messages / y.seconds), 2)
 
         ratios = {
+            "restore_vs_doveadm_import": ratio("mailbackup restore", "doveadm import"),
+            "migrate_vs_doveadm_import": ratio("mailbackup migrate", "doveadm import"),
             "restore_vs_mbsync_push": ratio("mailbackup restore", "mbsync push"),
             "migrate_vs_mbsync_pull": ratio("mailbackup migrate", "mbsync pull"),
             "restore_vs_append_loop": ratio("mailbackup restore", "imaplib APPEND loop"),
@@ -203,7 +256,8 @@ class Bench:
             "messages": self.args.messages, "seed": self.args.seed, "bytes": self.total_bytes,
             "transport": "plain IMAP on 127.0.0.1 (dovecot ssl=no)",
             "dovecot": subprocess.run(["dovecot", "--version"], capture_output=True, text=True).stdout.strip(),
-            "mbsync": subprocess.run(["mbsync", "--version"], capture_output=True, text=True).stdout.strip(),
+            "mbsync": subprocess.run(["mbsync", "--version"], capture_output=True, text=True).stdout.strip()
+            if shutil.which("mbsync") else "mbsync not installed",
             "results": [r.row() for r in self.results],
             "ratios": ratios, "targets": TARGETS,
             "meets_targets": {k: None if ratios[k] is None else ratios[k] >= t for k, t in TARGETS.items()},
@@ -214,12 +268,12 @@ def print_table(report: dict) -> None:
     print(f"\nmailbackup restore/migrate benchmark: {report['messages']} messages, "
           f"{report['bytes'] / 1e6:.0f} MB, seed {report['seed']}; {report['transport']}")
     print(f"dovecot {report['dovecot']}, {report['mbsync']}")
-    head = f"{'contender':<22} {'messages':>8} {'seconds':>8} {'msgs/s':>8} {'MB/s':>7} {'RSS MB':>7}"
+    head = f"{'contender':<30} {'messages':>8} {'seconds':>8} {'msgs/s':>8} {'MB/s':>7} {'RSS MB':>7} {'CPU s':>7}"
     print(head)
     print("-" * len(head))
     for row in report["results"]:
         rate = f"{row['msgs_per_s']:>8.0f}" if row["ok"] else f"{'FAILED':>8}"
-        print(f"{row['contender']:<22} {row['messages']:>8} {row['seconds']:>8.2f} {rate} {row['mb_per_s']:>7.1f} {row['peak_rss_mb']:>7.1f}")
+        print(f"{row['contender']:<30} {row['messages']:>8} {row['seconds']:>8.2f} {rate} {row['mb_per_s']:>7.1f} {row['peak_rss_mb']:>7.1f} {row.get('cpu_s', 0):>7.1f}")
         if not row["ok"]:
             print(f"    {row.get('error', '')[-500:]}")
     print()
@@ -239,12 +293,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dir", default="/tmp", help="where archives and Maildirs go")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--baseline", metavar="DIR", help="also run restore and migrate from the checkout at DIR")
+    parser.add_argument("--target-refs-only", action="store_true", help="of the references, run only doveadm import")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    for tool in (TIME, shutil.which("mbsync"), shutil.which("dovecot")):
+    for tool in (TIME, shutil.which("dovecot"), shutil.which("doveadm")):
         if not tool or not os.path.exists(tool):
-            print(f"missing tool: {tool} (need GNU time, isync, dovecot-imapd)", file=sys.stderr)
+            print(f"missing tool: {tool} (need GNU time, dovecot-imapd; isync is optional)", file=sys.stderr)
             return 2
     bench = Bench(args)
     try:

@@ -9,19 +9,22 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from tqdm import tqdm
 
-from . import config, keys
-from .accounts import backup_accounts
+from . import keys
 from .credentials import Login, resolve_secret
 from .errors import ConfigError, MailbackupError, PartialFailure, UsageError
 from .model import FolderReport, Summary
 from .pipeline import BackupOptions, Progress, backup
-from .prune import PruneReport, parse_age, prune_server
 from .stores.blobs import Bucket
+
+# Commands import what only they need when they run: a rerun of `backup` with nothing
+# new must not pay for the config file reader (OAuth, its journal), several accounts'
+# process pool, prune, restore or the progress bars it is told not to draw (-q).
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger("mailbackup")
 
@@ -233,6 +236,8 @@ class Bars(Progress):
     def plan(self, folders: int) -> None:
         if not self.enabled:
             return
+        from tqdm import tqdm
+
         # Totals grow as each folder says what it has to do: the percentage and ETA cover what is known.
         self.total_messages = tqdm(desc="all folders", total=0, unit="msg", position=0, dynamic_ncols=True)
         self.total_bytes = tqdm(desc="all folders", total=0, unit="B", unit_scale=True, position=1, dynamic_ncols=True)
@@ -244,6 +249,8 @@ class Bars(Progress):
                 bar.refresh()
         if not self.enabled:
             return
+        from tqdm import tqdm
+
         self.folder_messages = tqdm(total=messages, desc=name[:30], unit="msg", position=2, leave=False)
         self.folder_bytes = tqdm(total=size, desc=name[:30], unit="B", unit_scale=True, position=3, leave=False)
 
@@ -263,6 +270,8 @@ class Bars(Progress):
                 bar.close()
         self.folder_messages = self.folder_bytes = None
         if self.verbose and report.name:
+            from tqdm import tqdm
+
             tqdm.write(folder_line(report), file=sys.stderr)
 
     def close(self) -> None:
@@ -368,6 +377,9 @@ def bars_for(out: Output, *, dry_run: bool = False) -> Bars:
 @click.version_option(package_name="mailbackup")
 def main() -> None:
     """Faithful, incremental backups of IMAP and POP3 mailboxes."""
+    from .malloc import one_arena
+
+    one_arena()  # before any thread starts: peak RSS stays flat (see malloc.py)
 
 
 @main.command("backup")
@@ -468,6 +480,9 @@ def show_summary(summary: Summary, out: Output) -> None:
 
 
 def backup_configured(config_path: Path | None, names: tuple[str, ...], every: bool, jobs: int, out: Output) -> None:
+    from . import config
+    from .accounts import backup_accounts
+
     accounts = run(out.json, lambda: config.load(config_path))
     unknown = [n for n in names if n not in accounts]
     if unknown:
@@ -521,6 +536,8 @@ def prune_server_command(
     that re-hash to its recorded SHA-256; one failed check and nothing in that
     folder is deleted. Messages the archive lacks are never touched.
     """
+    from .prune import PruneReport, parse_age, prune_server
+
     options = BackupOptions(
         include=include, exclude=exclude, into=into, no_tls=tls.no_tls, ca_file=tls.ca_file, timeout=tls.timeout,
         auth=login.auth, admin_user=login.admin_user,
@@ -560,7 +577,7 @@ def login_command(account_name: str, config_path: Path | None, device: bool) -> 
 
     Later runs of that account get a fresh access token by themselves.
     """
-    from . import oauth
+    from . import config, oauth
 
     settings = run(False, lambda: config.oauth2_settings(config_path, account_name))
     where = run(False, lambda: oauth.login(settings, device=device, say=lambda line: click.echo(line, err=True)))
@@ -572,7 +589,7 @@ def login_command(account_name: str, config_path: Path | None, device: bool) -> 
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Config file (default ~/.config/mailbackup/config.toml).")
 def token_command(account_name: str, config_path: Path | None) -> None:
     """Print a fresh OAuth2 access token for ACCOUNT (for --oauth2-token-command)."""
-    from . import oauth
+    from . import config, oauth
 
     settings = run(False, lambda: config.oauth2_settings(config_path, account_name))
     click.echo(run(False, lambda: oauth.access_token(settings)))

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from .catalog import BigId, create_engine, flags_text, now_iso
 from .errors import StoreError
@@ -167,10 +166,14 @@ class Journal:
 
 
 def _upsert(dialect: str) -> sa.sql.expression.Executable:
-    module = {"sqlite": sqlite, "postgresql": postgresql}.get(dialect)
-    if module is None:
+    # Imported here: PostgreSQL's dialect package pulls in its drivers' modules, which a run on SQLite never needs.
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+    else:
         raise StoreError(f"the restore journal supports SQLite and PostgreSQL, not {dialect}")
-    statement = module.insert(journal)
+    statement = insert(journal)
     excluded = statement.excluded
     keep = {"id", *KEY}
     return statement.on_conflict_do_update(

@@ -9,9 +9,9 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ..catalog import RECOVERED_MARK, Catalog, create_engine
 from ..errors import ArchiveLocked, CatalogDamaged, NotAnArchive, StoreError, UsageError, setting
@@ -42,6 +42,17 @@ def database_url(url: str) -> str:
         return url
     path = Path(url).expanduser().absolute()
     return f"sqlite:///{path}"
+
+
+def insert_for(dialect: str) -> Any:
+    """The dialect's INSERT (with ON CONFLICT); imported here, as PostgreSQL's pulls in its drivers' modules."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
 
 
 class SqlStore:
@@ -79,7 +90,7 @@ class SqlStore:
         except BaseException:
             engine.dispose()
             raise
-        self._insert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
+        self._insert = insert_for(engine.dialect.name)
 
     def _bucket(self, wanted: Bucket | None) -> BlobBackend | None:
         """Where message bytes live: the archive records it once, so later commands need no flag."""
