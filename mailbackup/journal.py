@@ -170,7 +170,7 @@ def _upsert(dialect: str) -> sa.sql.expression.Executable:
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]  # both dialects' insert() take the same arguments
     else:
         raise StoreError(f"the restore journal supports SQLite and PostgreSQL, not {dialect}")
     statement = insert(journal)
