@@ -30,6 +30,10 @@ The contract, in the order a caller uses it:
 6. ``close(commit=...)``: a source whose deletes take effect at a clean end
    (POP3's QUIT) carries them out only when commit is true.
 
+A source whose folders are views of one folder (Gmail's labels, sources/gmail.py)
+has ``plan(listed, chosen)`` and ``sync_views(store, listed, views)``: the loop
+downloads only ``plan().download`` and then lets the source fill the views.
+
 A new kind of source is one new module plus one ``register(...)`` line below.
 """
 
@@ -145,6 +149,7 @@ class Connect:
     ca_file: str | None = None
     no_tls: bool = False
     timeout: float = 120.0  # covers connect, TLS handshake, greeting and every read
+    gmail_trash_and_spam: bool = False  # Gmail (sources/gmail.py): download Trash and Spam too
 
 
 @dataclass(frozen=True)
