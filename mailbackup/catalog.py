@@ -96,8 +96,8 @@ gmail_messages = sa.Table(
     sa.Column("folder_id", BigId, sa.ForeignKey("folders.id"), primary_key=True),
     sa.Column("uid_validity", sa.BigInteger, primary_key=True),
     sa.Column("uid", sa.BigInteger, primary_key=True),
-    sa.Column("msgid", sa.Numeric(20, 0), nullable=False),  # unsigned 64-bit
-    sa.Column("thrid", sa.Numeric(20, 0), nullable=False),
+    sa.Column("msgid", sa.String(20), nullable=False),  # unsigned 64-bit, as decimal text: exact everywhere
+    sa.Column("thrid", sa.String(20), nullable=False),
     sa.Column("labels", sa.Text, nullable=False),  # JSON list: labels hold spaces
 )
 
@@ -917,8 +917,8 @@ class Catalog:
                 conn.execute(
                     gmail_messages.insert(),
                     [
-                        {"folder_id": folder_id, "uid_validity": uid_validity, "uid": uid, "msgid": msgid,
-                         "thrid": thrid, "labels": json.dumps(sorted(labels))}
+                        {"folder_id": folder_id, "uid_validity": uid_validity, "uid": uid, "msgid": str(msgid),
+                         "thrid": str(thrid), "labels": json.dumps(sorted(labels))}
                         for uid, msgid, thrid, labels in part
                     ],
                 )
