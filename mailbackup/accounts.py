@@ -25,6 +25,10 @@ def options_for(account: Account) -> BackupOptions:
         delete=account.delete,
         delete_older_than=account.delete_older_than,
         index=account.index,
+        max_rate=account.max_rate,
+        max_bytes_per_day=account.max_bytes_per_day,
+        max_connections=account.max_connections,
+        gmail_trash_and_spam=account.gmail_include_trash_spam,
     )
 
 

@@ -293,6 +293,10 @@ def main() -> None:
 @click.option("--no-index", is_flag=True, help="Do not update the search index (mailbackup reindex catches up).")
 @click.option("--retries", type=click.IntRange(0, 100), default=3, show_default=True, help="Give up after this many reconnects in a row that made no progress.")
 @click.option("--batch-messages", type=click.IntRange(1, 10000), default=200, hidden=True)
+@click.option("--max-rate", type=click.FloatRange(min=1), metavar="BYTES", help="Read from the source at most BYTES per second on average.")
+@click.option("--max-bytes-per-day", type=click.IntRange(min=1), metavar="BYTES", help="Stop (exit 1, rerun to go on) before the source sends more than BYTES in a UTC day (default for Gmail: 2,400 MB).")
+@click.option("--max-connections", type=click.IntRange(min=1), metavar="N", help="Connections per account (a run uses one).")
+@click.option("--gmail-include-trash-spam", is_flag=True, help="Gmail: back up Trash and Spam too.")
 @output_options()
 def backup_command(
     source: str | None,
@@ -311,6 +315,10 @@ def backup_command(
     no_index: bool,
     retries: int,
     batch_messages: int,
+    max_rate: float | None,
+    max_bytes_per_day: int | None,
+    max_connections: int | None,
+    gmail_include_trash_spam: bool,
     out: Output,
 ) -> None:
     """Back up SOURCE into ARCHIVE, or configured accounts with --account/--all.
@@ -342,6 +350,10 @@ def backup_command(
         auth=login.auth,
         index=not no_index,
         retries=retries,
+        max_rate=max_rate,
+        max_bytes_per_day=max_bytes_per_day,
+        max_connections=max_connections,
+        gmail_trash_and_spam=gmail_include_trash_spam,
     )
     bars = bars_for(out)
 

@@ -30,6 +30,10 @@ KNOWN_KEYS = {
     "delete_older_than",
     "oauth2_mechanism",
     "index",
+    "max_rate",
+    "max_bytes_per_day",
+    "max_connections",
+    "gmail_include_trash_spam",
     *SECRET_KEYS,
 }
 
@@ -55,6 +59,10 @@ class Account:
     login: Login = field(default_factory=Login, compare=False)
     index: bool = True
     oauth2: oauth.OAuth2Settings | None = None
+    max_rate: float | None = None  # bytes/s
+    max_bytes_per_day: int | None = None
+    max_connections: int | None = None
+    gmail_include_trash_spam: bool = False
 
     @property
     def auth(self) -> str:
@@ -163,6 +171,10 @@ def account(name: str, table: Any, path: Path, explicit: bool = True) -> Account
             login=login_from(secrets | {k: table[k] for k in ("oauth2_mechanism",) if k in table}, where, settings),
             index=bool(table.get("index", True)),
             oauth2=settings,
+            max_rate=float(table["max_rate"]) if "max_rate" in table else None,
+            max_bytes_per_day=int(table["max_bytes_per_day"]) if "max_bytes_per_day" in table else None,
+            max_connections=int(table["max_connections"]) if "max_connections" in table else None,
+            gmail_include_trash_spam=bool(table.get("gmail_include_trash_spam", False)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc

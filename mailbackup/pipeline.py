@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
-from .errors import ConnectionLost, ServerError, UsageError
+from .errors import ConnectionLost, ProviderLimit, ServerError, UsageError
 from .limits import DailyBudget, TokenBucket, utc_day
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
 from .prefetch import prefetched
@@ -244,7 +244,7 @@ class Run:
             yield batch
 
 
-Outcome = tuple[list[Fetched], "ConnectionLost | None"]
+Outcome = tuple[list[Fetched], "ConnectionLost | ProviderLimit | None"]
 
 
 class FolderSync:
@@ -353,7 +353,7 @@ class FolderSync:
                 got.append(fetched)
                 if run.rate is not None:
                     run.rate.take(fetched.message.size if fetched.message else len(fetched.partial))
-        except ConnectionLost as exc:
+        except (ConnectionLost, ProviderLimit) as exc:  # what arrived whole is stored before either goes on
             return got, exc
         except ServerError as exc:
             answered = {f.id for f in got}
@@ -366,7 +366,7 @@ class FolderSync:
         validity: int | None,
         batch: list[Listed],
         got: list[Fetched],
-        dropped: ConnectionLost | None,
+        dropped: ConnectionLost | ProviderLimit | None,
         rescan: bool,
     ) -> None:
         """Store what arrived whole, keep what arrived in part, then pass a dropped line on."""
@@ -394,6 +394,8 @@ class FolderSync:
         if dropped is None:
             run.held()
             return
+        if isinstance(dropped, ProviderLimit):
+            raise dropped  # never retried: the provider said stop
         done = {f.id for f in got if f.message is not None or f.failure is not None}
         in_flight = next((item for item in batch if item.id not in done), None)
         if self.source.traits.resumes:

@@ -6,9 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from mailbackup import BackupOptions, backup
+from mailbackup import BackupOptions, backup, pipeline
+from mailbackup.cli import main
 from mailbackup.errors import ProviderLimit
+from mailbackup.limits import TokenBucket
+from mailbackup.sources.gmail import DAILY_BUDGET as GMAIL_DAILY_BUDGET
 from mailbackup.stores import open_store
 from tests.archive_view import archived
 from tests.fake_gmail import ALL_MAIL, FakeGmail
@@ -73,3 +77,99 @@ def test_a_label_change_reaches_the_archive_on_the_next_run_through_changedsince
     finally:
         store.close()
     assert labels == {1: (first.msgid, first.thrid, ("Work",)), 2: (second.msgid, second.thrid, ("\\Inbox", "\\Starred"))}
+
+
+def invoke(*args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(main, list(args), env={"MAILBACKUP_PASSWORD": "secret"}, catch_exceptions=False)
+
+
+def test_the_servers_overquota_stops_the_run_cleanly_and_the_next_run_goes_on(gmail: FakeGmail, tmp_path: Path) -> None:
+    for n in range(1, 6):
+        gmail.add(raw(n, 1000), {"\\Inbox"})
+    gmail.budget = 2500  # two messages and a half
+    archive = str(tmp_path / "a.sqlite")
+    result = invoke("backup", gmail.url(), archive, "--no-tls", "--no-index", "--retries", "5")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len([l for l in lines if "error" in l]) == 1 and "[OVERQUOTA]" in lines[-1] and "limit reached" in lines[-1]
+    assert gmail.commands.count("LOGIN") == 1  # not retried
+    assert live(archive)[ALL_MAIL] == [raw(1, 1000), raw(2, 1000)]  # what arrived whole was stored
+    gmail.budget = None  # a day later
+    result = invoke("backup", gmail.url(), archive, "--no-tls", "--no-index")
+    assert result.exit_code == 0, result.output
+    assert live(archive)[ALL_MAIL] == [raw(n, 1000) for n in range(1, 6)]
+    assert live(archive)["INBOX"] == [raw(n, 1000) for n in range(1, 6)]
+    assert sum(gmail.bodies_sent.values()) == 5
+
+
+def test_our_daily_byte_budget_is_remembered_across_runs_and_stops_before_the_provider_does(
+    gmail: FakeGmail, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(1, 6):
+        gmail.add(raw(n, 1000), {"\\Inbox"})
+    size = len(raw(1, 1000))
+    archive = str(tmp_path / "a.sqlite")
+    args = ("backup", gmail.url(), archive, "--no-tls", "--no-index", "--batch-messages", "1", "--max-bytes-per-day", str(3 * size))
+    monkeypatch.setattr(pipeline, "utc_day", lambda: "2026-12-01")
+    result = invoke(*args)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("mailbackup: error: daily byte budget reached (max_bytes_per_day")
+    assert len(live(archive)[ALL_MAIL]) == 3
+    again = invoke(*args)  # the same day: the budget is spent, nothing more is asked for
+    assert again.exit_code == 1 and "daily byte budget reached" in again.stderr
+    assert sum(gmail.bodies_sent.values()) == 3
+    monkeypatch.setattr(pipeline, "utc_day", lambda: "2026-12-02")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert live(archive)[ALL_MAIL] == [raw(n, 1000) for n in range(1, 6)]
+    assert sum(gmail.bodies_sent.values()) == 5
+
+
+def test_gmail_gets_a_daily_budget_under_googles_limit_by_default(gmail: FakeGmail, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gmail.add(raw(1), {"\\Inbox"})
+    monkeypatch.setattr(pipeline, "utc_day", lambda: "2026-12-01")
+    archive = str(tmp_path / "a.sqlite")
+    store = open_store(archive, mode="write", account="alice@gmail.com@127.0.0.1")
+    store.catalog.add_bytes_fetched("2026-12-01", GMAIL_DAILY_BUDGET - 10)  # another run used nearly all of today
+    store.close()
+    with pytest.raises(ProviderLimit, match=f"max_bytes_per_day {GMAIL_DAILY_BUDGET} bytes"):
+        run(gmail, archive)
+    assert GMAIL_DAILY_BUDGET < 2500 * 1000 * 1000 and sum(gmail.bodies_sent.values()) == 0
+
+
+def test_too_many_connections_at_login_stops_cleanly_without_retrying(gmail: FakeGmail, tmp_path: Path) -> None:
+    gmail.refuse_login = True
+    result = invoke("backup", gmail.url(), str(tmp_path / "a.sqlite"), "--no-tls", "--no-index")
+    assert result.exit_code == 1
+    assert "too many connections" in result.stderr and gmail.commands.count("LOGIN") == 1
+
+
+def test_trash_and_spam_are_left_out_unless_asked_for(gmail: FakeGmail, tmp_path: Path) -> None:
+    gmail.add(raw(1), {"\\Inbox"})
+    gmail.add(raw(2), {"\\Trash"})
+    gmail.add(raw(3), {"\\Spam"})
+    without = str(tmp_path / "a.sqlite")
+    assert run(gmail, without).new == 1
+    assert live(without) == {ALL_MAIL: [raw(1)], "INBOX": [raw(1)]}
+    with_them = str(tmp_path / "b.sqlite")
+    assert run(gmail, with_them, gmail_trash_and_spam=True).new == 3
+    assert live(with_them) == {ALL_MAIL: [raw(1)], "INBOX": [raw(1)], "[Gmail]/Trash": [raw(2)], "[Gmail]/Spam": [raw(3)]}
+
+
+def test_the_rate_cap_spaces_reads_to_the_rate() -> None:
+    clock = [0.0]
+    slept: list[float] = []
+    bucket = TokenBucket(1000, clock=lambda: clock[0], sleep=slept.append)
+    bucket.take(1000)  # the first second's worth goes at once
+    bucket.take(500)
+    assert slept == [0.5]
+
+
+def test_ls_shows_each_label_as_a_folder(gmail: FakeGmail, tmp_path: Path) -> None:
+    gmail.add(raw(1), {"\\Inbox", "Work", "Travel"})
+    archive = f"maildir:{tmp_path / 'md'}"
+    assert run(gmail, archive).ok
+    result = invoke("ls", archive)
+    assert result.exit_code == 0, result.output
+    for name in ("INBOX", "Work", "Travel", ALL_MAIL):
+        assert name in result.stdout
