@@ -3,6 +3,7 @@ for Gmail built to Google's documentation: Google cannot be reached from here)."
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from mailbackup import BackupOptions, backup, pipeline
 from mailbackup.cli import main
 from mailbackup.errors import ProviderLimit
 from mailbackup.limits import TokenBucket
+from mailbackup.restore import RestoreOptions, restore
 from mailbackup.sources.gmail import DAILY_BUDGET as GMAIL_DAILY_BUDGET
 from mailbackup.stores import open_store
 from tests.archive_view import archived
@@ -173,3 +175,21 @@ def test_ls_shows_each_label_as_a_folder(gmail: FakeGmail, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     for name in ("INBOX", "Work", "Travel", ALL_MAIL):
         assert name in result.stdout
+
+
+def test_restore_to_dovecot_creates_one_folder_per_label_with_every_message_exact(gmail: FakeGmail, tmp_path: Path, dovecot, account) -> None:  # type: ignore[no-untyped-def]
+    gmail.add(raw(1), {"\\Inbox", "Work", "Travel"}, {"\\Seen"})
+    gmail.add(raw(2), {"\\Inbox", "\\Sent"})
+    gmail.add(raw(3), {"Work/Clients"})
+    gmail.add(raw(4), set())
+    archive = f"maildir:{tmp_path / 'md'}"
+    assert run(gmail, archive).ok
+    summary = restore(archive, account.url("imap"), password=account.password, options=RestoreOptions(no_tls=True))
+    assert summary.ok, summary
+    on_server = {folder: sorted(hashlib.sha256(m.raw).hexdigest() for m in dovecot.fetch(account, folder)) for folder in dovecot.folders(account)}
+    digest = {n: hashlib.sha256(raw(n)).hexdigest() for n in range(1, 5)}
+    expected = {"INBOX": [1, 2], "Work": [1], "Travel": [1], "Work/Clients": [3], "[Gmail]/Sent Mail": [2]}
+    for folder, numbers in expected.items():
+        assert on_server[folder] == sorted(digest[n] for n in numbers), folder
+    assert on_server[ALL_MAIL] == sorted(digest.values())
+    assert on_server["[Gmail]/Starred"] == []  # a label folder with nothing in it is still a folder
