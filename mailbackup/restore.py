@@ -177,17 +177,30 @@ def restore(
         raise UsageError("--as-of picks what was there at that time; --include-gone does not go with it")
     store = open_store(archive, mode="read", account=mailbox)
     try:
-        source = ArchiveSource(store, lambda entry: selected(entry, options))
+        from .targets.gmail import apply_labels, label_plan, offers_labels
+
+        select = lambda entry: selected(entry, options)  # noqa: E731
+        source = ArchiveSource(store, select)
+        labels = None if smtp else label_plan(store)  # a Gmail archive: label folders are views of All Mail
         engine = state_engine(Path(state) if state else default_state_path("restore"), dry_run=options.dry_run)
         try:
 
             def connect() -> tuple[Source, Target]:
-                return source, connect_target(endpoint, password, options)
+                target = connect_target(endpoint, password, options)
+                if labels is not None:  # to Gmail, each message once: labels are set afterwards
+                    source.hidden = labels.hidden if offers_labels(target) else frozenset()
+                return source, target
 
             def journal(target: Target) -> Journal:
                 return Journal(engine, archive_identity(store.url), target.identity, create=not options.dry_run)
 
             reports = Engine(connect, journal, options.transfer(), progress).run()
+            if labels is not None and source.hidden and not options.dry_run:
+                target = connect_target(endpoint, password, options)
+                try:
+                    apply_labels(target, store, journal(target), labels, select)  # type: ignore[arg-type]  # offers_labels: an ImapTarget
+                finally:
+                    target.close()
         finally:
             engine.dispose()
     finally:

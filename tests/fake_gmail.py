@@ -230,7 +230,8 @@ class FakeGmail:
             if b"X-GM-LABELS" in items.upper():
                 self.changedsince.append(since)
         wants = items.upper()
-        body = b"BODY" in wants or b"RFC822 " in wants + b" "
+        header = b"HEADER.FIELDS" in wants  # a restore looking for Message-IDs
+        body = b"BODY[]" in wants or b"BODY.PEEK[]" in wants or b"RFC822 " in wants + b" "
         shown = {m.uid: m for m in self.in_folder(folder)}
         own_label = None if folder == ALL_MAIL else self.label_of_folder(folder)
         for uid in expand(uid_set.decode(), max(shown, default=0)):
@@ -257,7 +258,12 @@ class FakeGmail:
             if b"RFC822.SIZE" in wants:
                 parts.append(b"RFC822.SIZE %d" % len(message.raw))
             literal = b""
-            if body:
+            if header:
+                found = re.search(rb"(?im)^message-id:.*\r\n", message.raw.split(b"\r\n\r\n", 1)[0] + b"\r\n")
+                text = (found.group(0) if found else b"") + b"\r\n"
+                parts.append(b"BODY[HEADER.FIELDS (MESSAGE-ID)] {%d}" % len(text))
+                literal = b"\r\n" + text
+            elif body:
                 self.bodies_sent[message.msgid] += 1
                 self.bytes_sent += len(message.raw)
                 parts.append(b"BODY[] {%d}" % len(message.raw))

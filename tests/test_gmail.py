@@ -193,3 +193,28 @@ def test_restore_to_dovecot_creates_one_folder_per_label_with_every_message_exac
         assert on_server[folder] == sorted(digest[n] for n in numbers), folder
     assert on_server[ALL_MAIL] == sorted(digest.values())
     assert on_server["[Gmail]/Starred"] == []  # a label folder with nothing in it is still a folder
+
+
+def test_restore_to_gmail_appends_each_message_once_and_sets_its_labels(gmail: FakeGmail, tmp_path: Path) -> None:
+    gmail.add(raw(1), {"\\Inbox", "Work", "Travel"}, {"\\Seen"})
+    gmail.add(raw(2), {"\\Inbox", "\\Sent"})
+    gmail.add(raw(3), {"Work/Clients"})
+    gmail.add(raw(4), set())
+    archive = str(tmp_path / "a.sqlite")
+    assert run(gmail, archive).ok
+    with FakeGmail() as fresh:
+        options = RestoreOptions(no_tls=True)
+        state = tmp_path / "restore.sqlite"
+        summary = restore(archive, fresh.url(), password="secret", options=options, state=state)
+        assert summary.ok and summary.sent == 4
+        assert fresh.appended == [ALL_MAIL] * 4  # one APPEND per message, none per label
+        restored = {m.raw: (m.labels, m.flags) for m in fresh.messages}
+        assert restored == {
+            raw(1): ({"\\Inbox", "Work", "Travel"}, {"\\Seen"}),
+            raw(2): ({"\\Inbox", "\\Sent"}, set()),
+            raw(3): ({"Work/Clients"}, set()),
+            raw(4): (set(), set()),
+        }
+        again = restore(archive, fresh.url(), password="secret", options=options, state=state)
+        assert again.ok and again.sent == 0 and len(fresh.messages) == 4
+        assert {m.raw: m.labels for m in fresh.messages}[raw(1)] == {"\\Inbox", "Work", "Travel"}
