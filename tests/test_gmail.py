@@ -93,7 +93,7 @@ def test_the_servers_overquota_stops_the_run_cleanly_and_the_next_run_goes_on(gm
     result = invoke("backup", gmail.url(), archive, "--no-tls", "--no-index", "--retries", "5")
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert len([l for l in lines if "error" in l]) == 1 and "[OVERQUOTA]" in lines[-1] and "limit reached" in lines[-1]
+    assert len([line for line in lines if "error" in line]) == 1 and "[OVERQUOTA]" in lines[-1] and "limit reached" in lines[-1]
     assert gmail.commands.count("LOGIN") == 1  # not retried
     assert live(archive)[ALL_MAIL] == [raw(1, 1000), raw(2, 1000)]  # what arrived whole was stored
     gmail.budget = None  # a day later
@@ -218,3 +218,12 @@ def test_restore_to_gmail_appends_each_message_once_and_sets_its_labels(gmail: F
         again = restore(archive, fresh.url(), password="secret", options=options, state=state)
         assert again.ok and again.sent == 0 and len(fresh.messages) == 4
         assert {m.raw: m.labels for m in fresh.messages}[raw(1)] == {"\\Inbox", "Work", "Travel"}
+
+
+def test_without_an_all_mail_folder_every_folder_is_walked_as_on_any_server(gmail: FakeGmail, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gmail.add(raw(1), {"\\Inbox", "Work"})
+    real = gmail.folders
+    monkeypatch.setattr(gmail, "folders", lambda: {n: v for n, v in real().items() if n != ALL_MAIL})
+    archive = str(tmp_path / "a.sqlite")
+    assert run(gmail, archive).new == 2  # nothing is left out for want of All Mail
+    assert live(archive) == {"INBOX": [raw(1)], "Work": [raw(1)]}

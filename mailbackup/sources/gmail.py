@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from imapclient import imap_utf7
+
 from ..imapconn import ImapSession, sequence_set
 from ..model import Folder, FolderReport, Message
 from . import Connect, Traits
@@ -60,8 +62,6 @@ def decode_labels(value: object) -> tuple[str, ...]:
     for item in items:
         text = item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
         if "&" in text:  # modified UTF-7, as in folder names
-            from imapclient import imap_utf7
-
             text = imap_utf7.decode(text.encode("ascii", "replace"))
         out.append(text)
     return tuple(sorted(set(out)))
@@ -112,6 +112,9 @@ class GmailSource(ImapSource):
 
     def plan(self, listed: Sequence[Folder], chosen: Sequence[Folder]) -> Plan:
         """All Mail is downloaded whenever any of its labels is wanted; labels are views."""
+        if not any(is_all_mail(f) for f in listed):
+            # No \All folder to read labels from: walk the folders like any IMAP server.
+            return Plan(list(chosen), [])
         download, views = [], []
         for folder in chosen:
             if is_all_mail(folder):
