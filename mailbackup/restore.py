@@ -22,7 +22,7 @@ from .errors import UsageError
 from .journal import Journal, default_state_path, state_engine
 from .model import Entry, Folder, TransferReport, TransferSummary
 from .net import Endpoint, parse_url
-from .pipeline import Progress
+from .pipeline import Progress, wanted
 from .sources import (
     Source,
 )
@@ -188,7 +188,8 @@ def restore(
             def connect() -> tuple[Source, Target]:
                 target = connect_target(endpoint, password, options)
                 if labels is not None:  # to Gmail, each message once: labels are set afterwards
-                    source.hidden = labels.hidden if offers_labels(target) else frozenset()
+                    chosen = lambda name: wanted(Folder(name), options.include, options.exclude)  # noqa: E731
+                    source.hidden = labels.hidden(chosen) if offers_labels(target) else frozenset()
                 return source, target
 
             def journal(target: Target) -> Journal:

@@ -13,6 +13,7 @@ from mailbackup import BackupOptions, backup, pipeline
 from mailbackup.cli import main
 from mailbackup.errors import ProviderLimit
 from mailbackup.limits import TokenBucket
+from mailbackup.model import Folder, Message
 from mailbackup.restore import RestoreOptions, restore
 from mailbackup.sources.gmail import DAILY_BUDGET as GMAIL_DAILY_BUDGET
 from mailbackup.stores import open_store
@@ -227,3 +228,38 @@ def test_without_an_all_mail_folder_every_folder_is_walked_as_on_any_server(gmai
     archive = str(tmp_path / "a.sqlite")
     assert run(gmail, archive).new == 2  # nothing is left out for want of All Mail
     assert live(archive) == {"INBOX": [raw(1)], "Work": [raw(1)]}
+
+
+def test_restoring_only_a_label_folder_to_gmail_still_restores_its_messages(gmail: FakeGmail, tmp_path: Path) -> None:
+    gmail.add(raw(1), {"Work"})
+    gmail.add(raw(2), {"\\Inbox"})
+    archive = str(tmp_path / "a.sqlite")
+    assert run(gmail, archive).ok
+    with FakeGmail() as fresh:
+        options = RestoreOptions(no_tls=True, include=("Work",))
+        summary = restore(archive, fresh.url(), password="secret", options=options, state=tmp_path / "r.sqlite")
+        assert summary.ok and summary.sent == 1
+        assert [(m.raw, m.labels) for m in fresh.messages] == [(raw(1), {"Work"})]
+
+
+def test_a_schema_2_catalog_is_upgraded_in_place_and_read_as_it_is_when_read_only(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "a.sqlite"
+    store = open_store(str(path), mode="write", account="alice@example.com")
+    folder = store.catalog.ensure_folder(Folder("INBOX"), store.folder_path(Folder("INBOX")))
+    message = Message(raw=raw(1), uid=1)
+    store.catalog.add(folder.id, 5, list(zip([message], store.put(folder, [message]))))
+    store.close()
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE gmail_messages; DROP TABLE gmail_views; DROP TABLE daily_bytes; UPDATE meta SET value = '2' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    assert [m.raw for m in archived(str(path))["INBOX"]] == [raw(1)]  # read-only: schema 2 as it is
+    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+    store = open_store(str(path), mode="write", account="alice@example.com")
+    store.catalog.add_bytes_fetched("2026-12-01", 10)
+    assert store.catalog.bytes_fetched("2026-12-01") == 10
+    store.close()
+    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+    assert [m.raw for m in archived(str(path))["INBOX"]] == [raw(1)]

@@ -39,10 +39,10 @@ class LabelPlan:
     views: dict[int, tuple[int, str]]  # label folder id -> (All Mail folder id, label)
     names: dict[int, str]  # folder id -> name
 
-    @property
-    def hidden(self) -> frozenset[str]:
-        """Folders a restore to Gmail does not append."""
-        return frozenset(self.names[folder_id] for folder_id in self.views)
+    def hidden(self, wanted: Callable[[str], bool]) -> frozenset[str]:
+        """Label folders a restore to Gmail does not append: those whose All Mail is restored too.
+        (A restore of only some label folders appends them as folders, so nothing is left out.)"""
+        return frozenset(self.names[view] for view, (of_id, _) in self.views.items() if wanted(self.names[of_id]))
 
     def labels(self, store: Store, select: Callable[[Entry], bool]) -> dict[int, dict[tuple[int | None, int | None], set[str]]]:
         """All Mail folder id -> (UIDVALIDITY, UID) of its message -> labels, from the label folders' entries."""
