@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from mailbackup import BackupOptions, backup, pipeline
 from mailbackup.cli import main
 from mailbackup.errors import ProviderLimit
+from mailbackup.imapconn import limit_hit, lost
 from mailbackup.limits import TokenBucket
 from mailbackup.model import Folder, Message
 from mailbackup.restore import RestoreOptions, restore
@@ -263,3 +264,24 @@ def test_a_schema_2_catalog_is_upgraded_in_place_and_read_as_it_is_when_read_onl
     store.close()
     assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
     assert [m.raw for m in archived(str(path))["INBOX"]] == [raw(1)]
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("[OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)", "OVERQUOTA"),
+        ("[THROTTLED] Too many commands", "THROTTLED"),
+        ("UID FETCH [LIMIT] Request too large", "LIMIT"),
+        ("[ALERT] Too many simultaneous connections. (Failure)", "too many connections"),
+        ("Maximum number of connections from user+IP exceeded: too many connections", "too many connections"),
+    ],
+)
+def test_provider_limit_responses_are_named(text: str, name: str) -> None:
+    limit = limit_hit(text)
+    assert isinstance(limit, ProviderLimit) and f"({name})" in str(limit) and limit.exit_code == 1
+    assert isinstance(lost(OSError(f"BYE {text}")), ProviderLimit)
+
+
+def test_ordinary_refusals_are_not_limits() -> None:
+    assert limit_hit("[AUTHENTICATIONFAILED] Invalid credentials (Failure)") is None
+    assert limit_hit("[UNAVAILABLE] Temporary System Error") is None
