@@ -30,6 +30,7 @@ from .sources.archive import ArchiveSource
 from .sources.imap import ImapSource
 from .stores import open_store
 from .targets import Target
+from .targets.gmail import apply_labels, label_plan, offers_labels
 from .transfer import Engine, TransferOptions
 
 IMAP_SCHEMES = ("imap", "imaps")
@@ -177,8 +178,6 @@ def restore(
         raise UsageError("--as-of picks what was there at that time; --include-gone does not go with it")
     store = open_store(archive, mode="read", account=mailbox)
     try:
-        from .targets.gmail import apply_labels, label_plan, offers_labels
-
         select = lambda entry: selected(entry, options)  # noqa: E731
         source = ArchiveSource(store, select)
         labels = None if smtp else label_plan(store)  # a Gmail archive: label folders are views of All Mail

@@ -201,7 +201,12 @@ def account_name(url: str) -> str:
 def _open_imap(url: str, connect: Connect) -> Source:
     from .imap import ImapSource
 
-    return ImapSource.open_url(url, connect)
+    session = ImapSource.login(url, connect)
+    if session.has("X-GM-EXT-1"):  # Gmail: labels, not folders
+        from .gmail import GmailSource
+
+        return GmailSource.from_session(session, connect)
+    return ImapSource(session)
 
 
 def _open_pop3(url: str, connect: Connect) -> Source:

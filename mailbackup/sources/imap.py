@@ -91,13 +91,12 @@ class ImapSource:
 
     @classmethod
     def open_url(cls, url: str, connect: Connect) -> ImapSource:
-        endpoint = parse_url(url, no_tls=connect.no_tls, schemes=("imap", "imaps"))
-        session = ImapSession.connect(endpoint, connect.secret, ca_file=connect.ca_file, timeout=connect.timeout, auth=connect.auth)
-        if cls is ImapSource and session.has("X-GM-EXT-1"):  # Gmail: labels, not folders
-            from .gmail import GmailSource
+        return cls(cls.login(url, connect))
 
-            return GmailSource.from_session(session, connect)
-        return cls(session)
+    @staticmethod
+    def login(url: str, connect: Connect) -> ImapSession:
+        endpoint = parse_url(url, no_tls=connect.no_tls, schemes=("imap", "imaps"))
+        return ImapSession.connect(endpoint, connect.secret, ca_file=connect.ca_file, timeout=connect.timeout, auth=connect.auth)
 
     @classmethod
     def connect(cls, endpoint: Endpoint, password: str, **options: Any) -> ImapSource:
