@@ -28,6 +28,7 @@ import re
 import socket
 import socketserver
 import threading
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -114,6 +115,10 @@ class FakeGmail:
             out[label] = (label, None)
         return out
 
+    def validity(self, name: str) -> int:
+        """Every Gmail folder has a UIDVALIDITY of its own."""
+        return self.uid_validity if name == ALL_MAIL else self.uid_validity + 1 + zlib.crc32(name.encode()) % 10000
+
     def label_of_folder(self, name: str) -> str | None:
         for label, (folder, _) in SYSTEM.items():
             if folder == name:
@@ -192,7 +197,7 @@ class FakeGmail:
                         b"* FLAGS (\\Answered \\Flagged \\Draft \\Deleted \\Seen)\r\n"
                         b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Draft \\Deleted \\Seen \\*)] Flags permitted.\r\n"
                         b"* %d EXISTS\r\n* OK [UIDVALIDITY %d] ok\r\n* OK [UIDNEXT %d] ok\r\n* OK [HIGHESTMODSEQ %d] ok\r\n"
-                        % (len(shown), self.uid_validity, len(self.messages) + 1, self.highest_modseq)
+                        % (len(shown), self.validity(name), len(self.messages) + 1, self.highest_modseq)
                     )
                     mode = b"READ-ONLY" if command == "EXAMINE" else b"READ-WRITE"
                     wfile.write(tag + b" OK [" + mode + b"] " + command.encode() + b" (Success)\r\n")
@@ -314,4 +319,4 @@ class FakeGmail:
             message = self.add(raw, {label} if label else set(), message_flags)
             self.appended.append(folder)
             uids.append(message.uid)
-        wfile.write(tag + b" OK [APPENDUID %d %s] (Success)\r\n" % (self.uid_validity, ",".join(map(str, uids)).encode()))
+        wfile.write(tag + b" OK [APPENDUID %d %s] (Success)\r\n" % (self.validity(folder), ",".join(map(str, uids)).encode()))

@@ -18,6 +18,7 @@ from mailbackup.model import Folder, Message
 from mailbackup.restore import RestoreOptions, restore
 from mailbackup.sources.gmail import DAILY_BUDGET as GMAIL_DAILY_BUDGET
 from mailbackup.stores import open_store
+from mailbackup.verify import AgainstOptions, verify
 from tests.archive_view import archived
 from tests.fake_gmail import ALL_MAIL, FakeGmail
 
@@ -285,3 +286,14 @@ def test_provider_limit_responses_are_named(text: str, name: str) -> None:
 def test_ordinary_refusals_are_not_limits() -> None:
     assert limit_hit("[AUTHENTICATIONFAILED] Invalid credentials (Failure)") is None
     assert limit_hit("[UNAVAILABLE] Temporary System Error") is None
+
+
+def test_verify_against_gmail_checks_labels_through_all_mail(gmail: FakeGmail, tmp_path: Path) -> None:
+    gmail.add(raw(1), {"\\Inbox", "Work"})
+    gmail.add(raw(2), {"\\Trash"})
+    archive = str(tmp_path / "a.sqlite")
+    assert run(gmail, archive).ok
+    problems: list[object] = []
+    against = AgainstOptions(source=gmail.url(), password="secret", no_tls=True)
+    summary = verify(archive, report=problems.append, against=against)
+    assert problems == [] and summary.compared == 1
