@@ -15,6 +15,7 @@ from mailbackup.errors import ProviderLimit
 from mailbackup.imapconn import limit_hit, lost
 from mailbackup.limits import TokenBucket
 from mailbackup.model import Folder, Message
+from mailbackup.prune import prune_server
 from mailbackup.restore import RestoreOptions, restore
 from mailbackup.sources.gmail import DAILY_BUDGET as GMAIL_DAILY_BUDGET
 from mailbackup.stores import open_store
@@ -297,3 +298,11 @@ def test_verify_against_gmail_checks_labels_through_all_mail(gmail: FakeGmail, t
     against = AgainstOptions(source=gmail.url(), password="secret", no_tls=True)
     summary = verify(archive, report=problems.append, against=against)
     assert problems == [] and summary.compared == 1
+
+
+def test_prune_server_on_gmail_looks_at_all_mail_only(gmail: FakeGmail, tmp_path: Path) -> None:
+    gmail.add(raw(1), {"\\Inbox", "Work"})
+    archive = str(tmp_path / "a.sqlite")
+    assert run(gmail, archive).ok
+    report = prune_server(gmail.url(), archive, password="secret", older_than_days=30, options=BackupOptions(no_tls=True))
+    assert report.ok and [(f.name, f.candidates) for f in report.folders if f.candidates or f.refused] == [(ALL_MAIL, 1)]
