@@ -13,13 +13,13 @@ per label. So when the server offers X-GM-EXT-1:
   SELECT and a FETCH per label and still not tell which message is which without
   X-GM-MSGID;
 - each label then becomes an ordinary archive folder holding the message again,
-  written through the store's one write path (``put``), so ``ls``, verify, search,
-  restore and migrate to any server see one folder per label with no special case.
-  A Maildir or mbox archive holds one copy per label rather than a hard link: mbox
-  cannot link, a Maildir link would tie the flags and the fate (prune, repair) of
-  two folders' files together, and a copy stays right when the archive is copied
-  to another filesystem. SQL stores keep message bytes by SHA-256, so there a label
-  costs one catalog row.
+  written through the store's one write path (``put``), so ``ls``, verify, search
+  and restore to any server see one folder per label with no special case.
+  A Maildir or mbox archive holds one copy per label rather than a hard link: the
+  copy takes the stores' one durable write path (no second way to add a message),
+  mbox cannot link, a damaged file costs one folder its copy rather than every label
+  at once, and cp -r or rsync without -H would make copies of links anyway. SQL
+  stores keep message bytes by SHA-256, so there a label costs one catalog row.
 
 The label folders are recorded in the catalog (``gmail_views``) so a restore to a
 server with X-GM-EXT-1 appends each message once and sets its labels instead.
