@@ -29,6 +29,10 @@ def options_for(account: Account) -> BackupOptions:
         index=account.index,
         admin_user=account.login.admin_user,
         blobs=Bucket(account.blobs, account.s3_endpoint) if account.blobs else None,
+        max_rate=account.max_rate,
+        max_bytes_per_day=account.max_bytes_per_day,
+        max_connections=account.max_connections,
+        gmail_trash_and_spam=account.gmail_include_trash_spam,
     )
 
 

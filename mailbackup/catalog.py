@@ -6,6 +6,7 @@ its message is durable in the store, so a row never points at nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from array import array
@@ -32,7 +33,10 @@ from .errors import (
 from .model import ArchivedFolder, Entry, Folder, Message
 
 # 2: folders belong to an account (accounts table); a schema-1 catalog is upgraded in place.
-SCHEMA_VERSION = "2"
+# 3: Gmail labels (gmail_messages, gmail_views) and bytes fetched per day (daily_bytes); a
+#    schema-2 catalog is upgraded in place by creating the new tables.
+SCHEMA_VERSION = "3"
+READABLE = ("2", SCHEMA_VERSION)  # read-only opens take a schema-2 catalog as it is (no labels, no budget)
 # A folder attribute: repair put messages here whose folder the store does not keep (SQL
 # blobs). Their locations do not depend on a folder, so a backup may move them to theirs.
 RECOVERED_MARK = "$MailbackupRecovered"
@@ -91,6 +95,41 @@ messages = sa.Table(
     sa.Index("ix_messages_folder_source_id", "folder_id", "source_id"),
     sa.Index("ix_messages_folder_location", "folder_id", "location"),
     sa.Index("ix_messages_sha256", "sha256"),
+)
+
+# Gmail (sources/gmail.py): each All Mail message's X-GM-MSGID, X-GM-THRID and X-GM-LABELS,
+# keyed like its entry (All Mail folder, UIDVALIDITY, UID), so labels fetched before the
+# message itself was stored are not lost.
+gmail_messages = sa.Table(
+    "gmail_messages",
+    metadata,
+    sa.Column("folder_id", BigId, sa.ForeignKey("folders.id"), primary_key=True),
+    sa.Column("uid_validity", sa.BigInteger, primary_key=True),
+    sa.Column("uid", sa.BigInteger, primary_key=True),
+    sa.Column("msgid", sa.String(20), nullable=False),  # unsigned 64-bit, as decimal text: exact everywhere
+    sa.Column("thrid", sa.String(20), nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),  # JSON list: labels hold spaces
+)
+
+# Gmail: archive folders that are views of another (a label of All Mail), and the
+# label checkpoint (UIDVALIDITY, HIGHESTMODSEQ) of the All Mail folder (label NULL).
+gmail_views = sa.Table(
+    "gmail_views",
+    metadata,
+    sa.Column("folder_id", BigId, sa.ForeignKey("folders.id"), primary_key=True),
+    sa.Column("of_folder_id", BigId, sa.ForeignKey("folders.id"), nullable=False),
+    sa.Column("label", sa.Text),
+    sa.Column("uid_validity", sa.BigInteger),
+    sa.Column("highest_modseq", sa.BigInteger),
+)
+
+# Bytes fetched from a source per UTC day, for max_bytes_per_day across runs.
+daily_bytes = sa.Table(
+    "daily_bytes",
+    metadata,
+    sa.Column("account", sa.Text, primary_key=True),
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
 )
 
 
@@ -240,6 +279,7 @@ class Catalog:
         self.account_id: int | None = None
         self.scoped = True  # False: a schema-1 catalog read as it is, one account, no accounts table
         self._ambiguous: list[str] = []
+        self.version: str | None = None
         self._committed = False
         try:
             if read_only:
@@ -266,22 +306,27 @@ class Catalog:
             version = self._version(conn)
         if version is None:
             raise NotAnArchive(f"{self.where} is not a mailbackup archive")
+        self.version = version
         if version == "1":
             self.scoped = False
-        elif version != SCHEMA_VERSION:
+        elif version not in READABLE:
             raise StoreError(f"catalog schema {version} is not supported (want {SCHEMA_VERSION})")
 
     def _prepare(self) -> None:
         with self.engine.connect() as conn:
             version = self._version(conn)
-        if version not in (None, "1", SCHEMA_VERSION):
+        if version not in (None, "1", *READABLE):
             raise StoreError(f"catalog schema {version} is not supported (want {SCHEMA_VERSION})")
         if version == "1":
-            self._upgrade_from_1()
+            self._upgrade_from_1()  # to the current version: its new tables come from create_all below
         metadata.create_all(self.engine)
         if version is None:
             with self.engine.begin() as conn:
                 conn.execute(meta.insert().values(key="schema", value=SCHEMA_VERSION))
+        elif version == "2":  # schema 2 -> 3 adds tables only, created just above
+            with self.engine.begin() as conn:
+                conn.execute(meta.update().where(meta.c.key == "schema").values(value=SCHEMA_VERSION))
+        self.version = SCHEMA_VERSION
 
     def _upgrade_from_1(self) -> None:
         """Schema 1 -> 2: folders gain an account; the one account there was is not known by name yet."""
@@ -848,6 +893,110 @@ class Catalog:
         query = sa.select(messages.c.location).where(messages.c.folder_id == folder_id).order_by(messages.c.location)
         with self.engine.connect() as conn:
             yield from conn.execution_options(yield_per=1000).execute(query).scalars()
+
+
+    # Gmail labels (sources/gmail.py); absent from a schema-2 catalog opened read-only
+
+    def _labelled(self) -> bool:
+        return self.version == SCHEMA_VERSION
+
+    def gmail_checkpoint(self, folder_id: int) -> tuple[int | None, int | None]:
+        """(UIDVALIDITY, HIGHESTMODSEQ) up to which All Mail's labels are known."""
+        query = sa.select(gmail_views.c.uid_validity, gmail_views.c.highest_modseq).where(gmail_views.c.folder_id == folder_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return (row[0], row[1]) if row else (None, None)
+
+    def set_gmail_checkpoint(self, folder_id: int, uid_validity: int, highest_modseq: int | None) -> None:
+        self._set_view(folder_id, folder_id, None, uid_validity, highest_modseq)
+
+    def set_gmail_view(self, folder_id: int, of_folder_id: int, label: str) -> None:
+        """Mark an archive folder as the view of one label of All Mail."""
+        self._set_view(folder_id, of_folder_id, label, None, None)
+
+    def _set_view(self, folder_id: int, of_folder_id: int, label: str | None, validity: int | None, modseq: int | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(gmail_views.delete().where(gmail_views.c.folder_id == folder_id))
+            conn.execute(
+                gmail_views.insert().values(
+                    folder_id=folder_id, of_folder_id=of_folder_id, label=label, uid_validity=validity, highest_modseq=modseq
+                )
+            )
+
+    def gmail_views(self) -> dict[int, tuple[int, str]]:
+        """Label folders of this account: folder id -> (id of the folder they are views of, label)."""
+        if not self._labelled():
+            return {}
+        query = sa.select(gmail_views.c.folder_id, gmail_views.c.of_folder_id, gmail_views.c.label).where(
+            gmail_views.c.label.is_not(None), gmail_views.c.folder_id.in_(self._own_folder_ids())
+        )
+        with self.engine.connect() as conn:
+            return {row[0]: (row[1], row[2]) for row in conn.execute(query)}
+
+    def set_gmail_labels(
+        self, folder_id: int, uid_validity: int, rows: Sequence[tuple[int, int, int, tuple[str, ...]]]
+    ) -> None:
+        """Record (UID, X-GM-MSGID, X-GM-THRID, labels) of All Mail messages; rows of an older
+        UIDVALIDITY are dropped."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                gmail_messages.delete().where(
+                    gmail_messages.c.folder_id == folder_id, gmail_messages.c.uid_validity != uid_validity
+                )
+            )
+            for start in range(0, len(rows), 500):
+                part = rows[start : start + 500]
+                conn.execute(
+                    gmail_messages.delete().where(
+                        gmail_messages.c.folder_id == folder_id,
+                        gmail_messages.c.uid_validity == uid_validity,
+                        gmail_messages.c.uid.in_([r[0] for r in part]),
+                    )
+                )
+                conn.execute(
+                    gmail_messages.insert(),
+                    [
+                        {"folder_id": folder_id, "uid_validity": uid_validity, "uid": uid, "msgid": str(msgid),
+                         "thrid": str(thrid), "labels": json.dumps(sorted(labels))}
+                        for uid, msgid, thrid, labels in part
+                    ],
+                )
+
+    def gmail_labels(self, folder_id: int, uid_validity: int) -> dict[int, tuple[int, int, tuple[str, ...]]]:
+        """UID -> (X-GM-MSGID, X-GM-THRID, labels) for All Mail under this UIDVALIDITY."""
+        if not self._labelled():
+            return {}
+        query = sa.select(gmail_messages).where(
+            gmail_messages.c.folder_id == folder_id, gmail_messages.c.uid_validity == uid_validity
+        )
+        with self.engine.connect() as conn:
+            return {
+                int(r.uid): (int(r.msgid), int(r.thrid), tuple(json.loads(r.labels)))
+                for r in conn.execution_options(yield_per=1000).execute(query)
+            }
+
+    # the daily byte budget (max_bytes_per_day)
+
+    def bytes_fetched(self, day: str) -> int:
+        """Bytes this account's source sent on a UTC day (YYYY-MM-DD), as recorded."""
+        if not self._labelled():
+            return 0
+        query = sa.select(daily_bytes.c.bytes).where(daily_bytes.c.account == (self.account or ""), daily_bytes.c.day == day)
+        with self.engine.connect() as conn:
+            return int(conn.scalar(query) or 0)
+
+    def add_bytes_fetched(self, day: str, count: int) -> None:
+        if count <= 0:
+            return
+        account = self.account or ""
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                daily_bytes.update()
+                .where(daily_bytes.c.account == account, daily_bytes.c.day == day)
+                .values(bytes=daily_bytes.c.bytes + count)
+            )
+            if not updated.rowcount:
+                conn.execute(daily_bytes.insert().values(account=account, day=day, bytes=count))
 
     def records(self, folder_id: int) -> Iterator[EntryRecord]:
         """Every entry of a folder with all its metadata, streamed in id order."""

@@ -401,6 +401,11 @@ def main() -> None:
 @click.option("--batch-messages", type=click.IntRange(1, 10000), default=200, hidden=True)
 @click.option("--blobs", metavar="s3://BUCKET/PREFIX", help="A new SQL archive keeps message bytes in this S3 bucket (recorded in the archive).")
 @click.option("--s3-endpoint", metavar="URL", help="The S3 server (default: AWS_ENDPOINT_URL, else AWS). Credentials come the AWS way, never argv.")
+@click.option("--max-rate", type=click.FloatRange(min=1), metavar="BYTES", help="Read from the source at most BYTES per second on average.")
+@click.option("--max-bytes-per-day", type=click.IntRange(min=1), metavar="BYTES",
+              help="Stop (exit 1, rerun to go on) before the source sends more than BYTES in a UTC day (default for Gmail: 2,400 MB).")
+@click.option("--max-connections", type=click.IntRange(min=1), metavar="N", help="Connections per account (a run uses one).")
+@click.option("--gmail-include-trash-spam", is_flag=True, help="Gmail: back up Trash and Spam too.")
 @output_options()
 def backup_command(
     source: str | None,
@@ -421,6 +426,10 @@ def backup_command(
     batch_messages: int,
     blobs: str | None,
     s3_endpoint: str | None,
+    max_rate: float | None,
+    max_bytes_per_day: int | None,
+    max_connections: int | None,
+    gmail_include_trash_spam: bool,
     out: Output,
 ) -> None:
     """Back up SOURCE into ARCHIVE, or configured accounts with --account/--all.
@@ -454,6 +463,10 @@ def backup_command(
         retries=retries,
         admin_user=login.admin_user,
         blobs=Bucket(blobs, s3_endpoint) if blobs else None,
+        max_rate=max_rate,
+        max_bytes_per_day=max_bytes_per_day,
+        max_connections=max_connections,
+        gmail_trash_and_spam=gmail_include_trash_spam,
     )
     bars = bars_for(out)
 

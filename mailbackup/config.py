@@ -35,6 +35,10 @@ KNOWN_KEYS = {
     "admin_user",
     "blobs",
     "s3_endpoint",
+    "max_rate",
+    "max_bytes_per_day",
+    "max_connections",
+    "gmail_include_trash_spam",
     *SECRET_KEYS,
     *KEY_KEYS,
 }
@@ -64,6 +68,10 @@ class Account:
     keys: keys.KeySource | None = field(default=None, compare=False)  # None: as the command line says
     blobs: str | None = None  # s3://BUCKET/PREFIX for a SQL archive's message bytes
     s3_endpoint: str | None = None
+    max_rate: float | None = None  # bytes/s
+    max_bytes_per_day: int | None = None
+    max_connections: int | None = None
+    gmail_include_trash_spam: bool = False
 
     @property
     def auth(self) -> str:
@@ -178,6 +186,10 @@ def account(name: str, table: Any, path: Path, explicit: bool = True) -> Account
             keys=key_source(table, where),
             blobs=table.get("blobs"),
             s3_endpoint=table.get("s3_endpoint"),
+            max_rate=float(table["max_rate"]) if "max_rate" in table else None,
+            max_bytes_per_day=int(table["max_bytes_per_day"]) if "max_bytes_per_day" in table else None,
+            max_connections=int(table["max_connections"]) if "max_connections" in table else None,
+            gmail_include_trash_spam=bool(table.get("gmail_include_trash_spam", False)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc

@@ -68,6 +68,10 @@ class ServerError(MailbackupError):
     """The server sent a reply mailbackup cannot use."""
 
 
+class ProviderLimit(MailbackupError):
+    """The provider's limit was reached; what was stored is kept, rerun later to go on."""
+
+
 class HostileServer(MailbackupError):
     """The server broke the protocol in a way that is not safe to read on; the run stops."""
 

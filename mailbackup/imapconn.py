@@ -23,6 +23,7 @@ from .errors import (
     AuthError,
     ConnectionLost,
     HostileServer,
+    ProviderLimit,
     ServerError,
     TLSError,
     UsageError,
@@ -191,7 +192,30 @@ def login(client: imapclient.IMAPClient, endpoint: Endpoint, secret: str, auth: 
         raise ValueError(f"unknown auth {auth!r}")
 
 
-def lost(exc: BaseException, side: str = "server") -> ConnectionLost:
+# Response codes and login refusals by which a provider says "not now": Gmail's
+# [OVERQUOTA] (daily download limit), [THROTTLED], [LIMIT], and too many connections.
+# Retrying them only digs deeper (Gmail suspends access for 24 hours), so they end the run.
+_LIMIT = re.compile(
+    r"\[(OVERQUOTA|THROTTLED|LIMIT)\]|too many (?:simultaneous )?connections", re.IGNORECASE
+)
+
+
+def limit_hit(text: str, where: str = "server") -> ProviderLimit | None:
+    """A ProviderLimit naming the limit when a response says one was reached, else None."""
+    match = _LIMIT.search(text)
+    if match is None:
+        return None
+    name = match.group(1).upper() if match.group(1) else "too many connections"
+    return ProviderLimit(
+        f"{where} limit reached ({name}): {text.strip()[:160]}; stopped without retrying, "
+        "what was stored is kept; rerun later to go on"
+    )
+
+
+def lost(exc: BaseException, side: str = "server") -> ConnectionLost | ProviderLimit:
+    limit = limit_hit(str(exc), f"IMAP {side}")
+    if limit is not None:  # a BYE [OVERQUOTA] or the like: not a line to reconnect
+        return limit
     return ConnectionLost(f"connection to the IMAP {side} lost: {exc}; rerun to finish")
 
 
@@ -204,6 +228,9 @@ def command_errors(side: str = "server") -> Iterator[None]:
     except (imap_errors.IMAPClientAbortError, OSError) as exc:  # OSError covers timeouts and TLS
         raise lost(exc, side) from exc
     except imap_errors.IMAPClientError as exc:
+        limit = limit_hit(text_of(exc), f"IMAP {side}")
+        if limit is not None:
+            raise limit from exc
         raise ServerError(f"{'server' if side == 'server' else side} refused: {text_of(exc)}") from exc
 
 
@@ -296,6 +323,9 @@ class ImapSession:
             login(client, endpoint, password, auth, admin_user)
         except imap_errors.LoginError as exc:
             client.shutdown()
+            limit = limit_hit(text_of(exc), f"IMAP server {endpoint.host}")
+            if limit is not None:
+                raise limit from exc
             who = f"{endpoint.user} (admin {admin_user})" if admin_user else endpoint.user
             raise AuthError(f"login as {who} at {endpoint.host} failed: {text_of(exc)}") from exc
         except (imap_errors.IMAPClientAbortError, OSError) as exc:
@@ -387,6 +417,9 @@ class ImapSession:
         finally:
             self.literal_limit = SMALL_LITERAL
         if status != "OK":
+            limit = limit_hit(text_of(data[-1] if data else status))
+            if limit is not None:
+                raise limit
             raise ServerError(f"UID FETCH {uid_set[:40]} refused: {text_of(data[-1] if data else status)}")
         if malformed is not None:
             raise malformed

@@ -117,7 +117,7 @@ def passphrase(source: KeySource, what: str) -> str:
             if source.passphrase.password_file or source.passphrase.password_command:
                 raise
             raise ArchiveKeyError(
-                f"{what} is encrypted: give --passphrase-file, --passphrase-command or MAILBACKUP_PASSPHRASE"
+                f"{what} is encrypted: give {setting('passphrase_file')}, {setting('passphrase_command')} or MAILBACKUP_PASSPHRASE"
             ) from exc
     return _passphrases[id(source)]
 

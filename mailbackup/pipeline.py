@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
-from .errors import ConnectionLost, ServerError, UsageError, setting
+from .errors import ConnectionLost, ProviderLimit, ServerError, UsageError, setting
+from .limits import DailyBudget, TokenBucket, utc_day
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
 from .prefetch import prefetched
 from .search import Indexer
@@ -68,6 +69,11 @@ class BackupOptions:
     flag_chunk: int = 2000
     admin_user: str | None = None  # log in as this administrator, for the source URL's user (SASL PLAIN authzid)
     blobs: Bucket | None = None  # a new SQL archive keeps message bytes in this bucket
+    # provider limits (limits.py); Gmail's defaults come from sources/gmail.py
+    max_rate: float | None = None  # bytes/s read from the source, on average
+    max_bytes_per_day: int | None = None  # per account and UTC day, remembered in the catalog
+    max_connections: int | None = None  # a run uses one connection per account; must be >= 1
+    gmail_trash_and_spam: bool = False
     # POP3 only
     into: str | None = None
     delete: bool = False
@@ -194,9 +200,20 @@ class Run:
     cuts: Counter[Key] = field(default_factory=Counter)
     too_big: dict[Key, str] = field(default_factory=dict)
     read_on_connection: int = 0  # messages fully read since the last connect
+    budget: DailyBudget | None = None  # max_bytes_per_day, once the source is known
+    rate: TokenBucket | None = None
 
     def __post_init__(self) -> None:
         self.batch_messages, self.batch_bytes = self.options.batch_messages, self.options.batch_bytes
+        if self.options.max_rate is not None:
+            self.rate = TokenBucket(self.options.max_rate)
+
+    def limit(self, source: Source, store: Store) -> None:
+        """The daily budget: the option, else the provider's default (Gmail's), counted from the catalog."""
+        limit = self.options.max_bytes_per_day or getattr(source, "daily_budget", None)
+        if self.budget is None and limit:
+            day = utc_day()
+            self.budget = DailyBudget(int(limit), store.catalog.bytes_fetched(day), day)
 
     def connected(self) -> None:
         self.read_on_connection = 0
@@ -231,7 +248,7 @@ class Run:
             yield batch
 
 
-Outcome = tuple[list[Fetched], "ConnectionLost | None"]
+Outcome = tuple[list[Fetched], "ConnectionLost | ProviderLimit | None"]
 
 
 class FolderSync:
@@ -332,10 +349,15 @@ class FolderSync:
         """Read a batch to the end or to the dropped line (on the prefetch thread)."""
         resume = {item.id: self.run_state.prefixes[self.key(item.id)] for item in batch if self.key(item.id) in self.run_state.prefixes}
         got: list[Fetched] = []
+        run = self.run_state
+        if run.budget is not None:  # before asking: a provider counts what it sends
+            run.budget.reserve(sum(item.size - len(resume.get(item.id, b"")) for item in batch))
         try:
             for fetched in self.source.fetch(batch, resume):
                 got.append(fetched)
-        except ConnectionLost as exc:
+                if run.rate is not None:
+                    run.rate.take(fetched.message.size if fetched.message else len(fetched.partial))
+        except (ConnectionLost, ProviderLimit) as exc:  # what arrived whole is stored before either goes on
             return got, exc
         except ServerError as exc:
             answered = {f.id for f in got}
@@ -348,7 +370,7 @@ class FolderSync:
         validity: int | None,
         batch: list[Listed],
         got: list[Fetched],
-        dropped: ConnectionLost | None,
+        dropped: ConnectionLost | ProviderLimit | None,
         rescan: bool,
     ) -> None:
         """Store what arrived whole, keep what arrived in part, then pass a dropped line on."""
@@ -358,6 +380,8 @@ class FolderSync:
             if f.message is None and f.failure is not None:
                 self.tally.failed.append(f"{label(f.id)}: {f.failure}")
         self.store_batch(archived, validity, messages, rescan)
+        if run.budget is not None:
+            self.catalog.add_bytes_fetched(run.budget.day, sum(m.size for m in messages) + sum(len(f.partial) for f in got))
         self.progress.stored(len(messages), sum(m.size for m in messages))
         for f in got:
             key = self.key(f.id)
@@ -374,6 +398,8 @@ class FolderSync:
         if dropped is None:
             run.held()
             return
+        if isinstance(dropped, ProviderLimit):
+            raise dropped  # never retried: the provider said stop
         done = {f.id for f in got if f.message is not None or f.failure is not None}
         in_flight = next((item for item in batch if item.id not in done), None)
         if self.source.traits.resumes:
@@ -434,12 +460,18 @@ def backup_once(
     (a partial one if the line drops)."""
     source = open_source(url, connect)
     run.connected()
+    run.limit(source, store)
     traits = source.traits
     clean = False
     try:
         listed = source.folders()
         chosen = choose(listed, options) if traits.many_folders else listed
-        progress.plan(len(chosen))
+        plan = getattr(source, "plan", None)  # Gmail: label folders are views of All Mail (sources/gmail.py)
+        views: Sequence[Folder] = ()
+        if plan is not None:
+            planned = plan(listed, chosen)
+            chosen, views = planned.download, planned.views
+        progress.plan(len(chosen) + len(views))
         failed_folder = False
         for folder in chosen:
             into = folder if traits.many_folders else Folder(options.into or folder.name, "/")
@@ -461,6 +493,10 @@ def backup_once(
                     raise
             reports.append(report)
             progress.folder_done(report)
+        if views:
+            for report in source.sync_views(store, listed, views):  # type: ignore[attr-defined]  # sources with plan() have it
+                reports.append(report)
+                progress.folder_done(report)
         if traits.many_folders:
             reports.extend(vanished(store, listed, options))
         # Deferred deletes (POP3's QUIT) happen only after a clean run.
@@ -541,6 +577,12 @@ def check_options(traits: Traits, options: BackupOptions) -> None:
         raise UsageError(f"give {setting('delete')} or {setting('delete_older_than')}, not both")
     if options.delete_older_than is not None and options.delete_older_than < 0:
         raise UsageError(f"{setting('delete_older_than')} needs a number of days >= 0")
+    if options.max_rate is not None and options.max_rate <= 0:
+        raise UsageError(f"{setting('max_rate')} needs a number of bytes per second > 0")
+    if options.max_bytes_per_day is not None and options.max_bytes_per_day <= 0:
+        raise UsageError(f"{setting('max_bytes_per_day')} needs a number of bytes > 0")
+    if options.max_connections is not None and options.max_connections < 1:
+        raise UsageError(f"{setting('max_connections')} needs a number >= 1 (a run uses one connection per account)")
 
 
 def backup(
@@ -562,6 +604,7 @@ def backup(
         no_tls=options.no_tls,
         timeout=options.timeout,
         admin_user=options.admin_user,
+        gmail_trash_and_spam=options.gmail_trash_and_spam,
     )
     address = kind.address(source_url, connect)  # a bad URL fails here, before the archive is touched
     check_options(kind.traits, options)

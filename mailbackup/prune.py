@@ -164,10 +164,14 @@ def prune_server(
             clean = False
             try:
                 many = source.traits.many_folders
-                for folder in source.folders():
-                    if folder.selectable and (not many or wanted(folder, options.include, options.exclude)):
-                        name = folder.name if many else options.into or folder.name
-                        folders.append(prune_folder(source, store, folder, name, cutoff, act))
+                listed = source.folders()
+                chosen = [f for f in listed if f.selectable and (not many or wanted(f, options.include, options.exclude))]
+                plan = getattr(source, "plan", None)
+                if plan is not None:  # Gmail: only what a backup downloads (All Mail), not label views
+                    chosen = plan(listed, chosen).download
+                for folder in chosen:
+                    name = folder.name if many else options.into or folder.name
+                    folders.append(prune_folder(source, store, folder, name, cutoff, act))
                 # A refused check deletes nothing: a POP3 source hangs up without QUIT.
                 clean = all(f.refused is None for f in folders)
             finally:

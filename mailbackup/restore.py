@@ -22,7 +22,7 @@ from .errors import UsageError, setting
 from .journal import Journal, default_state_path, state_engine
 from .model import Entry, Folder, TransferReport, TransferSummary
 from .net import Endpoint, parse_url
-from .pipeline import Progress
+from .pipeline import Progress, wanted
 from .sources import (
     Source,
 )
@@ -30,6 +30,7 @@ from .sources.archive import ArchiveSource
 from .sources.imap import ImapSource
 from .stores import open_store
 from .targets import Target
+from .targets.gmail import apply_labels, label_plan, offers_labels
 from .transfer import Engine, TransferOptions
 
 IMAP_SCHEMES = ("imap", "imaps")
@@ -189,17 +190,29 @@ def restore(
         raise UsageError(f"{setting('as_of')} picks what was there at that time; {setting('include_gone')} does not go with it")
     store = open_store(archive, mode="read", account=mailbox)
     try:
-        source = ArchiveSource(store, lambda entry: selected(entry, options))
+        select = lambda entry: selected(entry, options)  # noqa: E731
+        source = ArchiveSource(store, select)
+        labels = None if smtp else label_plan(store)  # a Gmail archive: label folders are views of All Mail
         engine = state_engine(Path(state) if state else default_state_path("restore"), dry_run=options.dry_run)
         try:
 
             def connect() -> tuple[Source, Target]:
-                return source, connect_target(endpoint, password, options)
+                target = connect_target(endpoint, password, options)
+                if labels is not None:  # to Gmail, each message once: labels are set afterwards
+                    chosen = lambda name: wanted(Folder(name), options.include, options.exclude)  # noqa: E731
+                    source.hidden = labels.hidden(chosen) if offers_labels(target) else frozenset()
+                return source, target
 
             def journal(target: Target) -> Journal:
                 return Journal(engine, archive_identity(store.url), target.identity, create=not options.dry_run)
 
             reports = Engine(connect, journal, options.transfer(), progress).run()
+            if labels is not None and source.hidden and not options.dry_run:
+                target = connect_target(endpoint, password, options)
+                try:
+                    apply_labels(target, store, journal(target), labels, select)  # type: ignore[arg-type]  # offers_labels: an ImapTarget
+                finally:
+                    target.close()
         finally:
             engine.dispose()
     finally:

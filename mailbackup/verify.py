@@ -18,6 +18,7 @@ from .errors import ArchiveCorrupt, StoreError, UsageError, setting
 from .model import ArchivedFolder, Entry, Folder
 from .net import parse_url
 from .pipeline import batches, diff_sorted, wanted
+from .sources.gmail import is_hidden
 from .sources.imap import ImapSource
 from .stores import Store, open_store
 from .stores.codec import content_name
@@ -197,10 +198,17 @@ def compare_with_server(source: ImapSource, store: Store, options: AgainstOption
     chooser = random.Random(options.seed)
     compared = 0
     seen: set[str] = set()
+    # Gmail: label folders hold All Mail's messages under All Mail's UIDs, so they are checked
+    # through All Mail; Trash and Spam are left out of a backup unless asked for.
+    names = {f.id: f.name for f in catalog.folders()}
+    views = {names[folder_id] for folder_id in catalog.gmail_views() if folder_id in names}
+    gmail = source.session.has("X-GM-EXT-1")
     for folder in source.folders():
         if not folder.selectable or not wanted(folder, options.include, options.exclude):
             continue
         seen.add(folder.name)
+        if folder.name in views or (gmail and is_hidden(folder) and catalog.folder(folder.name) is None):
+            continue
         state = source.examine(folder)
         server = source.uids() if state.exists else []
         archived = catalog.folder(folder.name)

@@ -147,7 +147,7 @@ def _device_login(settings: OAuth2Settings, say: Say, timeout: float) -> Any:
     if settings.provider == "google":
         raise ConfigError(
             "Google's device flow does not allow the Gmail scope (https://mail.google.com/); "
-            f"sign in without --device: {settings.login_command}"
+            f"sign in without {setting('device')}: {settings.login_command}"
         )
     if not settings.device_authorization_url:
         raise ConfigError(f"account {settings.account}: {setting('device')} needs device_authorization_url in its oauth2 table")

@@ -30,6 +30,10 @@ The contract, in the order a caller uses it:
 6. ``close(commit=...)``: a source whose deletes take effect at a clean end
    (POP3's QUIT) carries them out only when commit is true.
 
+A source whose folders are views of one folder (Gmail's labels, sources/gmail.py)
+has ``plan(listed, chosen)`` and ``sync_views(store, listed, views)``: the loop
+downloads only ``plan().download`` and then lets the source fill the views.
+
 A new kind of source is one new module plus one ``register(...)`` line below.
 """
 
@@ -146,6 +150,7 @@ class Connect:
     no_tls: bool = False
     timeout: float = 120.0  # covers connect, TLS handshake, greeting and every read
     admin_user: str | None = None  # log in as this administrator on behalf of the URL's user (SASL PLAIN)
+    gmail_trash_and_spam: bool = False  # Gmail (sources/gmail.py): download Trash and Spam too
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,12 @@ def account_name(url: str) -> str:
 def _open_imap(url: str, connect: Connect) -> Source:
     from .imap import ImapSource
 
-    return ImapSource.open_url(url, connect)
+    session = ImapSource.login(url, connect)
+    if session.has("X-GM-EXT-1"):  # Gmail: labels, not folders
+        from .gmail import GmailSource
+
+        return GmailSource.from_session(session, connect)
+    return ImapSource(session)
 
 
 def _open_pop3(url: str, connect: Connect) -> Source:

@@ -36,6 +36,7 @@ class ArchiveSource:
         self.ids: dict[str, int] = {}  # folder name -> catalog folder id
         self.entries: dict[SourceId, Entry] = {}  # of the open folder
         self.sealed = encrypted(store)
+        self.hidden: frozenset[str] = frozenset()  # folders not offered (Gmail label views to a Gmail target)
 
     def __str__(self) -> str:
         return self.store.url
@@ -49,7 +50,7 @@ class ArchiveSource:
                 offered = first is None or self.select(first) or any(self.select(e) for e in entries)
             finally:
                 entries.close()  # hand the catalog connection back now, not at garbage collection
-            if offered:
+            if offered and archived.name not in self.hidden:
                 self.ids[archived.name] = archived.id
                 out.append(Folder(archived.name, archived.delimiter, archived.attributes))
         return out

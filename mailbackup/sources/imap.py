@@ -100,8 +100,12 @@ class ImapSource:
 
     @classmethod
     def open_url(cls, url: str, connect: Connect) -> ImapSource:
+        return cls(cls.login(url, connect))
+
+    @staticmethod
+    def login(url: str, connect: Connect) -> ImapSession:
         endpoint = parse_url(url, no_tls=connect.no_tls, schemes=("imap", "imaps"))
-        return cls.connect(
+        return ImapSession.connect(
             endpoint,
             connect.secret,
             ca_file=connect.ca_file,

@@ -158,7 +158,7 @@ def open_codec(engine: sa.Engine, where: str, *, writable: bool, fresh: bool) ->
     if writable and wanted and not keys.exists(engine):
         if not fresh:
             raise UsageError(
-                f"--encrypt, --compress and --recipient apply when an archive is created; {where} already holds messages as they are"
+                f"{setting('encrypt')}, {setting('compress')} and {setting('recipient')} apply when an archive is created; {where} already holds messages as they are"
             )
         keys.create(engine, protection, source, where)
     return Codec(keys.unlock(engine, source, where, writable=writable), where, engine, writable=writable)
