@@ -173,7 +173,7 @@ def as_rows(response: dict[int, dict[bytes, object]]) -> list[tuple[int, int, in
         msgid, thrid = data.get(b"X-GM-MSGID"), data.get(b"X-GM-THRID")
         if msgid is None:
             continue
-        rows.append((uid, int(msgid), int(thrid if thrid is not None else msgid), decode_labels(data.get(b"X-GM-LABELS"))))  # type: ignore[call-overload]
+        rows.append((uid, int(msgid), int(thrid if thrid is not None else msgid), decode_labels(data.get(b"X-GM-LABELS"))))  # type: ignore[call-overload]  # FETCH items are untyped: X-GM-MSGID is a number
     return rows
 
 
