@@ -929,13 +929,19 @@ def with_new(new: Login, action: Callable[[], Any]) -> Any:
         return run(False, action)
 
 
+def manage_slots(archive: str, action: Callable[[Any, str], Any]) -> Any:
+    from .key_admin import manage  # the store modules load only for key commands
+
+    return manage(archive, action)
+
+
 @key_group.command("list")
 @passphrase_options()
 @click.argument("archive")
 @click.option("--json", "json_output", is_flag=True, help="One JSON object per slot.")
 def key_list_command(archive: str, json_output: bool) -> None:
     """List the key slots of ARCHIVE (no passphrase needed: slots hold no secret in clear)."""
-    slots: list[keys.Slot] = run(json_output, lambda: keys.manage(archive, keys.list_slots))
+    slots: list[keys.Slot] = run(json_output, lambda: manage_slots(archive, keys.list_slots))
     for slot in slots:
         if json_output:
             click.echo(json.dumps(slot.as_dict()))
@@ -949,7 +955,7 @@ def key_list_command(archive: str, json_output: bool) -> None:
 @click.argument("archive")
 def key_add_command(archive: str, new: Login) -> None:
     """Add a slot for a new passphrase to ARCHIVE; the current one keeps working."""
-    slot = with_new(new, lambda: keys.manage(archive, lambda e, w: keys.add_slot(e, keys.current(), w)))
+    slot = with_new(new, lambda: manage_slots(archive, lambda e, w: keys.add_slot(e, keys.current(), w)))
     click.echo(f"added key slot {slot}")
 
 
@@ -959,7 +965,7 @@ def key_add_command(archive: str, new: Login) -> None:
 @click.argument("archive")
 def key_change_command(archive: str, new: Login) -> None:
     """Replace the slot the current passphrase opens by one for the new passphrase."""
-    slot = with_new(new, lambda: keys.manage(archive, lambda e, w: keys.change_slot(e, keys.current(), w)))
+    slot = with_new(new, lambda: manage_slots(archive, lambda e, w: keys.change_slot(e, keys.current(), w)))
     click.echo(f"passphrase changed (now key slot {slot})")
 
 
@@ -969,7 +975,7 @@ def key_change_command(archive: str, new: Login) -> None:
 @click.argument("slot_id", metavar="SLOT", type=int)
 def key_remove_command(archive: str, slot_id: int) -> None:
     """Remove key slot SLOT (an id from 'key list'); never the last one."""
-    run(False, lambda: keys.manage(archive, lambda e, w: keys.remove_slot(e, keys.current(), w, slot_id)))
+    run(False, lambda: manage_slots(archive, lambda e, w: keys.remove_slot(e, keys.current(), w, slot_id)))
     click.echo(f"removed key slot {slot_id}")
 
 

@@ -366,24 +366,3 @@ def remove_slot(engine: sa.Engine, source: KeySource, where: str, slot_id: int) 
         if _try_slots(conn, archive_id, (kind,), passphrase(source, where)) is None:
             raise WrongPassphrase(f"wrong passphrase for {where}")
         conn.execute(key_slots.delete().where(key_slots.c.id == slot_id))
-
-
-def archive_engine(archive: str) -> tuple[sa.Engine, str]:
-    """The database of a SQL archive, for managing its slots without opening its messages."""
-    from .catalog import create_engine, engine_where
-    from .stores import resolve
-    from .stores.sql import SqlStore, database_url
-
-    cls, where = resolve(archive)
-    if cls is not SqlStore:
-        raise UsageError(f"{archive} is not a SQL archive: only SQLite and PostgreSQL archives are encrypted")
-    engine = create_engine(database_url(where))
-    return engine, engine_where(engine)
-
-
-def manage(archive: str, action: Callable[[sa.Engine, str], object]) -> object:
-    engine, where = archive_engine(archive)
-    try:
-        return action(engine, where)
-    finally:
-        engine.dispose()

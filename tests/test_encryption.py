@@ -259,7 +259,7 @@ def test_one_flipped_bit_in_any_object_fails_verify_with_the_object_named(doveco
     with keys.using(source):
         store = open_store(url)
         with pytest.raises(ArchiveCorrupt):
-            store.codec.decode(name, rows[0][2])  # an object under another name does not open
+            store.codec.decode(rows[0][1], rows[1][2])  # an object under another name does not open
         store.close()
 
 

@@ -366,8 +366,19 @@ def test_a_usable_keyring_holds_the_token_instead_of_the_file(tmp_path: Path, mo
         token_store.TokenStore("k", "keyring", tmp_path).load()
 
 
-def test_restore_logs_in_with_mailbackup_token_as_its_token_command(setup: Setup, dovecot_idp: Dovecot) -> None:
-    sign_in(setup)
+def device_sign_in(setup: Setup, provider: Provider) -> None:
+    """`mailbackup login --device`, with the test approving the code as the user would."""
+    proc = setup.mailbackup("login", setup.name, "--config", str(setup.config), "--device")
+    user_code = read_until(proc.stderr, "enter the code")[-1].split()[-1]
+    requests.get(f"{provider.base_url}/activate", params={"user_code": user_code}, timeout=10)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_restore_logs_in_with_mailbackup_token_as_its_token_command(setup: Setup, dovecot_idp: Dovecot, provider: Provider) -> None:
+    # The device grant here: in full-suite runs the in-process loopback sign-in of this one test has twice
+    # timed out with its fake browser answered by a Dovecot port (not understood yet; see the README's notes).
+    device_sign_in(setup, provider)
     assert setup.backup().returncode == 0
     command = f"{sys.executable} -m mailbackup token work --config {setup.config}"
     proc = setup.mailbackup(
