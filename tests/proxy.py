@@ -62,13 +62,17 @@ class FaultProxy:
             except OSError:
                 client.close()
                 continue
-            limit = self.cut_at if len(self.connections) < self.connections_to_cut else None
+            limit = self.cut_for(len(self.connections))
             traffic = Traffic()
             self.connections.append(traffic)
             down = limit if self.direction == "down" else None
             up = limit if self.direction == "up" else None
             threading.Thread(target=self._pipe, args=(client, server, up, traffic, "up"), daemon=True).start()
             threading.Thread(target=self._pipe, args=(server, client, down, traffic, "down"), daemon=True).start()
+
+    def cut_for(self, number: int) -> int | None:
+        """Where connection `number` (0, 1, ...) is cut in the watched direction; None: never."""
+        return self.cut_at if number < self.connections_to_cut else None
 
     def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None, traffic: Traffic, way: str) -> None:
         sent = 0

@@ -10,14 +10,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import random
-import socket
-import threading
 from collections import Counter
 from pathlib import Path
 
 from mailbackup import BackupOptions, backup
 from tests.archive_view import archived
-from tests.proxy import FaultProxy, Traffic
+from tests.proxy import FaultProxy
 
 FAST_RETRY = dict(no_tls=True, index=False, retry_delay=0.01)
 
@@ -30,22 +28,8 @@ class FlakyProxy(FaultProxy):
         self.random = random.Random(seed)
         self.low, self.high = low, high
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            traffic = Traffic()
-            self.connections.append(traffic)
-            limit = self.random.randint(self.low, self.high)
-            threading.Thread(target=self._pipe, args=(client, server, None, traffic, "up"), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, limit, traffic, "down"), daemon=True).start()
+    def cut_for(self, number: int) -> int | None:
+        return self.random.randint(self.low, self.high)
 
 
 def message(rng: random.Random, number: int, size: int) -> bytes:
