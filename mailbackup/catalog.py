@@ -37,6 +37,16 @@ from .model import ArchivedFolder, Entry, Folder, Message
 #    schema-2 catalog is upgraded in place by creating the new tables.
 SCHEMA_VERSION = "3"
 READABLE = ("2", SCHEMA_VERSION)  # read-only opens take a schema-2 catalog as it is (no labels, no budget)
+# What an archive may need beyond its schema, written into the schema value ("3+codec"), so that a
+# mailbackup that does not know a feature refuses the archive instead of reading it wrong:
+# codec: message bytes are compressed or encrypted (stores/codec.py); blobs: they are in a bucket.
+FEATURES = frozenset({"codec", "blobs"})
+
+
+def schema_parts(value: str) -> tuple[str, frozenset[str]]:
+    """A schema value ("3", "3+blobs+codec") as its version and its features."""
+    version, *features = value.split("+")
+    return version, frozenset(features)
 # A folder attribute: repair put messages here whose folder the store does not keep (SQL
 # blobs). Their locations do not depend on a folder, so a backup may move them to theirs.
 RECOVERED_MARK = "$MailbackupRecovered"
@@ -280,6 +290,7 @@ class Catalog:
         self.scoped = True  # False: a schema-1 catalog read as it is, one account, no accounts table
         self._ambiguous: list[str] = []
         self.version: str | None = None
+        self.features: frozenset[str] = frozenset()
         self._committed = False
         try:
             if read_only:
@@ -306,15 +317,37 @@ class Catalog:
             version = self._version(conn)
         if version is None:
             raise NotAnArchive(f"{self.where} is not a mailbackup archive")
+        version = self._supported(version)
         self.version = version
         if version == "1":
             self.scoped = False
         elif version not in READABLE:
             raise StoreError(f"catalog schema {version} is not supported (want {SCHEMA_VERSION})")
 
+    def _supported(self, value: str) -> str:
+        """The schema version of a stored schema value, once its features are known ones."""
+        version, features = schema_parts(value)
+        if features - FEATURES:
+            unknown = ", ".join(sorted(features - FEATURES))
+            raise StoreError(f"{self.where} needs a newer mailbackup (it uses: {unknown})")
+        self.features = features
+        return version
+
+    def require(self, features: set[str]) -> None:
+        """Record in the schema value that reading this archive needs these features."""
+        wanted = self.features | features
+        if wanted == self.features:
+            return
+        value = "+".join([self.version or SCHEMA_VERSION, *sorted(wanted)])
+        with self.engine.begin() as conn:
+            conn.execute(meta.update().where(meta.c.key == "schema").values(value=value))
+        self.features = frozenset(wanted)
+
     def _prepare(self) -> None:
         with self.engine.connect() as conn:
             version = self._version(conn)
+        if version is not None:
+            version = self._supported(version)
         if version not in (None, "1", *READABLE):
             raise StoreError(f"catalog schema {version} is not supported (want {SCHEMA_VERSION})")
         if version == "1":
@@ -325,7 +358,7 @@ class Catalog:
                 conn.execute(meta.insert().values(key="schema", value=SCHEMA_VERSION))
         elif version == "2":  # schema 2 -> 3 adds tables only, created just above
             with self.engine.begin() as conn:
-                conn.execute(meta.update().where(meta.c.key == "schema").values(value=SCHEMA_VERSION))
+                conn.execute(meta.update().where(meta.c.key == "schema").values(value="+".join([SCHEMA_VERSION, *sorted(self.features)])))
         self.version = SCHEMA_VERSION
 
     def _upgrade_from_1(self) -> None:

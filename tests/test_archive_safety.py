@@ -453,3 +453,36 @@ def test_after_repair_a_pop3_backup_claims_messages_by_hash_and_stores_nothing_t
     assert contents(url) == expected
     assert verify(url).ok
     assert pop3().new == 0  # and the UIDLs are known again
+
+
+@pytest.mark.parametrize("protection", [{"compress": True}, {"encrypt": True}])
+def test_an_archive_whose_bytes_need_the_codec_is_refused_by_a_mailbackup_that_lacks_it(
+    dovecot, account, tmp_path: Path, protection: dict[str, bool]  # type: ignore[no-untyped-def]
+) -> None:
+    from mailbackup import keys
+    from mailbackup.errors import StoreError
+    from tests.test_backup_imap import run_backup
+    from tests.test_encryption import source_for
+
+    dovecot.append(account, "INBOX", b"Subject: kept\r\n\r\nbody\r\n")
+    url = str(tmp_path / "a.sqlite")
+    with keys.using(source_for(tmp_path, **protection)):
+        run_backup(account, url)
+        # The schema value says so, where every earlier mailbackup looks first: it knows only "2" and "3".
+        value = sqlite3.connect(url).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+        assert value == "3+codec"
+        assert open_store(url).catalog.features == {"codec"}  # this one reads it
+        with sqlite3.connect(url) as db:
+            db.execute("UPDATE meta SET value = '3+codec+sharded' WHERE key = 'schema'")
+        for mode in ("read", "write"):
+            with pytest.raises(StoreError, match="needs a newer mailbackup .*sharded"):
+                open_store(url, mode=mode)
+
+
+def test_a_plain_archive_keeps_the_schema_every_version_reads(dovecot, account, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_backup_imap import run_backup
+
+    dovecot.append(account, "INBOX", b"Subject: kept\r\n\r\nbody\r\n")
+    url = str(tmp_path / "a.sqlite")
+    run_backup(account, url)
+    assert sqlite3.connect(url).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)

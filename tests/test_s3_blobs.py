@@ -59,6 +59,8 @@ def test_backup_into_sqlite_and_s3_restores_byte_for_byte(dovecot, account, s3_b
 
     with sa.create_engine(f"sqlite:///{archive}").connect() as conn:
         assert conn.scalar(sa.text("SELECT count(*) FROM blobs")) == 0  # no message bytes in the database
+        # A mailbackup that knows no bucket refuses the archive rather than finding no bytes in it.
+        assert conn.scalar(sa.text("SELECT value FROM meta WHERE key = 'schema'")) == "3+blobs"
     # Later commands find the bucket from the archive itself: no flag.
     assert back_up(account, archive, None).new == 0
     assert problems(archive) == []

@@ -84,6 +84,9 @@ class SqlStore:
             self.codec: Codec = open_codec(engine, self.catalog.where, writable=self.writable, fresh=self.writable and not self.holds_messages())
             self.catalog.choose_account(account, claim=self.writable, several=True)
             self.bucket = self._bucket(blobs)
+            if self.writable:  # a mailbackup that cannot read these bytes must refuse the archive
+                self.catalog.require({"codec"} if self.codec.sealed or self.codec.compress else set())
+                self.catalog.require({"blobs"} if self.bucket is not None else set())
         except sa.exc.SQLAlchemyError as exc:
             engine.dispose()
             raise StoreError(f"cannot open {self.url}: {exc}") from exc
