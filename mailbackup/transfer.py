@@ -53,6 +53,9 @@ class TransferOptions:
     batch_bytes: int = 4 << 20
     retries: int = 3  # consecutive reconnects that made no progress
     retry_delay: float = 2.0
+    # Before a folder with messages in doubt is listed: how long the target must stay unchanged.
+    settle_quiet: float = 1.0
+    settle_limit: float = 60.0
 
 
 @dataclass
@@ -424,6 +427,8 @@ class FolderWork:
         items = {journal_item(validity, i): i for i in opened.ids}
         source_name, options = self.folder.name, self.options
         records = self.journal.records(source_name, self.name)
+        if any(r.state == IN_FLIGHT for r in records.values()) and not options.dry_run:
+            self.target.settle(self.name, options.settle_quiet, options.settle_limit)
         create = not options.dry_run
         # Reading every message's Message-ID and size costs: only when something may be sent.
         unsure = options.force or any(not finished(records.get(item)) for item in items)

@@ -7,13 +7,20 @@ forwards exactly up to that offset and closes both sides: a dropped line at a
 chosen point. Only the first `connections_to_cut` connections are cut, so a retry
 or a rerun through the same proxy gets a clean line.
 
+With `lag` (seconds), what the client sends on a connection that will be cut reaches
+the server that much later, as over a slow path: the client sees the line drop at the
+cut at once, while the server still receives and runs the commands sent just before
+it, after the client may have reconnected.
+
 `CutProxy(port, cut_after=N)` is the original server -> client form.
 """
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 DIRECTIONS = ("down", "up")
@@ -29,7 +36,8 @@ class Traffic:
 
 class FaultProxy:
     def __init__(
-        self, target_port: int, cut_at: int | None = None, direction: str = "down", connections_to_cut: int = 1
+        self, target_port: int, cut_at: int | None = None, direction: str = "down", connections_to_cut: int = 1,
+        lag: float = 0.0,
     ) -> None:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
@@ -37,6 +45,7 @@ class FaultProxy:
         self.cut_at = cut_at
         self.direction = direction
         self.connections_to_cut = connections_to_cut
+        self.lag = lag
         self.cuts = 0
         self.connections: list[Traffic] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -67,7 +76,10 @@ class FaultProxy:
             self.connections.append(traffic)
             down = limit if self.direction == "down" else None
             up = limit if self.direction == "up" else None
-            threading.Thread(target=self._pipe, args=(client, server, up, traffic, "up"), daemon=True).start()
+            if self.lag and limit is not None and self.direction == "up":
+                threading.Thread(target=self._lagged_up, args=(client, server, limit, traffic), daemon=True).start()
+            else:
+                threading.Thread(target=self._pipe, args=(client, server, up, traffic, "up"), daemon=True).start()
             threading.Thread(target=self._pipe, args=(server, client, down, traffic, "down"), daemon=True).start()
 
     def cut_for(self, number: int) -> int | None:
@@ -98,6 +110,53 @@ class FaultProxy:
                 except OSError:
                     pass
                 sock.close()
+
+
+    def _lagged_up(self, client: socket.socket, server: socket.socket, limit: int, traffic: Traffic) -> None:
+        """Client -> server, each chunk delivered `lag` seconds after it came; the client is cut at once."""
+        chunks: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+
+        def deliver() -> None:
+            try:
+                while (item := chunks.get()) is not None:
+                    due, data = item
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    server.sendall(data)
+            except OSError:
+                pass
+            finally:
+                time.sleep(self.lag)  # the server runs what it got before it sees the end
+                _close(server)
+
+        sender = threading.Thread(target=deliver, daemon=True)
+        sender.start()
+        sent = 0
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    break
+                if sent + len(data) >= limit:
+                    chunks.put((time.monotonic() + self.lag, data[: limit - sent]))
+                    traffic.up = limit
+                    self.cuts += 1
+                    break
+                chunks.put((time.monotonic() + self.lag, data))
+                sent += len(data)
+                traffic.up = sent
+        except OSError:
+            pass
+        finally:
+            _close(client)
+            chunks.put(None)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 class CutProxy(FaultProxy):

@@ -187,6 +187,9 @@ class ToyTarget:
         uids = frozenset(u for u, _, _ in held)
         return Destination(name, self.server.validity[name], uids, where, contents=contents, created=created)
 
+    def settle(self, name: str, quiet: float, limit: float) -> None:
+        pass  # the toy server commits at once
+
     def copies(self, destination: Destination, size: int, sha256: str) -> list[int]:
         return [u for u, raw, _ in self.server.folders[destination.name] if hashlib.sha256(raw).hexdigest() == sha256]
 

@@ -119,3 +119,18 @@ def test_batches_shrink_after_a_drop_so_a_line_that_always_drops_still_carries_e
                           options=RestoreOptions(no_tls=True, reconnect_delay=0.01))
     assert summary.ok and proxy.cuts >= 3
     assert multiset(dovecot, target) == multiset(dovecot, source)
+
+
+def test_a_dropped_sessions_late_appends_are_waited_for_not_sent_twice(dovecot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # The client sees the line drop while the server still receives (and commits) the MULTIAPPENDs sent
+    # just before: a reconnect that lists the target at once would miss them and send them again.
+    source, target = dovecot.add_user(), dovecot.add_user()
+    seed(dovecot, source)
+    with FaultProxy(dovecot.imap_port, cut_at=300_000, direction="up", connections_to_cut=1, lag=0.6) as proxy:
+        summary = migrate(
+            source.url("imap"), through(proxy, target), password=source.password, target_password=target.password,
+            state=tmp_path / "state.sqlite", options=RestoreOptions(no_tls=True, batch_messages=10, reconnect_delay=0.05),
+        )
+    assert summary.ok and proxy.cuts == 1
+    assert multiset(dovecot, target) == multiset(dovecot, source)
+    assert summary.as_dict()["recovered"] > 0  # what the dropped session committed late was found, not resent

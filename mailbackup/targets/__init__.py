@@ -75,6 +75,13 @@ class Target(Protocol):
     def copies(self, destination: Destination, size: int, sha256: str) -> list[int]:
         """The UIDs of the messages in the destination that have exactly these bytes."""
 
+    def settle(self, name: str, quiet: float, limit: float) -> None:
+        """Return once nothing has arrived in the named destination for `quiet` seconds (at most `limit`).
+
+        After a dropped line the server may still be committing what the dead session sent
+        last; what is there is asked only after that, or it would be sent twice.
+        """
+
     def send(self, destination: Destination, batch: Sequence[Outgoing]) -> None:
         """Start delivering a batch."""
 

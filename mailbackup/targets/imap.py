@@ -10,7 +10,9 @@ message, each waiting for the server.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +27,8 @@ from ..imapconn import command_errors as session_errors
 from ..model import SPECIAL_USE, Folder
 from ..net import Endpoint
 from . import Delivered, Destination, Outgoing, message_id
+
+log = logging.getLogger("mailbackup")
 
 SYSTEM_FLAGS = {"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"}
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -283,6 +287,26 @@ class ImapTarget:
         if self.unselect:
             with command_errors():
                 self.client.unselect_folder()
+
+    def settle(self, name: str, quiet: float, limit: float) -> None:
+        # A server runs the commands it has received even when the client is gone: watch
+        # the folder's STATUS until it stops changing.
+        if self._existing(name) is None:
+            return
+        start = seen_at = time.monotonic()
+        seen: object = None
+        while True:
+            with command_errors():
+                status = self.client.folder_status(name, ["MESSAGES", "UIDNEXT", "UIDVALIDITY"])
+            now = time.monotonic()
+            if status != seen:
+                seen, seen_at = status, now
+            elif now - seen_at >= quiet:
+                return
+            if now - start >= limit:
+                log.warning("%s still changes after %.0f s; going on", name, limit)
+                return
+            time.sleep(min(0.1, quiet / 4))
 
     def copies(self, destination: Destination, size: int, sha256: str) -> list[int]:
         """The UIDs of the messages in the destination with exactly these bytes (fetched once, by size)."""

@@ -153,6 +153,9 @@ class SmtpTarget:
     def copies(self, destination: Destination, size: int, sha256: str) -> list[int]:
         return []  # a mail server cannot be asked what it delivered
 
+    def settle(self, name: str, quiet: float, limit: float) -> None:
+        pass  # nothing to ask: SMTP keeps one message in doubt at most
+
     def store_flags(self, name: str, changes: dict[tuple[str, ...], list[int]]) -> None:
         pass  # sent mail has no flags to change
 
