@@ -123,7 +123,7 @@ class Dovecot:
         self.separator = separator
         # A port free a moment ago may be taken by then (parallel test workers pick ports too):
         # a start that failed on a taken port tries fresh ones.
-        for attempt in range(3):
+        for _attempt in range(3):
             self.imap_port, self.pop3_port = free_port(), free_port()
             self.imaps_port = free_port() if tls else None
             self.pop3s_port = free_port() if tls else None
