@@ -10,4 +10,6 @@ for arg in "$@"; do
     # a path given: pytest "tests" too would run the whole suite
     if [ -e "${arg%%::*}" ]; then exec .venv/bin/python -m pytest "$@"; fi
 done
-exec .venv/bin/python -m pytest tests "$@"
+# The whole suite: one worker per core, each with its own servers (session fixtures run per
+# worker); a module's tests stay on one worker, so its module-scoped servers start once.
+exec .venv/bin/python -m pytest tests -n "${MAILBACKUP_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -121,15 +121,20 @@ class Dovecot:
         """
         self.directory = Path(directory).absolute()
         self.separator = separator
-        self.imap_port, self.pop3_port = free_port(), free_port()
-        self.imaps_port = free_port() if tls else None
-        self.pop3s_port = free_port() if tls else None
-        ports = [self.imap_port, self.pop3_port, self.imaps_port or 0, self.pop3s_port or 0]
-        proc = subprocess.run(
-            ["bash", str(SCRIPT), "start", str(self.directory), *map(str, ports)],
-            env={**os.environ, "SEPARATOR": separator, "OAUTH2_URL": oauth2_url or "",
-                 "MASTER_USER": ":".join(master) if master else ""},
-            capture_output=True, text=True)
+        # A port free a moment ago may be taken by then (parallel test workers pick ports too):
+        # a start that failed on a taken port tries fresh ones.
+        for _attempt in range(3):
+            self.imap_port, self.pop3_port = free_port(), free_port()
+            self.imaps_port = free_port() if tls else None
+            self.pop3s_port = free_port() if tls else None
+            ports = [self.imap_port, self.pop3_port, self.imaps_port or 0, self.pop3s_port or 0]
+            proc = subprocess.run(
+                ["bash", str(SCRIPT), "start", str(self.directory), *map(str, ports)],
+                env={**os.environ, "SEPARATOR": separator, "OAUTH2_URL": oauth2_url or "",
+                     "MASTER_USER": ":".join(master) if master else ""},
+                capture_output=True, text=True)
+            if proc.returncode == 0 or "in use" not in f"{proc.stdout}{proc.stderr}{self.log_tail()}":
+                break
         if proc.returncode != 0:
             raise RuntimeError(f"dovecot failed to start in {self.directory}:\n"
                                f"{proc.stdout}{proc.stderr}{self.log_tail()}")
