@@ -670,3 +670,154 @@ def test_list_shows_special_use_and_parents_and_idle_waits_for_done(filled, tmp_
     finally:
         server.shutdown()
         server.server_close()
+
+
+# encrypted archives: unlocked once, before anything listens; worker threads never prompt
+
+
+def served_hashes(host: str, port: int, folders: list[str]) -> dict[str, list[str]]:
+    """Folder -> sorted SHA-256s of every message as imaplib fetches it."""
+    imap = client(host, port)
+    got = {}
+    for folder in folders:
+        assert imap.select(imap_quote(folder), readonly=True)[0] == "OK"
+        typ, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[])")
+        got[folder] = sorted(hashlib.sha256(item[1]).hexdigest() for item in data if isinstance(item, tuple))
+    imap.logout()
+    return got
+
+
+def plain_hashes(url: str) -> dict[str, list[str]]:
+    return {folder: sorted(h for h, _ in items) for folder, items in archived(url).items()}
+
+
+def encrypted_archive(account, tmp_path: Path, source) -> str:  # type: ignore[no-untyped-def]
+    from mailbackup import keys
+
+    url = str(tmp_path / "sealed.sqlite")
+    with keys.using(source):
+        make_archive(account, url)
+    return url
+
+
+def test_encrypted_archive_is_served_over_imap_and_web_byte_identical_with_one_prompt(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import urllib.request
+
+    from mailbackup import keys
+    from mailbackup.credentials import Login
+
+    pytest.importorskip("starlette")
+    from mailbackup.web import WebServer
+
+    plain = make_archive(filled, str(tmp_path / "plain.sqlite"))
+    writer = keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"), prompt=lambda: "sealed pass",
+                            protection=keys.Protection(encrypt=True))
+    url = encrypted_archive(filled, tmp_path, writer)
+    assert b"Subject: message 0" not in (tmp_path / "sealed.sqlite").read_bytes()
+    prompts: list[str] = []
+
+    def prompt() -> str:
+        prompts.append(threading.current_thread().name)
+        return "sealed pass"
+
+    ring = keys.KeyRing(keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"), prompt=prompt))
+    server = start_imap(("127.0.0.1", 0), ServeSettings(archive=url, user="reader", password=PASSWORD), ring)
+    web = WebServer(url, "127.0.0.1:0", key_ring=ring)
+    web.start()
+    try:
+        assert prompts == [threading.current_thread().name]  # asked once, here, before a client could connect
+        expected = plain_hashes(plain)
+        # several clients, each in its own server thread with no key context of its own
+        results: list[dict[str, list[str]]] = []
+        threads = [threading.Thread(target=lambda: results.append(served_hashes("127.0.0.1", server.port, list(expected))))
+                   for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert results == [expected] * 3
+        # the web viewer: every .eml download, from uvicorn's worker threads
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        opener.open(web.url).read()
+        with keys.using(ring):
+            store = open_store(url)
+            ids = {folder.name: [e.id for e in store.catalog.entries(folder.id) if not e.gone] for folder in store.catalog.folders()}
+            store.close()
+        base = f"http://127.0.0.1:{web.port}"
+        downloaded = {
+            folder: sorted(hashlib.sha256(opener.open(f"{base}/m/0/{i}/eml").read()).hexdigest() for i in found)
+            for folder, found in ids.items()
+        }
+        assert downloaded == expected
+        with opener.open(f"{base}/search?q=message") as response:  # search reopens the archive in a worker thread
+            assert response.status == 200
+        assert len(prompts) == 1
+    finally:
+        web.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def test_wrong_passphrase_is_one_line_exit_3_before_anything_listens(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import sys
+
+    from servers.dovecot import free_port
+
+    from mailbackup import keys
+    from mailbackup.credentials import Login
+    from mailbackup.errors import WrongPassphrase
+
+    url = encrypted_archive(filled, tmp_path, keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"),
+                                                              prompt=lambda: "right", protection=keys.Protection(encrypt=True)))
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    (tmp_path / "wrong").write_text("not it\n")
+    imap_port, web_port = free_port(), free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "mailbackup", "serve", url, "--imap", f"127.0.0.1:{imap_port}", "--web", f"127.0.0.1:{web_port}",
+         "--password-file", str(tmp_path / "pw"), "--passphrase-file", str(tmp_path / "wrong")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 3
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1 and "wrong passphrase" in result.stderr
+    # the library: nothing was bound when the passphrase failed
+    ring = keys.KeyRing(keys.KeySource(passphrase=Login(password_file=str(tmp_path / "wrong"))))
+    with pytest.raises(WrongPassphrase):
+        start_imap(("127.0.0.1", imap_port), ServeSettings(archive=url, user="reader", password=PASSWORD), ring)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", imap_port)) != 0
+
+
+def test_public_key_archive_is_served_only_with_its_identity_file(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from mailbackup import keys
+    from mailbackup.credentials import Login
+    from mailbackup.errors import ArchiveKeyError
+
+    pyrage = pytest.importorskip("pyrage")
+    identity = pyrage.x25519.Identity.generate()
+    (tmp_path / "id.txt").write_text(str(identity) + "\n")
+    plain = make_archive(filled, str(tmp_path / "plain.sqlite"))
+    writer = keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"), prompt=lambda: "append only",
+                            protection=keys.Protection(encrypt=True, recipients=(str(identity.to_public()),)))
+    url = encrypted_archive(filled, tmp_path, writer)
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    (tmp_path / "append").write_text("append only\n")
+    # the backup machine's append passphrase does not read: one line, exit 3
+    result = subprocess.run(
+        [sys.executable, "-m", "mailbackup", "serve", url, "--imap", "127.0.0.1:0", "--password-file", str(tmp_path / "pw"),
+         "--passphrase-file", str(tmp_path / "append")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 3 and len(result.stderr.strip().splitlines()) == 1 and "--identity-file" in result.stderr
+    with pytest.raises(ArchiveKeyError):
+        start_imap(("127.0.0.1", 0), ServeSettings(archive=url, user="reader", password=PASSWORD), keys.KeyRing(keys.KeySource()))
+    reader = keys.KeyRing(keys.KeySource(identity_file=str(tmp_path / "id.txt")))
+    server = start_imap(("127.0.0.1", 0), ServeSettings(archive=url, user="reader", password=PASSWORD), reader)
+    try:
+        expected = plain_hashes(plain)
+        assert served_hashes("127.0.0.1", server.port, list(expected)) == expected
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from .. import keys
 from ..errors import MailbackupError
 from ..stores import Store, open_store
 from . import parts, query, view, wire
@@ -221,7 +222,7 @@ class Session(socketserver.StreamRequestHandler):
         good_password = hmac.compare_digest(password.encode(), settings.password.encode())
         if not (good_user and good_password):
             return b"NO [AUTHENTICATIONFAILED] wrong user name or password"
-        self.store = open_store(settings.archive, mode="read", account=settings.mailbox)
+        self.store = open_store(settings.archive, mode="read", account=settings.mailbox, key_ring=self.server.key_ring)
         self.delimiter = view.archive_delimiter(self.store)
         self.user = user
         return b"OK [CAPABILITY " + self.capabilities() + b"] logged in, read-only"
@@ -487,8 +488,9 @@ class ImapServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], settings: ServeSettings) -> None:
+    def __init__(self, address: tuple[str, int], settings: ServeSettings, key_ring: keys.KeyRing | None = None) -> None:
         self.settings = settings
+        self.key_ring = key_ring or keys.KeyRing(keys.KeySource())  # unlocked by start_imap for an encrypted archive
         self.ssl_context = settings.ssl_context()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family

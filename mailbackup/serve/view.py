@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from ..errors import ArchiveCorrupt
 from ..model import ArchivedFolder, Entry
 from ..stores import Store
+from ..stores.codec import content_name
 
 GONE = "Gone"  # virtual folders "Gone/<folder>" hold gone messages when asked for
 HIERARCHY = frozenset({"\\haschildren", "\\hasnochildren", "\\noinferiors", "\\marked", "\\unmarked"})
@@ -112,8 +112,11 @@ def archive_delimiter(store: Store) -> str:
 
 
 def message_bytes(store: Store, entry: Entry) -> bytes:
-    """The archived bytes, refused if they no longer match their SHA-256 (never serve damage as mail)."""
+    """The archived bytes, refused if they no longer match their SHA-256 (never serve damage as mail).
+
+    An encrypted archive records a keyed MAC instead (content_name), and AES-GCM has checked the object too.
+    """
     raw = store.get(entry.location)
-    if hashlib.sha256(raw).hexdigest() != entry.sha256:
+    if content_name(store, raw) != entry.sha256:
         raise ArchiveCorrupt(f"message {entry.id} does not match its SHA-256; run 'mailbackup verify'")
     return raw

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email import policy
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser, BytesParser
+from typing import Any
 
+from .. import keys
 from ..catalog import Headline
 from ..errors import ArchiveCorrupt, UsageError
 from ..mime import header_text
 from ..model import Entry
 from ..stores import Store, open_store, read_chunks
+from ..stores.codec import content_name, encrypted
 
 HEAD_CAP = 64 * 1024  # bytes of a message read for its headers when the search index has none
 SORTS = ("date", "from", "subject", "size")
@@ -91,9 +95,12 @@ def _headline(raw_head: bytes) -> Headline:
 class Archive:
     """An archive opened read-only for the viewer: one store per account it holds."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, key_ring: keys.KeyRing | None = None) -> None:
         self.url = url
-        first = open_store(url, mode="read")
+        # Unlocked here, in the caller's thread; requests run in worker threads and reopen
+        # the archive (search) with this ring, never by prompting.
+        self.key_ring = key_ring or keys.ring()
+        first = open_store(url, mode="read", key_ring=self.key_ring)
         self.stores: list[Store] = []
         try:
             names = first.catalog.accounts()
@@ -104,7 +111,7 @@ class Archive:
                 first.close()
                 self.names = names
                 for name in names:
-                    self.stores.append(open_store(url, mode="read", account=name))
+                    self.stores.append(open_store(url, mode="read", account=name, key_ring=self.key_ring))
         except BaseException:
             first.close()
             for store in self.stores:
@@ -184,8 +191,9 @@ class Archive:
     def raw(self, account: int, entry_id: int) -> tuple[Entry, bytes]:
         """The original bytes, checked against the catalog's SHA-256."""
         entry = self.entry(account, entry_id)
-        raw = self.store(account).get(entry.location)
-        if hashlib.sha256(raw).hexdigest() != entry.sha256:
+        store = self.store(account)
+        raw = store.get(entry.location)
+        if content_name(store, raw) != entry.sha256:
             raise ArchiveCorrupt(f"message {entry.id} does not match its SHA-256; run 'mailbackup verify'")
         return entry, raw
 
@@ -196,9 +204,10 @@ class Archive:
         the download short of its Content-Length, so a browser never saves a damaged copy as whole.
         """
         entry = self.entry(account, entry_id)
-        pieces = read_chunks(self.store(account), entry.location)
+        store = self.store(account)
+        pieces = read_chunks(store, entry.location)
         first = next(pieces, b"")  # a missing file fails here, before any header is sent
-        return entry, _checked(entry, first, pieces)
+        return entry, _checked(entry, first, pieces, _digest(store))
 
     def message(self, account: int, entry_id: int) -> MessageView:
         entry, raw = self.raw(account, entry_id)
@@ -257,8 +266,16 @@ class Archive:
         return out
 
 
-def _checked(entry: Entry, first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
-    digest = hashlib.sha256(first)
+def _digest(store: Store) -> Any:
+    """What the catalog's sha256 is computed with: SHA-256, or in an encrypted archive its keyed MAC."""
+    codec = getattr(store, "codec", None)
+    if encrypted(store) and codec is not None and codec.keys is not None and codec.keys.naming_key is not None:
+        return hmac.new(codec.keys.naming_key, digestmod=hashlib.sha256)  # as crypto.mac_name
+    return hashlib.sha256()
+
+
+def _checked(entry: Entry, first: bytes, rest: Iterator[bytes], digest: Any) -> Iterator[bytes]:
+    digest.update(first)
     size = len(first)
     held = first
     for piece in rest:
