@@ -214,9 +214,9 @@ def create_app(archive: Archive, token: str, *, allowed_hosts: list[str] | None 
 
     def _part(request: Request) -> Response:
         account, entry_id, index = request.path_params["account"], request.path_params["id"], request.path_params["index"]
-        attachment, payload = archive.attachment(account, entry_id, index)
+        attachment, pieces = archive.attachment(account, entry_id, index)  # decoded as it is sent
         kind = attachment.content_type if MEDIA_TYPE.fullmatch(attachment.content_type) else "application/octet-stream"
-        return Response(payload, media_type=kind, headers={
+        return StreamingResponse(pieces, media_type=kind, headers={
             "Content-Disposition": _attachment_disposition(attachment.filename), "Content-Security-Policy": DOWNLOAD_POLICY})
 
     async def part(request: Request) -> Response:

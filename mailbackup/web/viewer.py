@@ -18,6 +18,7 @@ from ..mime import header_text
 from ..model import Entry
 from ..stores import Store, open_store, read_chunks
 from ..stores.codec import content_name, encrypted
+from . import parts
 
 HEAD_CAP = 64 * 1024  # bytes of a message read for its headers when the search index has none
 SORTS = ("date", "from", "subject", "size")
@@ -197,6 +198,24 @@ class Archive:
             raise ArchiveCorrupt(f"message {entry.id} does not match its SHA-256; run 'mailbackup verify'")
         return entry, raw
 
+    def buffer(self, account: int, entry_id: int) -> bytearray:
+        """The original bytes, checked, read into one buffer of their size (a Maildir's LF file and
+        its CRLF copy, or a list of pieces and their join, would hold them twice)."""
+        entry = self.entry(account, entry_id)
+        store = self.store(account)
+        buffer = bytearray(entry.size)
+        digest, filled = _digest(store), 0
+        for piece in read_chunks(store, entry.location):
+            if filled + len(piece) > entry.size:
+                break
+            buffer[filled : filled + len(piece)] = piece
+            digest.update(piece)
+            filled += len(piece)
+        else:
+            if filled == entry.size and digest.hexdigest() == entry.sha256:
+                return buffer
+        raise ArchiveCorrupt(f"message {entry.id} does not match its SHA-256; run 'mailbackup verify'")
+
     def chunks(self, account: int, entry_id: int) -> tuple[Entry, Iterator[bytes]]:
         """The original bytes streamed from the store, for a download, checked against the SHA-256 on the way.
 
@@ -218,40 +237,48 @@ class Archive:
         text = html = None
         attachments: list[Attachment] = []
         images: dict[str, tuple[str, bytes]] = {}
-        for index, part in enumerate(parsed.walk()):
-            if part.is_multipart():
-                continue
-            kind = part.get_content_type()
-            disposition = part.get_content_disposition()
-            filename = _filename(part)
+        leaves = [(index, part) for index, part in enumerate(parsed.walk()) if not part.is_multipart()]
+        for (index, part), (role, filename) in zip(leaves, _roles([part for _, part in leaves])):
             payload = part.get_payload(decode=True)
             if not isinstance(payload, bytes):
                 payload = b""
-            content_id = (part.get("Content-ID") or "").strip().strip("<>")
+            content_id = _content_id(part)
             if content_id and part.get_content_maintype() == "image":
-                images[content_id] = (kind, payload)
-                if disposition != "attachment" and not filename:
-                    continue  # shown in the HTML where it is referenced
-            if disposition != "attachment" and not filename and kind == "text/plain" and text is None:
+                images[content_id] = (part.get_content_type(), payload)
+            if role == "text":
                 text = _decode(payload, part.get_content_charset())
-            elif disposition != "attachment" and not filename and kind == "text/html" and html is None:
+            elif role == "html":
                 html = _decode(payload, part.get_content_charset())
-            elif disposition == "attachment" or filename or part.get_content_maintype() not in ("text", "multipart"):
-                attachments.append(Attachment(index, filename or f"part-{index}", kind, len(payload)))
+            elif role == "attachment":
+                attachments.append(Attachment(index, filename or f"part-{index}", part.get_content_type(), len(payload)))
         if text is None and html is None and not parsed.is_multipart() and parsed.get_content_maintype() == "text":
             text = ""  # an empty text body
         subject = header_text(parsed.get("Subject"))
         folder = self.folder_name(account, entry.folder_id)
         return MessageView(entry, folder, headers, subject, text, html, tuple(attachments), images)
 
-    def attachment(self, account: int, entry_id: int, index: int) -> tuple[Attachment, bytes]:
-        view = self.message(account, entry_id)
-        for attachment in view.attachments:
+    def attachment(self, account: int, entry_id: int, index: int) -> tuple[Attachment, Iterator[bytes]]:
+        """One attachment's decoded bytes, a piece at a time: memory holds the message once, not its parse."""
+        raw = self.buffer(account, entry_id)
+        try:
+            spans = parts.walk(raw)
+            leaves = [span for span in spans if not span.container]
+            for span, (role, filename) in zip(leaves, _roles([span.headers for span in leaves])):
+                if span.index == index and role == "attachment":
+                    size = span.body_end - span.body_start  # as stored (encoded): the decoded size is not known yet
+                    found = Attachment(index, filename or f"part-{index}", span.headers.get_content_type(), size)
+                    return found, parts.decoded(raw, span)
+        except parts.Unsure:
+            return self._attachment_parsed(account, entry_id, index, bytes(raw))
+        raise UsageError(f"message {entry_id} has no attachment {index}")
+
+    def _attachment_parsed(self, account: int, entry_id: int, index: int, raw: bytes) -> tuple[Attachment, Iterator[bytes]]:
+        """The email package's reading, for a message parts.walk is not sure of (held whole: rare and odd mail)."""
+        for attachment in self.message(account, entry_id).attachments:
             if attachment.index == index:
-                _, raw = self.raw(account, entry_id)
                 part = list(BytesParser(policy=policy.compat32).parsebytes(raw).walk())[index]
                 payload = part.get_payload(decode=True)
-                return attachment, payload if isinstance(payload, bytes) else b""
+                return attachment, iter([payload if isinstance(payload, bytes) else b""])
         raise UsageError(f"message {entry_id} has no attachment {index}")
 
     # the archive over time
@@ -286,6 +313,34 @@ def _checked(entry: Entry, first: bytes, rest: Iterator[bytes], digest: Any) -> 
     if size != entry.size or digest.hexdigest() != entry.sha256:
         raise ArchiveCorrupt(f"message {entry.id} does not match its SHA-256; run 'mailbackup verify'")
     yield held
+
+
+def _content_id(part: EmailMessage) -> str:
+    return (part.get("Content-ID") or "").strip().strip("<>")
+
+
+def _roles(leaves: list[EmailMessage]) -> list[tuple[str | None, str | None]]:
+    """(role, filename) of each leaf part, from its headers alone: the first inline text/plain is
+    "text", the first inline text/html "html", an image its HTML references "inline", others
+    "attachment" (or None: a text part that is neither first nor an attachment)."""
+    roles: list[tuple[str | None, str | None]] = []
+    text = html = False
+    for part in leaves:
+        kind = part.get_content_type()
+        disposition = part.get_content_disposition()
+        filename = _filename(part)
+        inline = disposition != "attachment" and not filename
+        role: str | None = None
+        if _content_id(part) and part.get_content_maintype() == "image" and inline:
+            role = "inline"  # shown in the HTML where it is referenced
+        elif inline and kind == "text/plain" and not text:
+            role, text = "text", True
+        elif inline and kind == "text/html" and not html:
+            role, html = "html", True
+        elif not inline or part.get_content_maintype() not in ("text", "multipart"):
+            role = "attachment"
+        roles.append((role, filename))
+    return roles
 
 
 def _filename(part: EmailMessage) -> str | None:
