@@ -141,16 +141,14 @@ def _lines(raw: Raw, start: int, end: int) -> Iterator[Raw]:
 
 def _check_base64(raw: Raw, start: int, end: int) -> None:
     """Only the alphabet and line breaks, '=' only at the end: else the email package's lenient decoding."""
-    tail = b""
+    padded = False  # an earlier piece ended in '=': nothing but more '=' may follow
     for piece in _lines(raw, start, end):
-        left = piece.translate(None, _BASE64 + b"\r\n=")
-        if left:
+        if piece.translate(None, _BASE64 + b"\r\n="):
             raise Unsure("base64 with other characters")
-        if tail and tail.rstrip(b"\r\n").endswith(b"=") and piece.strip(b"\r\n=\n"):
+        data = piece.translate(None, b"\r\n")
+        if (padded and data.strip(b"=")) or b"=" in data.rstrip(b"="):
             raise Unsure("base64 padding in the middle")
-        if b"=" in piece.rstrip(b"\r\n").rstrip(b"="):
-            raise Unsure("base64 padding in the middle")
-        tail = piece
+        padded = padded or data.endswith(b"=")
 
 
 def _base64(raw: Raw, start: int, end: int) -> Iterator[bytes]:
