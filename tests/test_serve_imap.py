@@ -207,6 +207,45 @@ def test_mbsync_pulls_every_folder_byte_identical_with_flags(served, tmp_path) -
     assert tree_hash(tmp_path / "a") == before
 
 
+def offlineimap_pull(host: str, port: int, into: Path) -> subprocess.CompletedProcess[str]:
+    """One offlineimap run (-o) from the served archive into a Maildir, the remote read-only."""
+    into.mkdir(parents=True, exist_ok=True)
+    config = into.parent / (into.name + ".offlineimaprc")
+    config.write_text(
+        f"[general]\naccounts = served\nmetadata = {into.parent}/offlineimap-state\n\n"
+        "[Account served]\nlocalrepository = near\nremoterepository = far\n\n"
+        f"[Repository near]\ntype = Maildir\nlocalfolders = {into}\nsep = /\n\n"
+        f"[Repository far]\ntype = IMAP\nremotehost = {host}\nremoteport = {port}\nremoteuser = reader\n"
+        f"remotepass = {PASSWORD}\nssl = no\nstarttls = no\nreadonly = True\n"
+    )
+    return subprocess.run(["offlineimap", "-c", str(config), "-o", "-u", "basic"], capture_output=True, text=True,
+                          timeout=180, check=False, env={**os.environ, "HOME": str(into.parent)})
+
+
+@pytest.mark.skipif(shutil.which("offlineimap") is None, reason="offlineimap (Debian's offlineimap3) not installed: bash tests/bootstrap.sh")
+def test_offlineimap_pulls_every_folder_byte_identical_with_flags(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    host, port, url = served
+    before = tree_hash(tmp_path / "a")
+    result = offlineimap_pull(host, port, tmp_path / "pulled")
+    assert result.returncode == 0 and "ERROR" not in result.stdout + result.stderr, result.stdout + result.stderr
+    system = set(MAILDIR_FLAGS.values())
+    got: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    from imapclient import imap_utf7
+
+    for cur in (tmp_path / "pulled").rglob("cur"):
+        folder = imap_utf7.decode(str(cur.parent.relative_to(tmp_path / "pulled")).encode("ascii"))
+        items = []
+        for path in [*cur.iterdir(), *(cur.parent / "new").iterdir()]:
+            letters = path.name.rpartition(":2,")[2] if ":2," in path.name else ""
+            items.append((hashlib.sha256(path.read_bytes()).hexdigest(), tuple(sorted(MAILDIR_FLAGS[c] for c in letters if c in MAILDIR_FLAGS))))
+        got[folder] = sorted(items)
+    # offlineimap keeps a downloaded message's bytes but for line ends (CRLF -> LF, as its docs say);
+    # it adds its X-OfflineIMAP header only to messages it uploads, and here it uploads none.
+    want = {f: sorted((h, tuple(x for x in flags if x in system)) for h, flags in items) for f, items in archived(url, unix_lines=True).items()}
+    assert got == want
+    assert tree_hash(tmp_path / "a") == before
+
+
 def test_backup_from_the_served_archive_gives_identical_hashes_and_flags(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
     host, port, url = served
     copy = f"maildir:{tmp_path}/copy"
@@ -818,6 +857,57 @@ def test_public_key_archive_is_served_only_with_its_identity_file(filled, tmp_pa
     try:
         expected = plain_hashes(plain)
         assert served_hashes("127.0.0.1", server.port, list(expected)) == expected
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+THUNDERBIRD_FIELDS = "From To Cc Bcc Subject Date Message-ID Priority X-Priority References Newsgroups In-Reply-To Content-Type Reply-To"
+
+
+def test_what_thunderbird_relies_on_answers_cleanly(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Thunderbird is a GUI and is not automated here: its opening commands, sent with imaplib."""
+    from mailbackup.serve import parts as mime_parts
+
+    url = make_archive(filled, f"maildir:{tmp_path}/a")
+    server = serve(url)
+    try:
+        imap = imaplib.IMAP4("127.0.0.1", server.port)
+        capabilities = set(imap.capabilities)
+        assert "CONDSTORE" not in capabilities and "QRESYNC" not in capabilities  # not implemented, so not offered
+        assert "XLIST" not in capabilities
+        typ, data = imap.xatom("ID", '("name" "Thunderbird" "version" "115.0")')
+        assert typ == "OK" and imap.untagged_responses.pop("ID")[0].startswith(b'("name" "mailbackup serve"')
+        imap.login("reader", PASSWORD)
+        with pytest.raises(imaplib.IMAP4.error, match="BAD"):
+            imap.xatom("XLIST", '""', '"*"')  # refused cleanly: the connection carries on
+        assert imap.noop()[0] == "OK"
+        typ, _ = imap._simple_command("SELECT", "INBOX")  # as Thunderbird sends it (imaplib's select() wants EXAMINE here)
+        assert typ == "OK" and "READ-ONLY" in imap.untagged_responses
+        imap.state, imap.is_readonly = "SELECTED", True
+        typ, data = imap.uid("FETCH", "1:*", f"(UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS ({THUNDERBIRD_FIELDS})])")
+        assert typ == "OK"
+        store = open_store(url)
+        try:
+            folder = store.catalog.folder("INBOX")
+            assert folder is not None
+            by_uid = {e.uid: e for e in store.catalog.entries(folder.id) if not e.gone}
+            wanted = {name.lower() for name in THUNDERBIRD_FIELDS.split()}
+            answers = [item for item in data if isinstance(item, tuple)]
+            assert len(answers) == len(by_uid)
+            for head, fields in answers:
+                uid = int(head.split(b"UID ")[1].split()[0])
+                raw = store.get(by_uid[uid].location)
+                assert b"RFC822.SIZE %d" % len(raw) in head
+                assert fields == mime_parts.header_fields(mime_parts.split_header(raw)[0], wanted, True)
+                assert fields.startswith(b"From: ") or fields.startswith(b"To: ") or b"Subject: " in fields
+            # Thunderbird reads a message body in 10 KiB pieces with BODY[]<offset.length>
+            uid = next(iter(by_uid))
+            typ, data = imap.uid("FETCH", str(uid), "(UID RFC822.SIZE BODY[]<0.10240>)")
+            assert typ == "OK" and data[0][1] == store.get(by_uid[uid].location)[:10240]  # type: ignore[index]
+        finally:
+            store.close()
+        imap.logout()
     finally:
         server.shutdown()
         server.server_close()
