@@ -7,6 +7,7 @@ import email.policy
 import hashlib
 import imaplib
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -907,6 +908,34 @@ def test_what_thunderbird_relies_on_answers_cleanly(filled, tmp_path) -> None:  
             assert typ == "OK" and data[0][1] == store.get(by_uid[uid].location)[:10240]  # type: ignore[index]
         finally:
             store.close()
+        imap.logout()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_damaged_or_missing_message_costs_only_itself_in_a_batched_fetch(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    url = make_archive(filled, str(tmp_path / "a.sqlite"))
+    expected = plain_hashes(url)["INBOX"]
+    store = open_store(url)
+    folder = store.catalog.folder("INBOX")
+    assert folder is not None
+    entries = sorted((e for e in store.catalog.entries(folder.id) if not e.gone), key=lambda e: e.uid or 0)
+    store.close()
+    damaged, missing = entries[1], entries[4]
+    with sqlite3.connect(tmp_path / "a.sqlite") as db:
+        db.execute("UPDATE blobs SET raw = CAST(raw || X'20' AS BLOB) WHERE sha256 = ?", (damaged.sha256,))
+        db.execute("DELETE FROM blobs WHERE sha256 = ?", (missing.sha256,))
+    server = serve(url)
+    try:
+        imap = client("127.0.0.1", server.port)
+        imap.select("INBOX", readonly=True)
+        typ, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[])")
+        assert typ == "NO" and re.search(rb"(missing|does not match).*\(and 1 more\)", data[0]), data  # type: ignore[arg-type]
+        served = sorted(hashlib.sha256(item[1]).hexdigest() for item in imap.untagged_responses.pop("FETCH", []) if isinstance(item, tuple))
+        assert served == sorted(h for h in expected if h not in (damaged.sha256, missing.sha256))
         imap.logout()
     finally:
         server.shutdown()

@@ -15,7 +15,7 @@ import logging
 import socket
 import socketserver
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -349,16 +349,14 @@ class Session(socketserver.StreamRequestHandler):
         failed = []
         needs_raw = any(i.split("[")[0].split(".PEEK")[0] in NEEDS_RAW for i in items)
         assert self.store is not None
-        for index in indexes:
-            entry = snap.entries[index]
-            raw = None
-            if needs_raw:
-                try:
-                    raw = view.message_bytes(self.store, entry)
-                except MailbackupError as exc:
-                    log.warning("serve: %s", exc)
-                    failed.append(str(exc))
-                    continue
+        wanted = ((index, snap.entries[index]) for index in indexes)
+        read: Iterator[tuple[int, view.Entry, bytes | MailbackupError | None]]
+        read = view.read_messages(self.store, wanted) if needs_raw else ((i, e, None) for i, e in wanted)
+        for index, entry, raw in read:
+            if isinstance(raw, MailbackupError):
+                log.warning("serve: %s", raw)
+                failed.append(str(raw))
+                continue
             small = bytearray(b"* %d FETCH (" % (index + 1))
             for piece in _fetch_response(items, snap.uids[index], entry, raw):
                 if len(piece) < 8192:
