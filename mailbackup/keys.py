@@ -134,14 +134,16 @@ _current: contextvars.ContextVar[KeyRing | None] = contextvars.ContextVar("mailb
 
 @contextmanager
 def using(source: KeySource | KeyRing) -> Iterator[KeyRing]:
-    """Run with these keys: stores opened inside look them up. A ring made here is forgotten on exit."""
-    ring = source if isinstance(source, KeyRing) else KeyRing(source)
+    """Run with these keys: stores opened inside look them up. A ring made here is forgotten on exit;
+    the ring in force serves again for its own source (an account that has no keys of its own)."""
+    ring = _ring(source)
+    made = ring is not source and ring is not _current.get()
     token = _current.set(ring)
     try:
         yield ring
     finally:
         _current.reset(token)
-        if ring is not source:
+        if made:
             ring.forget()
 
 
