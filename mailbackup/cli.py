@@ -648,6 +648,7 @@ def ls_command(archive: str, mailbox: str | None, as_of: str | None, json_output
 
 
 @main.command("serve")
+@passphrase_options()
 @click.argument("archive")
 @click.option("--imap", "imap_address", metavar="HOST:PORT", help="Serve the archive read-only over IMAP here (e.g. 127.0.0.1:1143).")
 @click.option("--web", "web", metavar="HOST:PORT", help="Serve the web viewer here (loopback only by default; port 0 picks one).")
@@ -668,6 +669,7 @@ def serve_command(
     """Open ARCHIVE read-only without restoring it: --imap for mail clients, --web for a browser (Ctrl-C stops).
 
     The web viewer prints a URL with a random access token. The archive never changes.
+    An encrypted archive is unlocked once, before anything listens.
     """
     import threading
 

@@ -10,7 +10,8 @@ the backup machine's own passphrase. Each run seals its objects with a fresh dat
 is stored only sealed to the recipients, so the backup machine forgets it when the run ends.
 
 Where the secrets come from is a KeySource, which the CLI sets for the command with
-`using(...)`; stores look it up when they open an encrypted archive.
+`using(...)`, or a server holds as a KeyRing and passes to each store it opens
+(open_store(..., key_ring=...)); stores look it up when they open an encrypted archive.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,43 +88,100 @@ class KeySource:
     protection: Protection = Protection()
 
 
-_current: contextvars.ContextVar[KeySource] = contextvars.ContextVar("mailbackup_keys", default=KeySource())  # noqa: B039  frozen, so a shared default is safe
-_passphrases: dict[int, str] = {}  # per KeySource (by id) for this process: prompt once
-# Slots already opened in this command, so that argon2id (about a second here) runs once
-# per archive and command, not at every open of the store.
-_opened: dict[tuple[int, bytes, str], tuple[int, bytes]] = {}
+class KeyRing:
+    """A KeySource and what it has unlocked so far: the passphrase asked once, each slot opened once.
+
+    One lives as long as its holder (a command's `using`, a server) and dies with it, so nothing
+    is cached for the process; it is safe to share between threads (a server's workers).
+    """
+
+    def __init__(self, source: KeySource) -> None:
+        self.source = source
+        self._lock = threading.RLock()  # one prompt and one argon2id run, whichever thread asks first
+        self._passphrase: str | None = None
+        # Slots already opened, so that argon2id (about a second here) runs once per archive
+        # and holder, not at every open of the store.
+        self._opened: dict[tuple[bytes, str], tuple[int, bytes]] = {}
+
+    def passphrase(self, what: str) -> str:
+        with self._lock:
+            if self._passphrase is None:
+                self._passphrase = _resolve_passphrase(self.source, what)
+            return self._passphrase
+
+    def open_slot(self, conn: sa.Connection, archive_id: bytes, kind: str, where: str) -> bytes:
+        """The key a slot of this kind holds for the source's passphrase."""
+        with self._lock:
+            if (archive_id, kind) not in self._opened:
+                opened = _try_slots(conn, archive_id, (kind,), self.passphrase(where))
+                if opened is None:
+                    raise WrongPassphrase(f"wrong passphrase for {where}")
+                self._opened[archive_id, kind] = opened
+            return self._opened[archive_id, kind][1]
+
+    def remember(self, archive_id: bytes, kind: str, opened: tuple[int, bytes]) -> None:
+        with self._lock:
+            self._opened[archive_id, kind] = opened
+
+    def forget(self) -> None:
+        with self._lock:
+            self._passphrase = None
+            self._opened.clear()
+
+
+_current: contextvars.ContextVar[KeyRing | None] = contextvars.ContextVar("mailbackup_keys", default=None)
 
 
 @contextmanager
-def using(source: KeySource) -> Iterator[None]:
-    token = _current.set(source)
+def using(source: KeySource | KeyRing) -> Iterator[KeyRing]:
+    """Run with these keys: stores opened inside look them up. A ring made here is forgotten on exit;
+    the ring in force serves again for its own source (an account that has no keys of its own)."""
+    ring = _ring(source)
+    made = ring is not source and ring is not _current.get()
+    token = _current.set(ring)
     try:
-        yield
+        yield ring
     finally:
         _current.reset(token)
-        _passphrases.pop(id(source), None)
-        for key in [k for k in _opened if k[0] == id(source)]:
-            del _opened[key]
+        if made:
+            ring.forget()
 
 
 def current() -> KeySource:
-    return _current.get()
+    found = _current.get()
+    return found.source if found is not None else KeySource()
 
 
-def passphrase(source: KeySource, what: str) -> str:
-    if id(source) not in _passphrases:
-        try:
-            _passphrases[id(source)] = resolve_secret(source.passphrase, what=what, prompt=source.prompt)
-        except ConfigError as exc:
-            if source.passphrase.password_file or source.passphrase.password_command:
-                raise
-            raise ArchiveKeyError(
-                f"{what} is encrypted: give {setting('passphrase_file')}, {setting('passphrase_command')} or MAILBACKUP_PASSPHRASE"
-            ) from exc
-    return _passphrases[id(source)]
+def ring() -> KeyRing:
+    """The ring in force, or a new one that caches for its caller only (never for the process)."""
+    return _current.get() or KeyRing(KeySource())
 
 
-def new_passphrase(source: KeySource) -> str:
+def _ring(source: KeySource | KeyRing) -> KeyRing:
+    """The active ring when it holds this very source (its cache serves), else a ring of its own."""
+    if isinstance(source, KeyRing):
+        return source
+    active = _current.get()
+    return active if active is not None and active.source is source else KeyRing(source)
+
+
+def _resolve_passphrase(source: KeySource, what: str) -> str:
+    try:
+        return resolve_secret(source.passphrase, what=what, prompt=source.prompt)
+    except ConfigError as exc:
+        if source.passphrase.password_file or source.passphrase.password_command:
+            raise
+        raise ArchiveKeyError(
+            f"{what} is encrypted: give {setting('passphrase_file')}, {setting('passphrase_command')} or MAILBACKUP_PASSPHRASE"
+        ) from exc
+
+
+def passphrase(source: KeySource | KeyRing, what: str) -> str:
+    return _ring(source).passphrase(what)
+
+
+def new_passphrase(source: KeySource | KeyRing) -> str:
+    source = source.source if isinstance(source, KeyRing) else source
     if source.new_passphrase is None and source.new_prompt is None:
         raise UsageError(f"give the new passphrase with {setting('new_passphrase_file')} or {setting('new_passphrase_command')}")
     login = source.new_passphrase or Login(password_env="MAILBACKUP_NEW_PASSPHRASE")
@@ -196,8 +255,9 @@ def _new_slot(conn: sa.Connection, archive_id: bytes, kind: str, secret: str, ke
     return new_id(result)
 
 
-def create(engine: sa.Engine, protection: Protection, source: KeySource, where: str) -> None:
+def create(engine: sa.Engine, protection: Protection, source: KeySource | KeyRing, where: str) -> None:
     """Give a new archive its key material (or only its compression), in one transaction."""
+    keyring = _ring(source)
     archive_id = os.urandom(16)
     mode = "recipients" if protection.recipients else "passphrase" if protection.encrypt else "none"
     key_metadata.create_all(engine)
@@ -206,16 +266,16 @@ def create(engine: sa.Engine, protection: Protection, source: KeySource, where: 
                 "compression": "zstd" if protection.compress or mode != "none" else "none"}
         if mode == "passphrase":
             master = crypto.random_key()
-            slot = _new_slot(conn, archive_id, "passphrase", passphrase(source, where), master)
-            _opened[id(source), archive_id, "passphrase"] = (slot, master)
+            slot = _new_slot(conn, archive_id, "passphrase", keyring.passphrase(where), master)
+            keyring.remember(archive_id, "passphrase", (slot, master))
         elif mode == "recipients":
             naming = crypto.random_key()
             rows["recipients"] = "\n".join(protection.recipients)
             conn.execute(key_slots.insert().values(
                 kind="age", params="{}", salt=b"",
                 wrapped=crypto.age_encrypt(naming, protection.recipients), created_at=now_iso()))
-            slot = _new_slot(conn, archive_id, "append", passphrase(source, where), naming)
-            _opened[id(source), archive_id, "append"] = (slot, naming)
+            slot = _new_slot(conn, archive_id, "append", keyring.passphrase(where), naming)
+            keyring.remember(archive_id, "append", (slot, naming))
         conn.execute(crypt_meta.insert(), [{"key": k, "value": v} for k, v in rows.items()])
 
 
@@ -235,19 +295,9 @@ def _try_slots(conn: sa.Connection, archive_id: bytes, kinds: tuple[str, ...], s
     return None
 
 
-def _open_slot(conn: sa.Connection, archive_id: bytes, kind: str, source: KeySource, where: str) -> bytes:
-    """The key a slot of this kind holds for the source's passphrase (opened once per command)."""
-    cached = (id(source), archive_id, kind)
-    if cached not in _opened:
-        opened = _try_slots(conn, archive_id, (kind,), passphrase(source, where))
-        if opened is None:
-            raise WrongPassphrase(f"wrong passphrase for {where}")
-        _opened[cached] = opened
-    return _opened[cached][1]
-
-
-def unlock(engine: sa.Engine, source: KeySource, where: str, *, writable: bool) -> Keys | None:
+def unlock(engine: sa.Engine, source: KeySource | KeyRing, where: str, *, writable: bool) -> Keys | None:
     """The keys of an archive, or None if it has no key material (a plain archive)."""
+    keyring = _ring(source)
     with engine.connect() as conn:
         meta = _meta(conn)
         if not meta:
@@ -260,16 +310,16 @@ def unlock(engine: sa.Engine, source: KeySource, where: str, *, writable: bool) 
         if mode == "none":
             return Keys(archive_id, mode, compress, None)
         if mode == "passphrase":
-            master = _open_slot(conn, archive_id, "passphrase", source, where)
+            master = keyring.open_slot(conn, archive_id, "passphrase", where)
             return Keys(archive_id, mode, compress, crypto.subkey(master, "names"), master,
                         read_keys={0: crypto.subkey(master, "objects")})
-        return _unlock_recipients(engine, conn, meta, archive_id, source, where, writable)
+        return _unlock_recipients(engine, conn, meta, archive_id, keyring, where, writable)
 
 
 def _unlock_recipients(
-    engine: sa.Engine, conn: sa.Connection, meta: dict[str, str], archive_id: bytes, source: KeySource, where: str, writable: bool
+    engine: sa.Engine, conn: sa.Connection, meta: dict[str, str], archive_id: bytes, keyring: KeyRing, where: str, writable: bool
 ) -> Keys:
-    ids = identities(source)
+    ids = identities(keyring.source)
     naming: bytes | None = None
     read_keys: dict[int, bytes] = {}
     if ids:
@@ -283,7 +333,7 @@ def _unlock_recipients(
                 raise WrongPassphrase(f"the identity file does not open data key {row.id} of {where}")
             read_keys[row.id] = key
     elif writable:
-        naming = _open_slot(conn, archive_id, "append", source, where)
+        naming = keyring.open_slot(conn, archive_id, "append", where)
     else:
         raise ArchiveKeyError(f"{where} is encrypted to a public key: reading it needs {setting('identity_file')}")
     data_key_id, data_key = 0, None
@@ -326,7 +376,7 @@ def list_slots(engine: sa.Engine, where: str) -> list[Slot]:
     return [Slot(r.id, r.kind, "argon2id " + r.params if r.kind != "age" else "age X25519", r.created_at) for r in rows]
 
 
-def add_slot(engine: sa.Engine, source: KeySource, where: str) -> int:
+def add_slot(engine: sa.Engine, source: KeySource | KeyRing, where: str) -> int:
     """A new slot for a new passphrase, proved by the current one."""
     with engine.begin() as conn:
         meta = _meta(conn)
@@ -338,7 +388,7 @@ def add_slot(engine: sa.Engine, source: KeySource, where: str) -> int:
         return _new_slot(conn, archive_id, kind, new_passphrase(source), opened[1])
 
 
-def change_slot(engine: sa.Engine, source: KeySource, where: str) -> int:
+def change_slot(engine: sa.Engine, source: KeySource | KeyRing, where: str) -> int:
     """Replace the slot the current passphrase opens by one for the new passphrase; returns the new id."""
     with engine.begin() as conn:
         meta = _meta(conn)
@@ -352,7 +402,7 @@ def change_slot(engine: sa.Engine, source: KeySource, where: str) -> int:
         return new_id
 
 
-def remove_slot(engine: sa.Engine, source: KeySource, where: str, slot_id: int) -> None:
+def remove_slot(engine: sa.Engine, source: KeySource | KeyRing, where: str, slot_id: int) -> None:
     """Remove a slot, proved by a passphrase; never the last one that opens the archive."""
     with engine.begin() as conn:
         meta = _meta(conn)

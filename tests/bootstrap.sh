@@ -1,6 +1,6 @@
 #!/bin/bash
 # Idempotent setup of everything the test suite and the demo need, on Debian 12:
-# the Debian packages (Dovecot, PostgreSQL, openssl, mutt, tmux, isync), a virtualenv
+# the Debian packages (Dovecot, PostgreSQL, openssl, mutt, tmux, isync, offlineimap3), a virtualenv
 # .venv at the repo root with mailbackup installed editable plus its test extra,
 # and Cyrus IMAP unpacked (not installed) into .venv/cyrus/root.
 # Installs only what is missing; a warm run takes well under a second.
@@ -43,6 +43,7 @@ command -v mutt >/dev/null || missing+=(mutt)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 command -v tmux >/dev/null || missing+=(tmux)
 command -v mbsync >/dev/null || missing+=(isync)
+command -v offlineimap >/dev/null || missing+=(offlineimap3)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi

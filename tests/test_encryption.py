@@ -370,3 +370,40 @@ def test_a_dictionary_is_trained_on_the_first_small_messages_and_restores_exactl
     assert server_view(dovecot, target) == server_view(dovecot, source)
     with keys.using(keysource):
         assert verify(url).ok
+
+
+def test_key_caches_belong_to_their_ring_not_to_the_process(tmp_path: Path) -> None:
+    """A passphrase is asked once per ring (nested `using` of one source shares it), and nothing
+    outlives the ring: a caller that never calls `using` caches nothing between two unlocks."""
+    import threading
+
+    asked: list[str] = []
+
+    def prompt() -> str:
+        asked.append(threading.current_thread().name)
+        return PASSPHRASE
+
+    source = keys.KeySource(passphrase=keys.Login(password_env="MAILBACKUP_TEST_UNSET"), prompt=prompt,
+                            protection=keys.Protection(encrypt=True))
+    url = str(tmp_path / "a.sqlite")
+    with keys.using(source):
+        open_store(url, mode="write").close()
+        with keys.using(keys.current()):  # as accounts.py does for an account without keys of its own
+            open_store(url).close()
+        assert len(asked) == 1
+    with keys.using(source):
+        open_store(url).close()
+    assert len(asked) == 2  # a new `using`, a new ring: the first one forgot its passphrase
+    ring = keys.KeyRing(source)
+    opened: list[object] = []
+    threads = [threading.Thread(target=lambda: opened.append(open_store(url, key_ring=ring))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in opened:
+        store.close()  # type: ignore[attr-defined]
+    assert len(opened) == 4 and len(asked) == 3  # four threads, one prompt
+    ring.forget()
+    with pytest.raises(ArchiveKeyError):
+        open_store(url)  # no ring in force and no passphrase anywhere: nothing was cached for the process

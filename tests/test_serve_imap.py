@@ -7,6 +7,7 @@ import email.policy
 import hashlib
 import imaplib
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -204,6 +205,45 @@ def test_mbsync_pulls_every_folder_byte_identical_with_flags(served, tmp_path) -
     # undone, every file is the archive's bytes.
     want = {f: sorted((h, tuple(x for x in flags if x in system)) for h, flags in items) for f, items in archived(url, unix_lines=True).items()}
     assert pulled(tmp_path / "pulled") == want
+    assert tree_hash(tmp_path / "a") == before
+
+
+def offlineimap_pull(host: str, port: int, into: Path) -> subprocess.CompletedProcess[str]:
+    """One offlineimap run (-o) from the served archive into a Maildir, the remote read-only."""
+    into.mkdir(parents=True, exist_ok=True)
+    config = into.parent / (into.name + ".offlineimaprc")
+    config.write_text(
+        f"[general]\naccounts = served\nmetadata = {into.parent}/offlineimap-state\n\n"
+        "[Account served]\nlocalrepository = near\nremoterepository = far\n\n"
+        f"[Repository near]\ntype = Maildir\nlocalfolders = {into}\nsep = /\n\n"
+        f"[Repository far]\ntype = IMAP\nremotehost = {host}\nremoteport = {port}\nremoteuser = reader\n"
+        f"remotepass = {PASSWORD}\nssl = no\nstarttls = no\nreadonly = True\n"
+    )
+    return subprocess.run(["offlineimap", "-c", str(config), "-o", "-u", "basic"], capture_output=True, text=True,
+                          timeout=180, check=False, env={**os.environ, "HOME": str(into.parent)})
+
+
+@pytest.mark.skipif(shutil.which("offlineimap") is None, reason="offlineimap (Debian's offlineimap3) not installed: bash tests/bootstrap.sh")
+def test_offlineimap_pulls_every_folder_byte_identical_with_flags(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    host, port, url = served
+    before = tree_hash(tmp_path / "a")
+    result = offlineimap_pull(host, port, tmp_path / "pulled")
+    assert result.returncode == 0 and "ERROR" not in result.stdout + result.stderr, result.stdout + result.stderr
+    system = set(MAILDIR_FLAGS.values())
+    got: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    from imapclient import imap_utf7
+
+    for cur in (tmp_path / "pulled").rglob("cur"):
+        folder = imap_utf7.decode(str(cur.parent.relative_to(tmp_path / "pulled")).encode("ascii"))
+        items = []
+        for path in [*cur.iterdir(), *(cur.parent / "new").iterdir()]:
+            letters = path.name.rpartition(":2,")[2] if ":2," in path.name else ""
+            items.append((hashlib.sha256(path.read_bytes()).hexdigest(), tuple(sorted(MAILDIR_FLAGS[c] for c in letters if c in MAILDIR_FLAGS))))
+        got[folder] = sorted(items)
+    # offlineimap keeps a downloaded message's bytes but for line ends (CRLF -> LF, as its docs say);
+    # it adds its X-OfflineIMAP header only to messages it uploads, and here it uploads none.
+    want = {f: sorted((h, tuple(x for x in flags if x in system)) for h, flags in items) for f, items in archived(url, unix_lines=True).items()}
+    assert got == want
     assert tree_hash(tmp_path / "a") == before
 
 
@@ -666,6 +706,236 @@ def test_list_shows_special_use_and_parents_and_idle_waits_for_done(filled, tmp_
         assert imap.readline().startswith(b"+ ")
         imap.send(b"DONE\r\n")
         assert imap.readline() == b"x1 OK IDLE terminated\r\n"
+        imap.logout()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# encrypted archives: unlocked once, before anything listens; worker threads never prompt
+
+
+def served_hashes(host: str, port: int, folders: list[str]) -> dict[str, list[str]]:
+    """Folder -> sorted SHA-256s of every message as imaplib fetches it."""
+    imap = client(host, port)
+    got = {}
+    for folder in folders:
+        assert imap.select(imap_quote(folder), readonly=True)[0] == "OK"
+        typ, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[])")
+        got[folder] = sorted(hashlib.sha256(item[1]).hexdigest() for item in data if isinstance(item, tuple))
+    imap.logout()
+    return got
+
+
+def plain_hashes(url: str) -> dict[str, list[str]]:
+    return {folder: sorted(h for h, _ in items) for folder, items in archived(url).items()}
+
+
+def encrypted_archive(account, tmp_path: Path, source) -> str:  # type: ignore[no-untyped-def]
+    from mailbackup import keys
+
+    url = str(tmp_path / "sealed.sqlite")
+    with keys.using(source):
+        make_archive(account, url)
+    return url
+
+
+def test_encrypted_archive_is_served_over_imap_and_web_byte_identical_with_one_prompt(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import urllib.request
+
+    from mailbackup import keys
+    from mailbackup.credentials import Login
+
+    pytest.importorskip("starlette")
+    from mailbackup.web import WebServer
+
+    plain = make_archive(filled, str(tmp_path / "plain.sqlite"))
+    writer = keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"), prompt=lambda: "sealed pass",
+                            protection=keys.Protection(encrypt=True))
+    url = encrypted_archive(filled, tmp_path, writer)
+    assert b"Subject: message 0" not in (tmp_path / "sealed.sqlite").read_bytes()
+    prompts: list[str] = []
+
+    def prompt() -> str:
+        prompts.append(threading.current_thread().name)
+        return "sealed pass"
+
+    ring = keys.KeyRing(keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"), prompt=prompt))
+    server = start_imap(("127.0.0.1", 0), ServeSettings(archive=url, user="reader", password=PASSWORD), ring)
+    web = WebServer(url, "127.0.0.1:0", key_ring=ring)
+    web.start()
+    try:
+        assert prompts == [threading.current_thread().name]  # asked once, here, before a client could connect
+        expected = plain_hashes(plain)
+        # several clients, each in its own server thread with no key context of its own
+        results: list[dict[str, list[str]]] = []
+        threads = [threading.Thread(target=lambda: results.append(served_hashes("127.0.0.1", server.port, list(expected))))
+                   for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert results == [expected] * 3
+        # the web viewer: every .eml download, from uvicorn's worker threads
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        opener.open(web.url).read()
+        with keys.using(ring):
+            store = open_store(url)
+            ids = {folder.name: [e.id for e in store.catalog.entries(folder.id) if not e.gone] for folder in store.catalog.folders()}
+            store.close()
+        base = f"http://127.0.0.1:{web.port}"
+        downloaded = {
+            folder: sorted(hashlib.sha256(opener.open(f"{base}/m/0/{i}/eml").read()).hexdigest() for i in found)
+            for folder, found in ids.items()
+        }
+        assert downloaded == expected
+        with opener.open(f"{base}/search?q=message") as response:  # search reopens the archive in a worker thread
+            assert response.status == 200
+        assert len(prompts) == 1
+    finally:
+        web.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def test_wrong_passphrase_is_one_line_exit_3_before_anything_listens(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import sys
+
+    from servers.dovecot import free_port
+
+    from mailbackup import keys
+    from mailbackup.credentials import Login
+    from mailbackup.errors import WrongPassphrase
+
+    url = encrypted_archive(filled, tmp_path, keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"),
+                                                              prompt=lambda: "right", protection=keys.Protection(encrypt=True)))
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    (tmp_path / "wrong").write_text("not it\n")
+    imap_port, web_port = free_port(), free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "mailbackup", "serve", url, "--imap", f"127.0.0.1:{imap_port}", "--web", f"127.0.0.1:{web_port}",
+         "--password-file", str(tmp_path / "pw"), "--passphrase-file", str(tmp_path / "wrong")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 3
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1 and "wrong passphrase" in result.stderr
+    # the library: nothing was bound when the passphrase failed
+    ring = keys.KeyRing(keys.KeySource(passphrase=Login(password_file=str(tmp_path / "wrong"))))
+    with pytest.raises(WrongPassphrase):
+        start_imap(("127.0.0.1", imap_port), ServeSettings(archive=url, user="reader", password=PASSWORD), ring)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", imap_port)) != 0
+
+
+def test_public_key_archive_is_served_only_with_its_identity_file(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from mailbackup import keys
+    from mailbackup.credentials import Login
+    from mailbackup.errors import ArchiveKeyError
+
+    pyrage = pytest.importorskip("pyrage")
+    identity = pyrage.x25519.Identity.generate()
+    (tmp_path / "id.txt").write_text(str(identity) + "\n")
+    plain = make_archive(filled, str(tmp_path / "plain.sqlite"))
+    writer = keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"), prompt=lambda: "append only",
+                            protection=keys.Protection(encrypt=True, recipients=(str(identity.to_public()),)))
+    url = encrypted_archive(filled, tmp_path, writer)
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    (tmp_path / "append").write_text("append only\n")
+    # the backup machine's append passphrase does not read: one line, exit 3
+    result = subprocess.run(
+        [sys.executable, "-m", "mailbackup", "serve", url, "--imap", "127.0.0.1:0", "--password-file", str(tmp_path / "pw"),
+         "--passphrase-file", str(tmp_path / "append")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 3 and len(result.stderr.strip().splitlines()) == 1 and "--identity-file" in result.stderr
+    with pytest.raises(ArchiveKeyError):
+        start_imap(("127.0.0.1", 0), ServeSettings(archive=url, user="reader", password=PASSWORD), keys.KeyRing(keys.KeySource()))
+    reader = keys.KeyRing(keys.KeySource(identity_file=str(tmp_path / "id.txt")))
+    server = start_imap(("127.0.0.1", 0), ServeSettings(archive=url, user="reader", password=PASSWORD), reader)
+    try:
+        expected = plain_hashes(plain)
+        assert served_hashes("127.0.0.1", server.port, list(expected)) == expected
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+THUNDERBIRD_FIELDS = "From To Cc Bcc Subject Date Message-ID Priority X-Priority References Newsgroups In-Reply-To Content-Type Reply-To"
+
+
+def test_what_thunderbird_relies_on_answers_cleanly(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Thunderbird is a GUI and is not automated here: its opening commands, sent with imaplib."""
+    from mailbackup.serve import parts as mime_parts
+
+    url = make_archive(filled, f"maildir:{tmp_path}/a")
+    server = serve(url)
+    try:
+        imap = imaplib.IMAP4("127.0.0.1", server.port)
+        capabilities = set(imap.capabilities)
+        assert "CONDSTORE" not in capabilities and "QRESYNC" not in capabilities  # not implemented, so not offered
+        assert "XLIST" not in capabilities
+        typ, data = imap.xatom("ID", '("name" "Thunderbird" "version" "115.0")')
+        assert typ == "OK" and imap.untagged_responses.pop("ID")[0].startswith(b'("name" "mailbackup serve"')
+        imap.login("reader", PASSWORD)
+        with pytest.raises(imaplib.IMAP4.error, match="BAD"):
+            imap.xatom("XLIST", '""', '"*"')  # refused cleanly: the connection carries on
+        assert imap.noop()[0] == "OK"
+        typ, _ = imap._simple_command("SELECT", "INBOX")  # as Thunderbird sends it (imaplib's select() wants EXAMINE here)
+        assert typ == "OK" and "READ-ONLY" in imap.untagged_responses
+        imap.state, imap.is_readonly = "SELECTED", True
+        typ, data = imap.uid("FETCH", "1:*", f"(UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS ({THUNDERBIRD_FIELDS})])")
+        assert typ == "OK"
+        store = open_store(url)
+        try:
+            folder = store.catalog.folder("INBOX")
+            assert folder is not None
+            by_uid = {e.uid: e for e in store.catalog.entries(folder.id) if not e.gone}
+            wanted = {name.lower() for name in THUNDERBIRD_FIELDS.split()}
+            answers = [item for item in data if isinstance(item, tuple)]
+            assert len(answers) == len(by_uid)
+            for head, fields in answers:
+                uid = int(head.split(b"UID ")[1].split()[0])
+                raw = store.get(by_uid[uid].location)
+                assert b"RFC822.SIZE %d" % len(raw) in head
+                assert fields == mime_parts.header_fields(mime_parts.split_header(raw)[0], wanted, True)
+                assert fields.startswith(b"From: ") or fields.startswith(b"To: ") or b"Subject: " in fields
+            # Thunderbird reads a message body in 10 KiB pieces with BODY[]<offset.length>
+            uid = next(iter(by_uid))
+            typ, data = imap.uid("FETCH", str(uid), "(UID RFC822.SIZE BODY[]<0.10240>)")
+            assert typ == "OK" and data[0][1] == store.get(by_uid[uid].location)[:10240]  # type: ignore[index]
+        finally:
+            store.close()
+        imap.logout()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_damaged_or_missing_message_costs_only_itself_in_a_batched_fetch(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    url = make_archive(filled, str(tmp_path / "a.sqlite"))
+    expected = plain_hashes(url)["INBOX"]
+    store = open_store(url)
+    folder = store.catalog.folder("INBOX")
+    assert folder is not None
+    entries = sorted((e for e in store.catalog.entries(folder.id) if not e.gone), key=lambda e: e.uid or 0)
+    store.close()
+    damaged, missing = entries[1], entries[4]
+    with sqlite3.connect(tmp_path / "a.sqlite") as db:
+        db.execute("UPDATE blobs SET raw = CAST(raw || X'20' AS BLOB) WHERE sha256 = ?", (damaged.sha256,))
+        db.execute("DELETE FROM blobs WHERE sha256 = ?", (missing.sha256,))
+    server = serve(url)
+    try:
+        imap = client("127.0.0.1", server.port)
+        imap.select("INBOX", readonly=True)
+        typ, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[])")
+        assert typ == "NO" and re.search(rb"(missing|does not match).*\(and 1 more\)", data[0]), data  # type: ignore[arg-type]
+        served = sorted(hashlib.sha256(item[1]).hexdigest() for item in imap.untagged_responses.pop("FETCH", []) if isinstance(item, tuple))
+        assert served == sorted(h for h in expected if h not in (damaged.sha256, missing.sha256))
         imap.logout()
     finally:
         server.shutdown()

@@ -616,3 +616,70 @@ def test_a_postgresql_archive_lists_from_the_messages_and_says_search_needs_sqli
         assert client.get(f"/m/0/{entry_id}/eml").content == bulk_message(2)
     finally:
         viewer.close()
+
+
+# attachments decoded as they are sent
+
+
+def test_parts_walk_and_decode_as_the_email_package_does() -> None:
+    import email
+    import email.policy
+
+    from mailbackup.web import parts
+    from tests.corpus.tricky import tricky_messages
+
+    messages = {str(p): p.read_bytes() for p in CORPUS.rglob("*.eml")} | tricky_messages()
+    sure = 0
+    for name, raw in messages.items():
+        walked = list(email.message_from_bytes(raw, policy=email.policy.compat32).walk())
+        try:
+            spans = parts.walk(raw)
+        except parts.Unsure:
+            continue  # the viewer reads these with the email package
+        sure += 1
+        assert [(s.index, s.container, s.headers.get_content_type()) for s in spans] == [
+            (i, p.is_multipart(), p.get_content_type()) for i, p in enumerate(walked)], name
+        for span, part in zip(spans, walked):
+            if not span.container and "uue" not in str(part.get("content-transfer-encoding", "")).lower():
+                assert b"".join(parts.decoded(raw, span)) == part.get_payload(decode=True), (name, span.index)
+    assert sure >= 0.8 * len(messages)
+
+
+def test_a_big_attachment_downloads_with_memory_near_the_message_size(dovecot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import base64
+    import tracemalloc
+
+    attachment = os.urandom(12 << 20)
+    encoded = base64.encodebytes(attachment).replace(b"\n", b"\r\n")
+    raw = (b"From: a@example.net\r\nTo: b@example.org\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
+           b'Content-Type: multipart/mixed; boundary="xx"\r\n\r\n--xx\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n'
+           b'--xx\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="big.bin"\r\n'
+           b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + b"--xx--\r\n")
+    account = dovecot.add_user()
+    dovecot.append(account, "INBOX", raw, ())
+    url = f"maildir:{tmp_path / 'md'}"
+    assert backup(account.url("imap"), url, password=account.password, options=BackupOptions(no_tls=True)).new == 1
+    viewer = Archive(url)
+    try:
+        entry = next(viewer.store(0).catalog.entries())
+        index = viewer.message(0, entry.id).attachments[0].index
+
+        def peak(download) -> int:  # type: ignore[no-untyped-def]
+            tracemalloc.start()
+            try:
+                found, pieces = download()
+                digest = hashlib.sha256()
+                for piece in pieces:
+                    digest.update(piece)
+                assert found.filename == "big.bin" and digest.digest() == hashlib.sha256(attachment).digest()
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+        streamed = peak(lambda: viewer.attachment(0, entry.id, index))
+        parsed = peak(lambda: viewer._attachment_parsed(0, entry.id, index, viewer.raw(0, entry.id)[1]))
+        print(f"peak memory for a {len(raw) >> 20} MiB message: streamed {streamed >> 20} MiB, parsed whole {parsed >> 20} MiB")
+        assert streamed < 1.3 * len(raw)  # the message once, and a piece of it
+        assert parsed > 2 * len(raw)  # what the email package's reading costs: the test can tell them apart
+    finally:
+        viewer.close()

@@ -1,7 +1,9 @@
 """Look into an archive without restoring it: `mailbackup serve ARCHIVE --imap HOST:PORT`.
 
 The IMAP server is read-only: the archive is opened with mode="read", and every
-command that would change it is answered NO.
+command that would change it is answered NO. An encrypted archive is unlocked once, in the
+caller's thread, before anything listens (a prompt never comes from a client's thread); the
+server keeps that KeyRing and opens each client's store with it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 
+from .. import keys
 from ..errors import UsageError, setting
 from ..stores import open_store
 
@@ -56,9 +59,9 @@ def is_loopback(host: str) -> bool:
             return False
 
 
-def default_user(archive: str, mailbox: str | None = None) -> str:
+def default_user(archive: str, mailbox: str | None = None, key_ring: keys.KeyRing | None = None) -> str:
     """The user name of the archive's account (user@host), or 'mailbackup' if it has none yet."""
-    store = open_store(archive, mode="read", account=mailbox)
+    store = open_store(archive, mode="read", account=mailbox, key_ring=key_ring)
     try:
         account = store.catalog.account or ""
     finally:
@@ -66,15 +69,20 @@ def default_user(archive: str, mailbox: str | None = None) -> str:
     return account.rpartition("@")[0] or account or "mailbackup"
 
 
-def start_imap(address: tuple[str, int], settings: ServeSettings) -> ImapServer:
-    """Check the archive opens, bind, and serve in a background thread; stop with .shutdown()."""
+def start_imap(address: tuple[str, int], settings: ServeSettings, key_ring: keys.KeyRing | None = None) -> ImapServer:
+    """Unlock and check the archive, bind, and serve in a background thread; stop with .shutdown().
+
+    key_ring: the keys of an encrypted archive (default: those in force here, keys.using).
+    """
     if not settings.tls_cert and not is_loopback(address[0]):
         raise UsageError(f"refusing to serve {address[0]} without TLS: give {setting('tls_cert')}/{setting('tls_key')}, or bind 127.0.0.1")
     if settings.implicit_tls and not settings.tls_cert:
         raise UsageError(f"{setting('implicit_tls')} needs {setting('tls_cert')}")
-    open_store(settings.archive, mode="read", account=settings.mailbox).close()  # a bad archive fails now, not per client
+    key_ring = key_ring or keys.ring()
+    # A bad archive or a wrong passphrase fails now, not per client; the ring keeps the opened slots.
+    open_store(settings.archive, mode="read", account=settings.mailbox, key_ring=key_ring).close()
     try:
-        server = ImapServer(address, settings)
+        server = ImapServer(address, settings, key_ring)
     except OSError as exc:
         raise UsageError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror or exc}") from exc
     thread = threading.Thread(target=server.serve_forever, name="mailbackup-serve-imap", daemon=True)

@@ -15,11 +15,12 @@ import logging
 import socket
 import socketserver
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from .. import keys
 from ..errors import MailbackupError
 from ..stores import Store, open_store
 from . import parts, query, view, wire
@@ -221,7 +222,7 @@ class Session(socketserver.StreamRequestHandler):
         good_password = hmac.compare_digest(password.encode(), settings.password.encode())
         if not (good_user and good_password):
             return b"NO [AUTHENTICATIONFAILED] wrong user name or password"
-        self.store = open_store(settings.archive, mode="read", account=settings.mailbox)
+        self.store = open_store(settings.archive, mode="read", account=settings.mailbox, key_ring=self.server.key_ring)
         self.delimiter = view.archive_delimiter(self.store)
         self.user = user
         return b"OK [CAPABILITY " + self.capabilities() + b"] logged in, read-only"
@@ -348,16 +349,14 @@ class Session(socketserver.StreamRequestHandler):
         failed = []
         needs_raw = any(i.split("[")[0].split(".PEEK")[0] in NEEDS_RAW for i in items)
         assert self.store is not None
-        for index in indexes:
-            entry = snap.entries[index]
-            raw = None
-            if needs_raw:
-                try:
-                    raw = view.message_bytes(self.store, entry)
-                except MailbackupError as exc:
-                    log.warning("serve: %s", exc)
-                    failed.append(str(exc))
-                    continue
+        wanted = ((index, snap.entries[index]) for index in indexes)
+        read: Iterator[tuple[int, view.Entry, bytes | MailbackupError | None]]
+        read = view.read_messages(self.store, wanted) if needs_raw else ((i, e, None) for i, e in wanted)
+        for index, entry, raw in read:
+            if isinstance(raw, MailbackupError):
+                log.warning("serve: %s", raw)
+                failed.append(str(raw))
+                continue
             small = bytearray(b"* %d FETCH (" % (index + 1))
             for piece in _fetch_response(items, snap.uids[index], entry, raw):
                 if len(piece) < 8192:
@@ -487,8 +486,9 @@ class ImapServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], settings: ServeSettings) -> None:
+    def __init__(self, address: tuple[str, int], settings: ServeSettings, key_ring: keys.KeyRing | None = None) -> None:
         self.settings = settings
+        self.key_ring = key_ring or keys.KeyRing(keys.KeySource())  # unlocked by start_imap for an encrypted archive
         self.ssl_context = settings.ssl_context()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -139,6 +139,7 @@ def open_store(
     create: bool | None = None,
     check: bool = True,
     blobs: Bucket | None = None,
+    key_ring: keys.KeyRing | None = None,
 ) -> Store:
     """Open the archive named by `url`: maildir:DIR, mbox:DIR, a .sqlite/.db path or a SQLAlchemy URL.
 
@@ -148,6 +149,7 @@ def open_store(
     mbox archive refuses a second one; a reader picks it among several.
     check=False lets repair open an archive whose catalog is lost.
     blobs puts a new SQL archive's message bytes in a bucket; the archive records it.
+    key_ring opens an encrypted archive with these keys, not the context's (a server's worker threads).
     `create` is the old spelling of mode (True: write, False: read), kept while callers move.
     """
     if create is not None:
@@ -156,9 +158,10 @@ def open_store(
     if blobs is not None and not getattr(cls, "external_blobs", False):
         raise UsageError(f"{setting('blobs')} is for SQL archives (a .sqlite path or a database URL)")
     extra = {"blobs": blobs} if blobs is not None else {}
-    store: Store = cls(where, mode=mode, account=account, **extra)
+    with keys.using(key_ring) if key_ring is not None else nullcontext():
+        store: Store = cls(where, mode=mode, account=account, **extra)
     try:
-        if mode == "write" and not hasattr(store, "codec") and keys.current().protection != keys.Protection():
+        if mode == "write" and not hasattr(store, "codec") and (key_ring.source if key_ring else keys.current()).protection != keys.Protection():
             raise UsageError(f"{setting('encrypt')}, {setting('compress')} and {setting('recipient')} need a SQL archive (.sqlite or a database URL), not {url}")
         if check and store.catalog.lost() and store.holds_messages():
             raise CatalogDamaged(

@@ -152,16 +152,16 @@ class Codec:
 
 def open_codec(engine: sa.Engine, where: str, *, writable: bool, fresh: bool) -> Codec:
     """The codec of the archive in engine; a writer creates key material in a fresh archive if asked."""
-    source = keys.current()
-    protection = source.protection
+    keyring = keys.ring()
+    protection = keyring.source.protection
     wanted = protection.encrypt or protection.compress or bool(protection.recipients)
     if writable and wanted and not keys.exists(engine):
         if not fresh:
             raise UsageError(
                 f"{setting('encrypt')}, {setting('compress')} and {setting('recipient')} apply when an archive is created; {where} already holds messages as they are"
             )
-        keys.create(engine, protection, source, where)
-    return Codec(keys.unlock(engine, source, where, writable=writable), where, engine, writable=writable)
+        keys.create(engine, protection, keyring, where)
+    return Codec(keys.unlock(engine, keyring, where, writable=writable), where, engine, writable=writable)
 
 
 def content_name(store: object, raw: bytes) -> str:

@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+from .. import keys
 from ..errors import UsageError, setting
 
 
@@ -34,7 +35,8 @@ def is_loopback(host: str) -> bool:
 class WebServer:
     """The viewer bound to host:port over an archive opened read-only; serve() blocks, start() runs it in a thread."""
 
-    def __init__(self, archive: str, address: str, *, allow_remote: bool = False, token: str | None = None) -> None:
+    def __init__(self, archive: str, address: str, *, allow_remote: bool = False, token: str | None = None,
+                 key_ring: keys.KeyRing | None = None) -> None:
         try:
             import uvicorn
 
@@ -49,7 +51,7 @@ class WebServer:
                 f"refusing to serve the viewer on {host}: it is not a loopback address and the viewer has no TLS; "
                 f"add {setting('web_allow_remote')} if you mean it"
             )
-        self.archive = Archive(archive)
+        self.archive = Archive(archive, key_ring)  # unlocked (any prompt) before anything listens
         try:
             self.token = token or secrets.token_urlsafe(32)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -92,9 +94,9 @@ class WebServer:
 
 
 def serve_web(archive: str, address: str, *, allow_remote: bool = False, announce: Callable[[str], None] = print,
-              warn: Callable[[str], None] = print) -> None:
+              warn: Callable[[str], None] = print, key_ring: keys.KeyRing | None = None) -> None:
     """Serve the viewer until interrupted; announce() gets the URL with the access token."""
-    server = WebServer(archive, address, allow_remote=allow_remote)
+    server = WebServer(archive, address, allow_remote=allow_remote, key_ring=key_ring)
     if server.remote:
         warn(f"warning: the viewer listens on {address}, beyond this machine, without TLS; anyone with the URL can read the archive")
     announce(server.url)

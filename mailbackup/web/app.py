@@ -26,6 +26,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import keys
 from ..errors import ArchiveCorrupt, MailbackupError, UsageError
 from ..search import Filters, search
 from .chart import months_svg
@@ -161,11 +162,13 @@ def create_app(archive: Archive, token: str, *, allowed_hosts: list[str] | None 
                     fields["q"], fields["from"] or None, fields["to"] or None, fields["subject"] or None,
                     _date(fields["since"]), _date(fields["before"]), fields["folder"] or None,
                 )
-                found = search(archive.url, filters, mailbox=archive.mailbox(account))
-                try:
-                    hits = list(itertools.islice(found, number * PER_PAGE, (number + 1) * PER_PAGE + 1))
-                finally:
-                    getattr(found, "close", lambda: None)()  # the generator's store closes now, not at GC
+                # search() opens the archive itself, here in a worker thread: with the viewer's keys.
+                with keys.using(archive.key_ring):
+                    found = search(archive.url, filters, mailbox=archive.mailbox(account))
+                    try:
+                        hits = list(itertools.islice(found, number * PER_PAGE, (number + 1) * PER_PAGE + 1))
+                    finally:
+                        getattr(found, "close", lambda: None)()  # the generator's store closes now, not at GC
                 more = len(hits) > PER_PAGE
                 hits = hits[:PER_PAGE]
             except UsageError as exc:
@@ -211,9 +214,9 @@ def create_app(archive: Archive, token: str, *, allowed_hosts: list[str] | None 
 
     def _part(request: Request) -> Response:
         account, entry_id, index = request.path_params["account"], request.path_params["id"], request.path_params["index"]
-        attachment, payload = archive.attachment(account, entry_id, index)
+        attachment, pieces = archive.attachment(account, entry_id, index)  # decoded as it is sent
         kind = attachment.content_type if MEDIA_TYPE.fullmatch(attachment.content_type) else "application/octet-stream"
-        return Response(payload, media_type=kind, headers={
+        return StreamingResponse(pieces, media_type=kind, headers={
             "Content-Disposition": _attachment_disposition(attachment.filename), "Content-Security-Policy": DOWNLOAD_POLICY})
 
     async def part(request: Request) -> Response:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email import policy
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser, BytesParser
+from typing import Any
 
+from .. import keys
 from ..catalog import Headline
 from ..errors import ArchiveCorrupt, UsageError
 from ..mime import header_text
 from ..model import Entry
 from ..stores import Store, open_store, read_chunks
+from ..stores.codec import content_name, encrypted
+from . import parts
 
 HEAD_CAP = 64 * 1024  # bytes of a message read for its headers when the search index has none
 SORTS = ("date", "from", "subject", "size")
@@ -91,9 +96,12 @@ def _headline(raw_head: bytes) -> Headline:
 class Archive:
     """An archive opened read-only for the viewer: one store per account it holds."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, key_ring: keys.KeyRing | None = None) -> None:
         self.url = url
-        first = open_store(url, mode="read")
+        # Unlocked here, in the caller's thread; requests run in worker threads and reopen
+        # the archive (search) with this ring, never by prompting.
+        self.key_ring = key_ring or keys.ring()
+        first = open_store(url, mode="read", key_ring=self.key_ring)
         self.stores: list[Store] = []
         try:
             names = first.catalog.accounts()
@@ -104,7 +112,7 @@ class Archive:
                 first.close()
                 self.names = names
                 for name in names:
-                    self.stores.append(open_store(url, mode="read", account=name))
+                    self.stores.append(open_store(url, mode="read", account=name, key_ring=self.key_ring))
         except BaseException:
             first.close()
             for store in self.stores:
@@ -184,10 +192,29 @@ class Archive:
     def raw(self, account: int, entry_id: int) -> tuple[Entry, bytes]:
         """The original bytes, checked against the catalog's SHA-256."""
         entry = self.entry(account, entry_id)
-        raw = self.store(account).get(entry.location)
-        if hashlib.sha256(raw).hexdigest() != entry.sha256:
+        store = self.store(account)
+        raw = store.get(entry.location)
+        if content_name(store, raw) != entry.sha256:
             raise ArchiveCorrupt(f"message {entry.id} does not match its SHA-256; run 'mailbackup verify'")
         return entry, raw
+
+    def buffer(self, account: int, entry_id: int) -> bytearray:
+        """The original bytes, checked, read into one buffer of their size (a Maildir's LF file and
+        its CRLF copy, or a list of pieces and their join, would hold them twice)."""
+        entry = self.entry(account, entry_id)
+        store = self.store(account)
+        buffer = bytearray(entry.size)
+        digest, filled = _digest(store), 0
+        for piece in read_chunks(store, entry.location):
+            if filled + len(piece) > entry.size:
+                break
+            buffer[filled : filled + len(piece)] = piece
+            digest.update(piece)
+            filled += len(piece)
+        else:
+            if filled == entry.size and digest.hexdigest() == entry.sha256:
+                return buffer
+        raise ArchiveCorrupt(f"message {entry.id} does not match its SHA-256; run 'mailbackup verify'")
 
     def chunks(self, account: int, entry_id: int) -> tuple[Entry, Iterator[bytes]]:
         """The original bytes streamed from the store, for a download, checked against the SHA-256 on the way.
@@ -196,9 +223,10 @@ class Archive:
         the download short of its Content-Length, so a browser never saves a damaged copy as whole.
         """
         entry = self.entry(account, entry_id)
-        pieces = read_chunks(self.store(account), entry.location)
+        store = self.store(account)
+        pieces = read_chunks(store, entry.location)
         first = next(pieces, b"")  # a missing file fails here, before any header is sent
-        return entry, _checked(entry, first, pieces)
+        return entry, _checked(entry, first, pieces, _digest(store))
 
     def message(self, account: int, entry_id: int) -> MessageView:
         entry, raw = self.raw(account, entry_id)
@@ -209,40 +237,48 @@ class Archive:
         text = html = None
         attachments: list[Attachment] = []
         images: dict[str, tuple[str, bytes]] = {}
-        for index, part in enumerate(parsed.walk()):
-            if part.is_multipart():
-                continue
-            kind = part.get_content_type()
-            disposition = part.get_content_disposition()
-            filename = _filename(part)
+        leaves = [(index, part) for index, part in enumerate(parsed.walk()) if not part.is_multipart()]
+        for (index, part), (role, filename) in zip(leaves, _roles([part for _, part in leaves])):
             payload = part.get_payload(decode=True)
             if not isinstance(payload, bytes):
                 payload = b""
-            content_id = (part.get("Content-ID") or "").strip().strip("<>")
+            content_id = _content_id(part)
             if content_id and part.get_content_maintype() == "image":
-                images[content_id] = (kind, payload)
-                if disposition != "attachment" and not filename:
-                    continue  # shown in the HTML where it is referenced
-            if disposition != "attachment" and not filename and kind == "text/plain" and text is None:
+                images[content_id] = (part.get_content_type(), payload)
+            if role == "text":
                 text = _decode(payload, part.get_content_charset())
-            elif disposition != "attachment" and not filename and kind == "text/html" and html is None:
+            elif role == "html":
                 html = _decode(payload, part.get_content_charset())
-            elif disposition == "attachment" or filename or part.get_content_maintype() not in ("text", "multipart"):
-                attachments.append(Attachment(index, filename or f"part-{index}", kind, len(payload)))
+            elif role == "attachment":
+                attachments.append(Attachment(index, filename or f"part-{index}", part.get_content_type(), len(payload)))
         if text is None and html is None and not parsed.is_multipart() and parsed.get_content_maintype() == "text":
             text = ""  # an empty text body
         subject = header_text(parsed.get("Subject"))
         folder = self.folder_name(account, entry.folder_id)
         return MessageView(entry, folder, headers, subject, text, html, tuple(attachments), images)
 
-    def attachment(self, account: int, entry_id: int, index: int) -> tuple[Attachment, bytes]:
-        view = self.message(account, entry_id)
-        for attachment in view.attachments:
+    def attachment(self, account: int, entry_id: int, index: int) -> tuple[Attachment, Iterator[bytes]]:
+        """One attachment's decoded bytes, a piece at a time: memory holds the message once, not its parse."""
+        raw = self.buffer(account, entry_id)
+        try:
+            spans = parts.walk(raw)
+            leaves = [span for span in spans if not span.container]
+            for span, (role, filename) in zip(leaves, _roles([span.headers for span in leaves])):
+                if span.index == index and role == "attachment":
+                    size = span.body_end - span.body_start  # as stored (encoded): the decoded size is not known yet
+                    found = Attachment(index, filename or f"part-{index}", span.headers.get_content_type(), size)
+                    return found, parts.decoded(raw, span)
+        except parts.Unsure:
+            return self._attachment_parsed(account, entry_id, index, bytes(raw))
+        raise UsageError(f"message {entry_id} has no attachment {index}")
+
+    def _attachment_parsed(self, account: int, entry_id: int, index: int, raw: bytes) -> tuple[Attachment, Iterator[bytes]]:
+        """The email package's reading, for a message parts.walk is not sure of (held whole: rare and odd mail)."""
+        for attachment in self.message(account, entry_id).attachments:
             if attachment.index == index:
-                _, raw = self.raw(account, entry_id)
                 part = list(BytesParser(policy=policy.compat32).parsebytes(raw).walk())[index]
                 payload = part.get_payload(decode=True)
-                return attachment, payload if isinstance(payload, bytes) else b""
+                return attachment, iter([payload if isinstance(payload, bytes) else b""])
         raise UsageError(f"message {entry_id} has no attachment {index}")
 
     # the archive over time
@@ -257,8 +293,16 @@ class Archive:
         return out
 
 
-def _checked(entry: Entry, first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
-    digest = hashlib.sha256(first)
+def _digest(store: Store) -> Any:
+    """What the catalog's sha256 is computed with: SHA-256, or in an encrypted archive its keyed MAC."""
+    codec = getattr(store, "codec", None)
+    if encrypted(store) and codec is not None and codec.keys is not None and codec.keys.naming_key is not None:
+        return hmac.new(codec.keys.naming_key, digestmod=hashlib.sha256)  # as crypto.mac_name
+    return hashlib.sha256()
+
+
+def _checked(entry: Entry, first: bytes, rest: Iterator[bytes], digest: Any) -> Iterator[bytes]:
+    digest.update(first)
     size = len(first)
     held = first
     for piece in rest:
@@ -269,6 +313,34 @@ def _checked(entry: Entry, first: bytes, rest: Iterator[bytes]) -> Iterator[byte
     if size != entry.size or digest.hexdigest() != entry.sha256:
         raise ArchiveCorrupt(f"message {entry.id} does not match its SHA-256; run 'mailbackup verify'")
     yield held
+
+
+def _content_id(part: EmailMessage) -> str:
+    return (part.get("Content-ID") or "").strip().strip("<>")
+
+
+def _roles(leaves: list[EmailMessage]) -> list[tuple[str | None, str | None]]:
+    """(role, filename) of each leaf part, from its headers alone: the first inline text/plain is
+    "text", the first inline text/html "html", an image its HTML references "inline", others
+    "attachment" (or None: a text part that is neither first nor an attachment)."""
+    roles: list[tuple[str | None, str | None]] = []
+    text = html = False
+    for part in leaves:
+        kind = part.get_content_type()
+        disposition = part.get_content_disposition()
+        filename = _filename(part)
+        inline = disposition != "attachment" and not filename
+        role: str | None = None
+        if _content_id(part) and part.get_content_maintype() == "image" and inline:
+            role = "inline"  # shown in the HTML where it is referenced
+        elif inline and kind == "text/plain" and not text:
+            role, text = "text", True
+        elif inline and kind == "text/html" and not html:
+            role, html = "html", True
+        elif not inline or part.get_content_maintype() not in ("text", "multipart"):
+            role = "attachment"
+        roles.append((role, filename))
+    return roles
 
 
 def _filename(part: EmailMessage) -> str | None:
