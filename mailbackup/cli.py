@@ -693,6 +693,12 @@ def serve_command(
     def announce(url: str) -> None:
         click.echo(f"mailbackup: web viewer at {url}  (Ctrl-C stops it)")
 
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # systemctl stop and kill end the server as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
     server = run(False, start) if imap_address else None
     try:
         if web:

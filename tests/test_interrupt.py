@@ -27,7 +27,9 @@ def test_ctrl_c_exits_130_keeps_what_was_committed_and_a_rerun_finishes(dovecot,
     command = [sys.executable, "-m", "mailbackup", "backup", account.url("imap"), f"maildir:{archive}", "--no-tls",
                "--batch-messages", "10"]
     # Its own process group, as a shell gives a foreground job: Ctrl-C reaches the whole group.
-    backup = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Ctrl-C handled as a terminal's foreground job has it: a suite started in the background inherits it ignored.
+    backup = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while backup.poll() is None and time.monotonic() < deadline:
         if any(archive.glob("**/cur/*")) and children(backup.pid):

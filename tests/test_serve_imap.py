@@ -594,7 +594,8 @@ def test_serve_refuses_a_non_loopback_address_without_tls(filled, tmp_path) -> N
     assert result.exit_code != 0 and "refusing to serve 0.0.0.0 without TLS" in result.output
 
 
-def test_serve_command_serves_until_interrupted(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_serve_command_serves_until_interrupted(filled, tmp_path, stop: str) -> None:  # type: ignore[no-untyped-def]
     import signal
     import sys
 
@@ -606,6 +607,8 @@ def test_serve_command_serves_until_interrupted(filled, tmp_path) -> None:  # ty
     process = subprocess.Popen(
         [sys.executable, "-m", "mailbackup", "serve", url, "--imap", f"127.0.0.1:{port}", "--password-file", str(tmp_path / "pw")],
         stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as a terminal's foreground job gets it: a suite started in the background inherits it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert process.stderr is not None
@@ -616,7 +619,7 @@ def test_serve_command_serves_until_interrupted(filled, tmp_path) -> None:  # ty
         assert imap.select("INBOX", readonly=True)[0] == "OK"
         imap.logout()
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, stop))
         assert process.wait(20) == 0
 
 
