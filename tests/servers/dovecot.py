@@ -63,11 +63,29 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
+# Ports for servers the suite starts by number come from below the kernel's ephemeral range
+# (32768-60999 by default), where every port-0 bind and every outgoing connection takes its
+# port: a port picked here and bound a moment later by Dovecot cannot meanwhile become a
+# stand-in provider's or a client's. Each pytest-xdist worker has its own slice.
+PORTS_LOW, PORTS_HIGH = 20_000, 32_000
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, from this worker's slice of the range."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker) if worker.isdigit() else 0
+    width = (PORTS_HIGH - PORTS_LOW) // max(workers, 1)
+    low = PORTS_LOW + width * (index % max(workers, 1))
+    for _ in range(200):
+        port = low + secrets.randbelow(width)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + width}")
 
 
 @dataclass(frozen=True)
