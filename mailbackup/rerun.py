@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -148,6 +149,12 @@ def read_marks(archive: Archive, account: str) -> dict[str, Mark] | None:
         db.close()
 
 
+def _protection_asked() -> bool:
+    """Whether the command asks to encrypt or compress (a writing open then checks the archive)."""
+    keys = sys.modules.get("mailbackup.keys")  # unloaded, nobody can have set a key source
+    return keys is not None and keys.current().protection != keys.Protection()
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[bool]:
     """The store's own run lock, if free (when not, the full backup says the archive is busy)."""
@@ -187,7 +194,7 @@ def check(
 ) -> Outcome | None:
     """Whether a backup of source_url into archive has anything to do; None when this cannot tell
     without connecting (the full backup then does everything)."""
-    if source_url.partition("://")[0].lower() not in ("imap", "imaps"):
+    if source_url.partition("://")[0].lower() not in ("imap", "imaps") or _protection_asked():
         return None
     located = locate(archive)
     if located is None:
@@ -236,9 +243,9 @@ def _compare(
         if not folder.selectable:
             reports.append(FolderReport(name=folder.name, skipped="not selectable"))
             continue
-        mark = marks.get(folder.name)
+        held = marks.get(folder.name)
         try:
-            if mark is None or not _same(folder, mark, status(folder)):
+            if held is None or not _same(folder, held, status(folder)):
                 return None
         except ServerError:
             return None  # the full backup reports the folder's failure
