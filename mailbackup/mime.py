@@ -104,9 +104,12 @@ def header_text(value: object) -> str:
     return "".join(out)
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def _unescape(text: str) -> str:
     """The parser keeps undecodable bytes as surrogates; SQLite cannot store those."""
-    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+    if text.isascii() or not _SURROGATE.search(text):  # a scan in C, not a generator per character
         return text
     return _decode(text.encode("utf-8", "surrogateescape"), None)
 
