@@ -172,3 +172,30 @@ def test_the_check_finds_the_catalog_where_the_stores_keep_it(tmp_path: Path) ->
         finally:
             store.close()
     assert rerun.locate("postgresql://user@host/db") is None
+
+
+@pytest.mark.parametrize("kind", ["maildir", "sqlite"])
+def test_a_rerun_while_another_run_writes_is_refused_not_answered(dovecot, account, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    from mailbackup.errors import ArchiveLocked
+    from mailbackup.stores import open_store
+
+    seed(dovecot, account)
+    url = STORES[kind](tmp_path)
+    run_backup(account, url)
+    store = open_store(url, mode="write", account=f"{account.user}@127.0.0.1")
+    try:
+        with store.lock(), pytest.raises(ArchiveLocked):
+            run_backup(account, url)
+    finally:
+        store.close()
+    assert run_backup(account, url).new == 0
+
+
+def test_a_rerun_with_a_wrong_password_fails_as_a_full_backup_would(dovecot, account, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from mailbackup.errors import AuthError
+
+    seed(dovecot, account)
+    url = STORES["maildir"](tmp_path)
+    run_backup(account, url)
+    with pytest.raises(AuthError):
+        backup(account.url("imap"), url, password="wrong", options=BackupOptions(no_tls=True))
