@@ -210,7 +210,9 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
     os.close(fd)
     try:
         start = time.perf_counter()
-        proc = subprocess.run([TIME, "-v", "-o", report, *cmd], env=env, capture_output=True)
+        # Not in the checkout: `python -m` puts its working directory first on sys.path, where
+        # a checkout's own package would shadow --baseline's PYTHONPATH.
+        proc = subprocess.run([TIME, "-v", "-o", report, *cmd], env=env, capture_output=True, cwd=tempfile.gettempdir())
         seconds = time.perf_counter() - start
         text = Path(report).read_text(errors="replace")
     finally:
