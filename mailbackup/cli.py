@@ -13,18 +13,20 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from . import keys
 from .credentials import Login, resolve_secret
 from .errors import ConfigError, MailbackupError, PartialFailure, UsageError
 from .model import FolderReport, Summary
 from .pipeline import BackupOptions, Progress, backup
-from .stores.blobs import Bucket
 
 # Commands import what only they need when they run: a rerun of `backup` with nothing
 # new must not pay for the config file reader (OAuth, its journal), several accounts'
 # process pool, prune, restore or the progress bars it is told not to draw (-q).
+# keys and the stores load SQLAlchemy, which a rerun with nothing new never needs (rerun.py).
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+    from . import keys
+    from .stores.blobs import Bucket
 
 log = logging.getLogger("mailbackup")
 
@@ -150,6 +152,11 @@ def passphrase_options(create: bool = False) -> Callable[..., Any]:
         @functools.wraps(function)
         def wrapper(**kwargs: Any) -> Any:
             values = {name: kwargs.pop(name) for name in names}
+            if not any(values.values()) and not sys.stdin.isatty():
+                # What key_source would build is then the library's default: no need to load keys.
+                return function(**kwargs)
+            from . import keys
+
             source = key_source(values)
             with keys.using(source):
                 return function(**kwargs)
@@ -162,6 +169,8 @@ def passphrase_options(create: bool = False) -> Callable[..., Any]:
 
 
 def key_source(values: dict[str, Any], new: Login | None = None) -> keys.KeySource:
+    from . import keys
+
     recipients = run(False, lambda: keys.recipients_from(tuple(values.get("recipient") or ())))
     protection = keys.Protection(
         encrypt=bool(values.get("encrypt")) or bool(recipients), compress=bool(values.get("compress")), recipients=recipients
@@ -369,6 +378,15 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     # imapclient logs under its own name, which has no handler: LOGIN arguments never show.
 
 
+def bucket(url: str | None, endpoint: str | None) -> Bucket | None:
+    """--blobs and --s3-endpoint as one value (the stores package loads only when given)."""
+    if not url:
+        return None
+    from .stores.blobs import Bucket
+
+    return Bucket(url, endpoint)
+
+
 def bars_for(out: Output, *, dry_run: bool = False) -> Bars:
     return Bars(enabled=not out.quiet and not out.json and not dry_run and sys.stderr.isatty(), verbose=out.verbose)
 
@@ -462,7 +480,7 @@ def backup_command(
         index=not no_index,
         retries=retries,
         admin_user=login.admin_user,
-        blobs=Bucket(blobs, s3_endpoint) if blobs else None,
+        blobs=bucket(blobs, s3_endpoint),
         max_rate=max_rate,
         max_bytes_per_day=max_bytes_per_day,
         max_connections=max_connections,
@@ -932,6 +950,8 @@ def new_passphrase_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def with_new(new: Login, action: Callable[[], Any]) -> Any:
     """Run action with the command's key source extended by the new passphrase."""
+    from . import keys
+
     source = replace(keys.current(), new_passphrase=new, new_prompt=passphrase_prompt("New archive passphrase", confirm=True))
     with keys.using(source):
         return run(False, action)
@@ -949,6 +969,8 @@ def manage_slots(archive: str, action: Callable[[Any, str], Any]) -> Any:
 @click.option("--json", "json_output", is_flag=True, help="One JSON object per slot.")
 def key_list_command(archive: str, json_output: bool) -> None:
     """List the key slots of ARCHIVE (no passphrase needed: slots hold no secret in clear)."""
+    from . import keys
+
     slots: list[keys.Slot] = run(json_output, lambda: manage_slots(archive, keys.list_slots))
     for slot in slots:
         if json_output:
@@ -963,6 +985,8 @@ def key_list_command(archive: str, json_output: bool) -> None:
 @click.argument("archive")
 def key_add_command(archive: str, new: Login) -> None:
     """Add a slot for a new passphrase to ARCHIVE; the current one keeps working."""
+    from . import keys
+
     slot = with_new(new, lambda: manage_slots(archive, lambda e, w: keys.add_slot(e, keys.current(), w)))
     click.echo(f"added key slot {slot}")
 
@@ -973,6 +997,8 @@ def key_add_command(archive: str, new: Login) -> None:
 @click.argument("archive")
 def key_change_command(archive: str, new: Login) -> None:
     """Replace the slot the current passphrase opens by one for the new passphrase."""
+    from . import keys
+
     slot = with_new(new, lambda: manage_slots(archive, lambda e, w: keys.change_slot(e, keys.current(), w)))
     click.echo(f"passphrase changed (now key slot {slot})")
 
@@ -983,6 +1009,8 @@ def key_change_command(archive: str, new: Login) -> None:
 @click.argument("slot_id", metavar="SLOT", type=int)
 def key_remove_command(archive: str, slot_id: int) -> None:
     """Remove key slot SLOT (an id from 'key list'); never the last one."""
+    from . import keys
+
     run(False, lambda: manage_slots(archive, lambda e, w: keys.remove_slot(e, keys.current(), w, slot_id)))
     click.echo(f"removed key slot {slot_id}")
 

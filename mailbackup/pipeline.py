@@ -14,13 +14,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import ConnectionLost, ProviderLimit, ServerError, UsageError, setting
 from .limits import DailyBudget, TokenBucket, utc_day
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
 from .prefetch import prefetched
-from .search import Indexer
 from .sources import (
     Checkpoint,
     Connect,
@@ -34,9 +33,13 @@ from .sources import (
     open_source,
     source_kind,
 )
-from .stores import Store, open_store
-from .stores.blobs import Bucket
-from .stores.codec import named
+
+# The store, its catalog and the search index load SQLAlchemy: backup() imports them
+# only after the rerun check (rerun.py) found work to do.
+if TYPE_CHECKING:
+    from .search import Indexer
+    from .stores import Store
+    from .stores.blobs import Bucket
 
 log = logging.getLogger("mailbackup")
 
@@ -408,6 +411,8 @@ class FolderSync:
         raise dropped
 
     def store_batch(self, archived: ArchivedFolder, validity: int | None, messages: list[Message], rescan: bool) -> None:
+        from .stores.codec import named
+
         fresh = []
         messages = [named(self.store, m) for m in messages]  # an encrypted archive knows them by keyed MAC
         for message in messages:
@@ -455,10 +460,11 @@ def backup_once(
     indexer: Indexer | None,
     reports: list[FolderReport],
     run: Run,
+    ready: list[Source] | None = None,
 ) -> None:
     """One connection's worth: sync every wanted folder, appending a report per folder
-    (a partial one if the line drops)."""
-    source = open_source(url, connect)
+    (a partial one if the line drops). A source in ready is used (once) instead of connecting."""
+    source = ready.pop() if ready else open_source(url, connect)
     run.connected()
     run.limit(source, store)
     traits = source.traits
@@ -608,7 +614,48 @@ def backup(
     )
     address = kind.address(source_url, connect)  # a bad URL fails here, before the archive is touched
     check_options(kind.traits, options)
-    store = open_store(archive, mode="write", account=account_name(source_url), blobs=options.blobs)
+    account = account_name(source_url)
+    ready: list[Source] = []
+    if options.blobs is None:
+        from .rerun import check
+
+        outcome = check(
+            source_url,
+            archive,
+            account,
+            connect,
+            lambda listed: choose(listed, options),
+            lambda folder: wanted(folder, options.include, options.exclude),
+        )
+        if outcome is not None and outcome.reports is not None:
+            progress.plan(len(outcome.reports))
+            for report in outcome.reports:
+                progress.folder_done(report)
+            return Summary(address, outcome.url, outcome.reports, time.monotonic() - started)
+        if outcome is not None and outcome.source is not None:
+            ready.append(outcome.source)
+    try:
+        return _backup(source_url, archive, account, connect, address, options, progress, ready, started)
+    finally:
+        for source in ready:  # the store could not be opened: hang up the rerun check's connection
+            source.close(commit=False)
+
+
+def _backup(
+    source_url: str,
+    archive: str,
+    account: str,
+    connect: Connect,
+    address: str,
+    options: BackupOptions,
+    progress: Progress,
+    ready: list[Source],
+    started: float,
+) -> Summary:
+    from .search import Indexer
+    from .stores import open_store
+
+    store = open_store(archive, mode="write", account=account, blobs=options.blobs)
     try:
         reports: list[FolderReport] = []
         run = Run(options)
@@ -616,7 +663,7 @@ def backup(
             indexer = Indexer(store) if options.index else None
             try:
                 with_retries(
-                    lambda: backup_once(source_url, connect, store, options, progress, indexer, reports, run),
+                    lambda: backup_once(source_url, connect, store, options, progress, indexer, reports, run, ready),
                     run,
                     options.retries,
                     options.retry_delay,

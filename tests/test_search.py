@@ -182,3 +182,32 @@ def test_indexing_leaves_the_catalog_connection_fully_synchronous(tmp_path: Path
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: POP3 DELE relies on it
         assert conn.exec_driver_sql("SELECT count(*) FROM search_docs").scalar() == 1
     store.close()
+
+
+def test_the_index_keeps_words_not_a_second_copy_of_the_text(archive: str, tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "md" / ".mailbackup" / "catalog.sqlite") as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        assert "search_text_content" not in tables  # contentless FTS5: rowids and words only
+        assert db.execute("SELECT body FROM search_text").fetchall() == [(None,)] * 3
+    assert hits(archive, subject="lunch") == [("Sent", "lunch plans")]  # column filters still work
+
+
+def test_an_index_made_with_a_copy_of_the_text_keeps_working(dovecot, account, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url = str(tmp_path / "a.sqlite")
+    dovecot.append(account, "INBOX", LATIN1_B64)
+    options = BackupOptions(no_tls=True, index=False)
+    assert backup(account.url("imap"), url, password=account.password, options=options).new == 1
+    with sqlite3.connect(tmp_path / "a.sqlite") as db:  # an index as earlier versions made it
+        db.execute(mime.SCHEMA[0])
+        db.execute(mime.SCHEMA[1].replace("content = '', ", ""))
+    assert reindex(url).indexed == 1
+    dovecot.append(account, "Sent", PLAIN)
+    assert backup(account.url("imap"), url, password=account.password, options=BackupOptions(no_tls=True)).new == 1
+    with sqlite3.connect(tmp_path / "a.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM search_text_content").fetchone() == (2,)
+    assert hits(url, query="schlüsselwörterbuch") == [("INBOX", "Angebot")]
+    assert hits(url, subject="lunch") == [("Sent", "lunch plans")]
+    assert reindex(url, rebuild=True).indexed == 2
+    with sqlite3.connect(tmp_path / "a.sqlite") as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'search_text_content'").fetchall() == []
+    assert hits(url, query="schlüsselwörterbuch") == [("INBOX", "Angebot")]

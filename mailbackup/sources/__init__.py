@@ -199,7 +199,8 @@ def account_name(url: str) -> str:
     return f"{user}@{host.lower()}"
 
 
-def _open_imap(url: str, connect: Connect) -> Source:
+def imap_source(url: str, connect: Connect) -> Source:
+    """Log in to an IMAP server: a Gmail source on Gmail, a plain IMAP source elsewhere."""
     from .imap import ImapSource
 
     session = ImapSource.login(url, connect)
@@ -227,5 +228,5 @@ def _server_address(schemes: tuple[str, ...]) -> Callable[[str, Connect], str]:
 
 IMAP = Traits("IMAP", many_folders=True, flags=True, resumes=True, deletes_at_close=False, exact_sizes=True)
 POP3 = Traits("POP3", many_folders=False, flags=False, resumes=False, deletes_at_close=True, exact_sizes=False)
-register(("imaps", "imap"), IMAP, _open_imap, _server_address(("imap", "imaps")))
+register(("imaps", "imap"), IMAP, imap_source, _server_address(("imap", "imaps")))
 register(("pop3s", "pop3"), POP3, _open_pop3, _server_address(("pop3", "pop3s")))

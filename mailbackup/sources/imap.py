@@ -238,6 +238,13 @@ class ImapSource:
         )
         return self._state
 
+    def status(self, folder: Folder) -> dict[str, int | None]:
+        """MESSAGES, UIDVALIDITY and HIGHESTMODSEQ of a folder without selecting it (RFC 7162 STATUS)."""
+        items = ["MESSAGES", "UIDVALIDITY"] + (["HIGHESTMODSEQ"] if self.condstore else [])
+        with command_errors():
+            response = self.client.folder_status(folder.name, items)
+        return {item: int(response[item.encode()]) if item.encode() in response else None for item in items}
+
     def uids(self, criteria: str | list[Any] = "ALL") -> array[int]:
         """The UIDs in the selected folder that match, ascending."""
         with command_errors():

@@ -124,9 +124,13 @@ class MaildirStore:
     @staticmethod
     def _write(path: Path, message: Message) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
+        try:
             for piece in folded_chunks(message.raw, folded(path.name)):
-                out.write(piece)
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
 
     def _find(self, location: str) -> Path:
         path = self.root / location
