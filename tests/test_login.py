@@ -376,8 +376,8 @@ def device_sign_in(setup: Setup, provider: Provider) -> None:
 
 
 def test_restore_logs_in_with_mailbackup_token_as_its_token_command(setup: Setup, dovecot_idp: Dovecot, provider: Provider) -> None:
-    # The device grant here: in full-suite runs the in-process loopback sign-in of this one test has twice
-    # timed out with its fake browser answered by a Dovecot port (not understood yet; see the README's notes).
+    # The device grant: this test is about the token command, not the sign-in. (Its loopback sign-in once met
+    # a Dovecot on a port picked for it by number; servers.dovecot.free_port now picks below the ephemeral range.)
     device_sign_in(setup, provider)
     assert setup.backup().returncode == 0
     command = f"{sys.executable} -m mailbackup token work --config {setup.config}"
