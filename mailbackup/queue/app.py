@@ -8,6 +8,7 @@ as `backup --account` does.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ from procrastinate.schema import SchemaManager
 from .. import config
 from ..accounts import backup_account
 from ..errors import ConfigError, MailbackupError, QueueError
+from ..malloc import trim
 from ..model import FolderReport
 from ..pipeline import Progress
 from . import runs
@@ -114,7 +116,16 @@ def one_line(exc: BaseException) -> str:
 
 
 def run_backup(info: str, options: WorkerOptions, context: JobContext, account: str, config_path: str | None) -> str:
-    """One account's backup as a job: its run recorded before and after, a stop honoured at a batch boundary."""
+    """One account's backup as a job, its memory handed back when it ends (see malloc.trim)."""
+    try:
+        return backup_job(info, options, context, account, config_path)
+    finally:
+        gc.collect()
+        trim()
+
+
+def backup_job(info: str, options: WorkerOptions, context: JobContext, account: str, config_path: str | None) -> str:
+    """One account's backup: its run recorded before and after, a stop honoured at a batch boundary."""
     job = context.job
     run_id = runs.start(info, account, job.id, job.attempts, options.name)
     log.info("%s: backup started (job %s, attempt %d)", account, job.id, job.attempts + 1)
