@@ -275,8 +275,8 @@ def main() -> int:
                   f"{rss:<25} {'yes' if r['ok'] else 'NO'}")
         profiled = [r for r in results if "phases" in r]
         if profiled:
-            print(f"\nwhere a worker's time goes (seconds summed over the workers; IMAP overlaps the rest: the next batch is "
-                  f"fetched while this one is stored)")
+            print("\nwhere a worker's time goes (seconds summed over the workers; IMAP overlaps the rest: the next batch is "
+                  "fetched while this one is stored)")
             print(f"{'contender':<10} {'jobs s':>7} {'IMAP s':>7} {'S3 s':>7} {'PG s':>7} {'rest s':>7}  "
                   f"ms/msg: IMAP  S3   PG   rest")
             for r in profiled:
