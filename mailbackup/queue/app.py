@@ -8,7 +8,6 @@ as `backup --account` does.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import socket
@@ -26,7 +25,7 @@ from procrastinate.schema import SchemaManager
 from .. import config
 from ..accounts import backup_account
 from ..errors import ConfigError, MailbackupError, QueueError
-from ..malloc import trim
+from ..malloc import after_job
 from ..model import FolderReport
 from ..pipeline import Progress
 from . import runs
@@ -116,25 +115,11 @@ def one_line(exc: BaseException) -> str:
 
 
 def run_backup(info: str, options: WorkerOptions, context: JobContext, account: str, config_path: str | None) -> str:
-    """One account's backup as a job, its memory handed back when it ends (see malloc.trim)."""
+    """One account's backup as a job, its memory handed back when it ends (see malloc.after_job)."""
     try:
         return backup_job(info, options, context, account, config_path)
     finally:
-        forget_dialects()
-        gc.collect()
-        trim()
-
-
-def forget_dialects() -> None:
-    """Let the job's database dialect go: SQLAlchemy's PostgreSQL dialect memoizes some
-    reflection queries with functools.lru_cache on the method, keyed by the dialect, so
-    each job's (about 45 KB with its caches) stayed alive until 128 newer jobs pushed it out."""
-    from sqlalchemy.dialects.postgresql.base import PGDialect
-
-    for name in ("_has_multi_table_query", "_table_options_query", "_columns_query", "_table_oids_query"):
-        clear = getattr(getattr(PGDialect, name, None), "cache_clear", None)
-        if clear is not None:
-            clear()
+        after_job()
 
 
 def backup_job(info: str, options: WorkerOptions, context: JobContext, account: str, config_path: str | None) -> str:
