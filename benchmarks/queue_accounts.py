@@ -16,6 +16,9 @@ backing up every account into a fresh SQLite archive per account:
               starting the enqueue command until every account has a finished run; "jobs s"
               is the first job's start to the last job's end in the runs table
 
+With --profile, each queue worker runs under benchmarks/phases.py, which sums the wall
+seconds its jobs spend in IMAP, S3 and PostgreSQL calls: where the time goes.
+
 With --shared, every contender writes all accounts into one PostgreSQL archive (a fresh
 database each) whose message bytes go to a bucket of `rclone serve s3` (issue 11's setup).
 
@@ -132,7 +135,8 @@ def stored(archives: Path, accounts: dict[str, tuple[Account, int]], shared: str
     return True
 
 
-def run_queue(workers: int, config: Path, queue_url: str, work: Path, accounts: int) -> tuple[float, float, list[float], bool]:
+def run_queue(workers: int, config: Path, queue_url: str, work: Path, accounts: int,
+              profile: Path | None = None) -> tuple[float, float, list[float], bool]:
     """Start N idle workers, enqueue every account, time until every account has a finished run."""
     import psycopg
 
@@ -140,8 +144,9 @@ def run_queue(workers: int, config: Path, queue_url: str, work: Path, accounts: 
     procs = []
     for n in range(workers):
         report = work / f"worker{n}.time"
-        procs.append((subprocess.Popen([TIME, "-v", "-o", str(report), *mailbackup(
-            "worker", "--queue", queue_url, "--config", str(config), "-q")], cwd=REPO), report))
+        launch = [sys.executable, str(HERE / "phases.py"), str(profile)] if profile else mailbackup()
+        procs.append((subprocess.Popen([TIME, "-v", "-o", str(report), *launch,
+                                        "worker", "--queue", queue_url, "--config", str(config), "-q"], cwd=REPO), report))
     time.sleep(3)  # the workers are up and idle, as in production
     os.sync()
     start = time.perf_counter()
@@ -166,6 +171,16 @@ def run_queue(workers: int, config: Path, queue_url: str, work: Path, accounts: 
     return seconds, span, [rss_of(report) for _, report in procs], ok
 
 
+def phases(path: Path) -> dict[str, float]:
+    """The per-phase seconds phases.py wrote, summed over the workers (one line each)."""
+    sums = {"imap": 0.0, "s3": 0.0, "pg": 0.0, "jobs": 0.0}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            for key, value in json.loads(line)["seconds"].items():
+                sums[key] = sums.get(key, 0.0) + value
+    return {key: round(value, 2) for key, value in sums.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--accounts", type=int, default=20)
@@ -179,6 +194,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--shared", action="store_true", help="one PostgreSQL archive, blobs in rclone's S3")
+    parser.add_argument("--profile", action="store_true", help="time the queue workers' IMAP, S3 and PostgreSQL calls")
     args = parser.parse_args()
     s3 = None
 
@@ -228,13 +244,16 @@ def main() -> int:
                 rss_each, ok = [rss], code == 0
             else:
                 queue_url = postgres.create_database(f"mbq{number}")
-                seconds, span, rss_each, ok = run_queue(n, config, queue_url, work, len(accounts))
+                profile = work / "phases.json" if args.profile else None
+                seconds, span, rss_each, ok = run_queue(n, config, queue_url, work, len(accounts), profile)
             ok = ok and stored(archives, accounts, shared[0] if shared else None)
             if kind != "queue":
                 span = seconds
             results.append({"contender": label, "processes": n, "seconds": round(seconds, 2), "jobs_span": round(span, 2),
                             "msgs_per_s": round(total / seconds), "msgs_per_s_per_process": round(total / seconds / n),
                             "peak_rss_mb": [round(r, 1) for r in rss_each], "ok": ok})
+            if kind == "queue" and args.profile:
+                results[-1]["phases"] = phases(work / "phases.json")
             say(f"  {seconds:.1f} s ({span:.1f} s first job start to last end), {total / seconds:.0f} msgs/s, "
                 f"peak RSS {max(rss_each):.0f} MB, {'ok' if ok else 'WRONG'}")
     finally:
@@ -254,6 +273,18 @@ def main() -> int:
             print(f"{r['contender']:<10} {r['seconds']:>7.1f} {r['jobs_span']:>7.1f} {r['msgs_per_s']:>7} "
                   f"{r['msgs_per_s_per_process']:>8}  "
                   f"{rss:<25} {'yes' if r['ok'] else 'NO'}")
+        profiled = [r for r in results if "phases" in r]
+        if profiled:
+            print("\nwhere a worker's time goes (seconds summed over the workers; IMAP overlaps the rest: the next batch is "
+                  "fetched while this one is stored)")
+            print(f"{'contender':<10} {'jobs s':>7} {'IMAP s':>7} {'S3 s':>7} {'PG s':>7} {'rest s':>7}  "
+                  f"ms/msg: IMAP  S3   PG   rest")
+            for r in profiled:
+                p = r["phases"]
+                rest = max(0.0, p["jobs"] - p["s3"] - p["pg"])
+                each = [1000 * x / total for x in (p["imap"], p["s3"], p["pg"], rest)]
+                print(f"{r['contender']:<10} {p['jobs']:>7.1f} {p['imap']:>7.1f} {p['s3']:>7.1f} {p['pg']:>7.1f} {rest:>7.1f}  "
+                      f"        {each[0]:.2f} {each[1]:.2f} {each[2]:.2f} {each[3]:.2f}")
     return 0 if all(r["ok"] for r in results) else 1
 
 

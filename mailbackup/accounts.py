@@ -8,6 +8,7 @@ from concurrent.futures import ProcessPoolExecutor
 from . import keys
 from .config import Account
 from .errors import MailbackupError
+from .malloc import after_job
 from .model import Summary
 from .pipeline import BackupOptions, Progress, backup
 from .stores.blobs import Bucket
@@ -48,6 +49,8 @@ def _outcome(account: Account) -> Outcome:
         return backup_account(account)
     except MailbackupError as exc:
         return exc
+    finally:
+        after_job()  # one process backs up many accounts: what one left behind must not pile up
 
 
 def backup_accounts(accounts: Sequence[Account], jobs: int = 1) -> dict[str, Outcome]:

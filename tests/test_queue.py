@@ -46,11 +46,16 @@ def message(account: str, number: int, filler: int = 200) -> bytes:
 class Setup:
     """N accounts on Dovecot, a config naming them with password files, a SQLite archive each."""
 
-    def __init__(self, dovecot: Dovecot, directory: Path, count: int, messages: int, filler: int = 200) -> None:
+    def __init__(self, dovecot: Dovecot, directory: Path, count: int, messages: int, filler: int = 200,
+                 shared: tuple[str, str] | None = None) -> None:
+        """shared=(database URL, s3://bucket/prefix): one PostgreSQL archive for all, bytes in the bucket."""
         self.dovecot = dovecot
         self.directory = directory
         self.accounts: dict[str, Account] = {}
-        lines = ["[defaults]", "no_tls = true", "timeout = 30", "index = false", ""]
+        lines = ["[defaults]", "no_tls = true", "timeout = 30", "index = false"]
+        if shared:
+            lines += [f'archive = "{shared[0]}"', f'blobs = "{shared[1]}"']
+        lines.append("")
         for n in range(count):
             name = f"acct{n:03d}"
             account = dovecot.add_user()
@@ -59,8 +64,9 @@ class Setup:
             dovecot.seed_maildir(account, "Archive/2024", ((message(name, -i, filler), "", 1.6e9 + i) for i in range(3)))
             secret = directory / f"{name}.pw"
             secret.write_text(account.password + "\n")
-            lines += [f"[accounts.{name}]", f'source = "{account.url("imap")}"',
-                      f'archive = "{self.archive(name)}"', f'password_file = "{secret}"', ""]
+            lines += [f"[accounts.{name}]", f'source = "{account.url("imap")}"', f'password_file = "{secret}"', ""]
+            if not shared:
+                lines.insert(-1, f'archive = "{self.archive(name)}"')
         self.config = directory / "config.toml"
         self.config.write_text("\n".join(lines))
 
@@ -410,6 +416,34 @@ def test_without_a_queue_url_the_commands_say_where_to_give_one(tmp_path: Path, 
     monkeypatch.delenv("MAILBACKUP_QUEUE", raising=False)
     code, output = cli("jobs", "--config", str(tmp_path / "none.toml"))
     assert code == 2 and "give --queue" in output
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's high-water mark of resident memory (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_a_worker_writing_postgresql_and_s3_stays_under_100_mb_however_many_accounts(
+    dovecot: Dovecot, postgres: Postgres, s3_bucket: Path, queue_url: str, tmp_path: Path,
+    workers_for: Callable[[str, Path], Workers],
+) -> None:
+    archive = postgres.create_database(f"mbrss_{os.getpid()}_{time.monotonic_ns()}")
+    setup = Setup(dovecot, tmp_path, 24, 20, filler=3000, shared=(archive, f"s3://{s3_bucket.name}/mail"))
+    names = sorted(setup.accounts)
+    worker = workers_for(queue_url, setup.config).start()
+    peaks = []
+    for chunk in (names[:6], names[6:]):
+        accounts = [arg for name in chunk for arg in ("--account", name)]
+        assert cli("enqueue", "--queue", queue_url, "--config", str(setup.config), *accounts)[0] == 0
+        code, summary = jobs_json(queue_url, "--wait", "--timeout", "120")
+        assert code == 0 and summary["ok"], summary
+        peaks.append(peak_rss_mb(worker.pid))
+    assert peaks[1] < 100, f"worker peaked at {peaks[0]:.1f} MB after 6 accounts, {peaks[1]:.1f} MB after 24"
+    # Four times the accounts, the same peak: nothing a job leaves behind piles up.
+    assert peaks[1] - peaks[0] < 5, f"worker peak grew from {peaks[0]:.1f} to {peaks[1]:.1f} MB"
 
 
 def test_stop_at_batch_raises_only_once_asked() -> None:

@@ -240,3 +240,31 @@ def test_two_accounts_write_one_postgresql_archive_at_once(dovecot, pg_url: str)
     finally:
         for store in [*stores, whole]:
             store.close()
+
+
+def test_writers_opening_a_fresh_postgresql_archive_at_once_all_succeed(dovecot, pg_url: str, s3_bucket: Path) -> None:  # type: ignore[no-untyped-def]
+    """Queue workers starting together on a new shared archive: one creates the tables and records the bucket."""
+    import threading
+
+    users = [dovecot.add_user() for _ in range(6)]
+    start = threading.Barrier(len(users))
+    errors: list[BaseException] = []
+    stores = []
+
+    def open_one(user) -> None:  # type: ignore[no-untyped-def]
+        start.wait()
+        try:
+            stores.append(open_store(pg_url, mode="write", account=f"{user.user}@{user.host}",
+                                     blobs=Bucket(f"s3://{s3_bucket.name}/mail")))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(user,)) for user in users]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in stores:
+        store.close()
+    assert errors == []
+    assert len(stores) == len(users)

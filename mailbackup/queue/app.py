@@ -25,6 +25,7 @@ from procrastinate.schema import SchemaManager
 from .. import config
 from ..accounts import backup_account
 from ..errors import ConfigError, MailbackupError, QueueError
+from ..malloc import after_job
 from ..model import FolderReport
 from ..pipeline import Progress
 from . import runs
@@ -114,7 +115,15 @@ def one_line(exc: BaseException) -> str:
 
 
 def run_backup(info: str, options: WorkerOptions, context: JobContext, account: str, config_path: str | None) -> str:
-    """One account's backup as a job: its run recorded before and after, a stop honoured at a batch boundary."""
+    """One account's backup as a job, its memory handed back when it ends (see malloc.after_job)."""
+    try:
+        return backup_job(info, options, context, account, config_path)
+    finally:
+        after_job()
+
+
+def backup_job(info: str, options: WorkerOptions, context: JobContext, account: str, config_path: str | None) -> str:
+    """One account's backup: its run recorded before and after, a stop honoured at a batch boundary."""
     job = context.job
     run_id = runs.start(info, account, job.id, job.attempts, options.name)
     log.info("%s: backup started (job %s, attempt %d)", account, job.id, job.attempts + 1)

@@ -15,6 +15,8 @@ errors carry the S3 error code we map to a one-line message.
 from __future__ import annotations
 
 import io
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,30 +74,54 @@ def parse_bucket_url(url: str) -> tuple[str, str]:
     return parts.netloc, parts.path.strip("/")
 
 
+_clients: dict[tuple[str | None, tuple[tuple[str, str], ...]], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def s3_client(endpoint: str | None) -> Any:
+    """One boto3 client per endpoint and AWS environment, kept for the life of the process.
+
+    A client costs about 15 MB: botocore parses some 11 MB of JSON (the S3 model, the
+    endpoint rules). A worker that made one per job (per account) parsed it again each
+    time, and the freed parse buffers left its heap 20-25 MB larger after a dozen jobs.
+    boto3 clients are thread-safe and refresh expiring credentials themselves, so the
+    jobs of a process share one. The AWS variables are part of the key: a process that
+    changes them gets a client that sees the change.
+    """
+    import boto3
+    from botocore.config import Config
+
+    key = (endpoint, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    with _clients_lock:  # a boto3 Session is not thread-safe; making clients one at a time is enough
+        client = _clients.get(key)
+        if client is None:
+            config = Config(
+                retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=PUT_THREADS + 2,
+                # Plain PUTs: S3-compatible servers do not all take the newer checksum trailers.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+            _clients[key] = client
+    return client
+
+
 class S3Blobs:
     """Message bytes as objects in an S3-compatible bucket."""
 
     def __init__(self, url: str, endpoint: str | None = None) -> None:
-        try:
-            import boto3
-            from boto3.s3.transfer import TransferConfig
-            from botocore.config import Config
-        except ImportError as exc:
-            raise UsageError(f"the archive keeps its messages in {url}: install mailbackup[s3] (boto3)") from exc
         self.bucket, self.prefix = parse_bucket_url(url)
         self.where = url
-        config = Config(
-            retries={"max_attempts": 5, "mode": "standard"},
-            max_pool_connections=PUT_THREADS + 2,
-            # Plain PUTs: S3-compatible servers do not all take the newer checksum trailers.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        self.client: Any = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        try:
+            from boto3.s3.transfer import TransferConfig
+            from botocore.exceptions import BotoCoreError
+        except ImportError as exc:
+            raise UsageError(f"the archive keeps its messages in {url}: install mailbackup[s3] (boto3)") from exc
+        self.client: Any = s3_client(endpoint)
+
         self.transfer = TransferConfig(multipart_threshold=BIG, multipart_chunksize=BIG, max_concurrency=4)
         self._errors = self.client.exceptions.ClientError
-        from botocore.exceptions import BotoCoreError
-
         self._failures: tuple[type[BaseException], ...] = (self._errors, BotoCoreError)
         try:
             self.client.head_bucket(Bucket=self.bucket)
@@ -184,7 +210,7 @@ class S3Blobs:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
 
     def close(self) -> None:
-        self.client.close()
+        """Nothing to do: the client is the process's (see s3_client), its connections pooled for the next job."""
 
 
 def _code(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ RECOVERED = "Recovered"  # where repair puts blobs no entry names: the database 
 
 LOCK_KEY = 0x6D61696C6261636B  # "mailback": one advisory lock per database
 ACCOUNT_LOCK = 0x6D61696C  # "mail": with an account's id, one advisory lock per account
+SETUP_LOCK = 0x6D62736574757021  # "mbsetup!": one writer at a time creates tables and first settings
 BIG = 1 << 20
 
 blob_metadata = sa.MetaData()
@@ -55,6 +56,27 @@ def insert_for(dialect: str) -> Any:
     return sqlite.insert
 
 
+@contextmanager
+def setup_lock(engine: sa.Engine, writable: bool) -> Iterator[None]:
+    """Writers opening one PostgreSQL archive take turns creating its tables, accounts and first settings.
+
+    Queue workers starting on a fresh archive at once otherwise both ran CREATE TABLE
+    (a unique violation in pg_type) or both recorded the bucket. SQLite's own write
+    lock already serializes them.
+    """
+    if not writable or engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as conn:
+        conn.execute(sa.select(sa.func.pg_advisory_lock(SETUP_LOCK)))
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sa.select(sa.func.pg_advisory_unlock(SETUP_LOCK)))
+            conn.commit()
+
+
 class SqlStore:
     kind = "sql"
 
@@ -76,17 +98,18 @@ class SqlStore:
                 require_writable(path, str(path))
         engine = create_engine(self.url, read_only=not self.writable)
         try:
-            # The catalog first: it refuses a database that is not a mailbackup archive.
-            self.catalog = Catalog(engine, read_only=not self.writable)
-            if self.writable:
-                blob_metadata.create_all(engine)
-            # Bytes pass through the codec: as they are, zstd, or zstd then AES-256-GCM (stores/codec.py).
-            self.codec: Codec = open_codec(engine, self.catalog.where, writable=self.writable, fresh=self.writable and not self.holds_messages())
-            self.catalog.choose_account(account, claim=self.writable, several=True)
-            self.bucket = self._bucket(blobs)
-            if self.writable:  # a mailbackup that cannot read these bytes must refuse the archive
-                self.catalog.require({"codec"} if self.codec.sealed or self.codec.compress else set())
-                self.catalog.require({"blobs"} if self.bucket is not None else set())
+            with setup_lock(engine, self.writable):
+                # The catalog first: it refuses a database that is not a mailbackup archive.
+                self.catalog = Catalog(engine, read_only=not self.writable)
+                if self.writable:
+                    blob_metadata.create_all(engine)
+                # Bytes pass through the codec: as they are, zstd, or zstd then AES-256-GCM (stores/codec.py).
+                self.codec: Codec = open_codec(engine, self.catalog.where, writable=self.writable, fresh=self.writable and not self.holds_messages())
+                self.catalog.choose_account(account, claim=self.writable, several=True)
+                self.bucket = self._bucket(blobs)
+                if self.writable:  # a mailbackup that cannot read these bytes must refuse the archive
+                    self.catalog.require({"codec"} if self.codec.sealed or self.codec.compress else set())
+                    self.catalog.require({"blobs"} if self.bucket is not None else set())
         except sa.exc.SQLAlchemyError as exc:
             engine.dispose()
             raise StoreError(f"cannot open {self.url}: {exc}") from exc
