@@ -19,7 +19,7 @@ KEY, SECRET = "mbtestkey", "mbtestsecret"
 
 
 def free_port() -> int:
-    from servers.dovecot import free_port as pick  # one rule for every port the suite picks
+    from .dovecot import free_port as pick  # one rule for every port the suite picks
 
     return pick()
 
