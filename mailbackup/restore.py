@@ -18,9 +18,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from .catalog import Selection
 from .errors import UsageError, setting
 from .journal import Journal, default_state_path, state_engine
-from .model import Entry, Folder, TransferReport, TransferSummary
+from .model import Folder, TransferReport, TransferSummary
 from .net import Endpoint, parse_url
 from .pipeline import Progress, wanted
 from .sources import (
@@ -102,22 +103,9 @@ def parse_as_of(text: str) -> datetime:
     return when if when.tzinfo is not None else when.astimezone()
 
 
-def selected(entry: Entry, options: RestoreOptions) -> bool:
-    if options.as_of is not None:
-        # Present then: archived by that time and not yet gone.
-        if entry.archived_at is not None and entry.archived_at > options.as_of:
-            return False
-        if entry.gone_at is not None and entry.gone_at <= options.as_of:
-            return False
-    elif entry.gone and not options.include_gone:
-        return False
-    if entry.internal_date is not None:
-        day = entry.internal_date.date()
-        if options.since and day < options.since:
-            return False
-        if options.before and day >= options.before:
-            return False
-    return True
+def selection(options: RestoreOptions) -> Selection:
+    """What the catalog should pick from the archive for these options."""
+    return Selection(as_of=options.as_of, include_gone=options.include_gone, since=options.since, before=options.before)
 
 
 def connect_target(endpoint: Endpoint, password: str, options: RestoreOptions) -> Target:
@@ -190,8 +178,8 @@ def restore(
         raise UsageError(f"{setting('as_of')} picks what was there at that time; {setting('include_gone')} does not go with it")
     store = open_store(archive, mode="read", account=mailbox)
     try:
-        select = lambda entry: selected(entry, options)  # noqa: E731
-        source = ArchiveSource(store, select)
+        picked = selection(options)
+        source = ArchiveSource(store, picked)
         labels = None if smtp else label_plan(store)  # a Gmail archive: label folders are views of All Mail
         engine = state_engine(Path(state) if state else default_state_path("restore"), dry_run=options.dry_run)
         try:
@@ -210,7 +198,7 @@ def restore(
             if labels is not None and source.hidden and not options.dry_run:
                 target = connect_target(endpoint, password, options)
                 try:
-                    apply_labels(target, store, journal(target), labels, select)  # type: ignore[arg-type]  # offers_labels: an ImapTarget
+                    apply_labels(target, store, journal(target), labels, picked)  # type: ignore[arg-type]  # offers_labels: an ImapTarget
                 finally:
                     target.close()
         finally:
