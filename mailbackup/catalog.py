@@ -10,7 +10,7 @@ import json
 import os
 import sqlite3
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -816,7 +816,9 @@ class Catalog:
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
-    def selected_entries(self, folder_id: int, selection: Selection, ids: Sequence[int] | None = None) -> Iterator[Entry]:
+    def selected_entries(
+        self, folder_id: int, selection: Selection, ids: Sequence[int] | None = None
+    ) -> Generator[Entry, None, None]:
         """The folder's entries a restore takes (among `ids` if given), streamed in id order."""
         base = sa.select(messages).where(
             messages.c.folder_id == folder_id, messages.c.folder_id.in_(self._own_folder_ids()), *chosen(selection)

@@ -66,6 +66,10 @@ class RestoreOptions:
     batch_messages: int = 100
     batch_bytes: int = 4 << 20
     reconnects: int = 3  # after a dropped line: consecutive attempts without progress
+    # IMAP targets with MULTIAPPEND and LITERAL+: logins that only APPEND, in parallel,
+    # once this many messages went out on the first (1: the first login only)
+    append_connections: int = 3
+    parallel_after: int = 500
     reconnect_delay: float = 2.0  # then 2x, 4x...
     # SMTP only
     recipients: tuple[str, ...] = ()
@@ -137,6 +141,8 @@ def connect_target(endpoint: Endpoint, password: str, options: RestoreOptions) -
         into=options.into,
         auth=options.auth,
         admin_user=options.admin_user,
+        connections=options.append_connections,
+        parallel_after=options.parallel_after,
     )
 
 
@@ -263,6 +269,8 @@ def migrate(
                 into=options.into,
                 auth=options.auth,
                 admin_user=options.admin_user,
+                connections=options.append_connections,
+                parallel_after=options.parallel_after,
             )
         except BaseException:
             source.close(commit=False)

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 
 from mailbackup.errors import UsageError
 from mailbackup.model import Entry, Folder, Message
-from mailbackup.stores import open_store
 from mailbackup.restore import RestoreOptions, parse_as_of, selection
+from mailbackup.stores import open_store
 from tests.test_backup_imap import archive_url, run_backup
 
 ROOT = Path(__file__).parent.parent

@@ -7,7 +7,7 @@ entry id never changes meaning.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from datetime import datetime
 from typing import cast
@@ -33,9 +33,9 @@ class ArchiveSource:
 
     traits = ARCHIVE
 
-    def __init__(self, store: Store, selection: Selection = Selection()) -> None:
+    def __init__(self, store: Store, selection: Selection | None = None) -> None:
         self.store = store
-        self.selection = selection
+        self.selection = selection or Selection()  # live entries only
         self.identity = store.url
         self.ids: dict[str, int] = {}  # folder name -> catalog folder id
         self.folder_id: int | None = None  # the open folder's

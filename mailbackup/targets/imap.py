@@ -5,6 +5,11 @@ whose literals need no round trip, and a few such commands are kept in flight.
 Dovecot commits a MULTIAPPEND as one transaction, which is where the speed comes
 from. Without them it falls back to imapclient's MULTIAPPEND or to one APPEND per
 message, each waiting for the server.
+
+A long transfer then opens a few more logins that only APPEND, each on a thread of
+its own: the server writes and fsyncs each connection's messages in its own process,
+so the batches in flight are worked on at once instead of one after another. The
+caller still sees one ordered stream of send() and collect().
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from imapclient import IMAPClient, imap_utf7
 from imapclient import exceptions as imap_errors
-from imapclient import imap_utf7
 
 from ..imapconn import SMALL_LITERAL, ImapSession, as_folder, literal_room
 from ..imapconn import command_errors as session_errors
@@ -30,6 +36,9 @@ SYSTEM_FLAGS = {"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"}
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _ATOM_SPECIALS = re.compile(r'[\x00-\x20\x7f(){%*"\\\]]')
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([\d:,]+)\]", re.IGNORECASE)
+# A login costs a round trip and a server process: worth it only for a long transfer.
+APPEND_CONNECTIONS = 3  # logins that only APPEND, once PARALLEL_AFTER messages went out on the first
+PARALLEL_AFTER = 500
 
 
 def internal_date(when: datetime) -> bytes:
@@ -119,6 +128,27 @@ class _Sent:
     batch: Sequence[Outgoing]
     destination: str
     done: list[Delivered] | None = None  # already known (synchronous fallback)
+    future: Future[list[Delivered]] | None = None  # on an appender's thread
+
+
+class _Appender:
+    """A login that only APPENDs, one batch at a time, on a thread of its own."""
+
+    def __init__(self, session: ImapSession) -> None:
+        self.session = session
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="append")
+
+    def submit(self, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None) -> Future[list[Delivered]]:
+        return self.pool.submit(self._append, name, batch, permanent)
+
+    def _append(self, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None) -> list[Delivered]:
+        client = self.session.client
+        tag = _send_multiappend(client, name, batch, permanent)
+        return _complete(client, tag, name, batch, permanent)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)  # a batch on the line ends, or fails, first
+        _logout(self.session.client)
 
 
 class ImapTarget:
@@ -126,8 +156,24 @@ class ImapTarget:
 
     window = 3  # MULTIAPPEND commands in flight
 
-    def __init__(self, session: ImapSession, endpoint: Endpoint, *, automap: bool = True, into: str | None = None):
+    def __init__(
+        self,
+        session: ImapSession,
+        endpoint: Endpoint,
+        *,
+        automap: bool = True,
+        into: str | None = None,
+        login: Callable[[], ImapSession] | None = None,
+        connections: int = APPEND_CONNECTIONS,
+        parallel_after: int = PARALLEL_AFTER,
+    ):
         self.session = session
+        self.login = login  # another session like this one, for the appenders; None: this one only
+        self.connections = connections
+        self.parallel_after = parallel_after
+        self._appenders: list[_Appender] = []
+        self._turn = 0
+        self._sent = 0  # messages sent through this target
         self.client = client = session.client
         self.endpoint = endpoint
         self.identity = f"imap://{endpoint.user}@{endpoint.host}:{endpoint.port}"
@@ -161,22 +207,26 @@ class ImapTarget:
         into: str | None = None,
         auth: str = "password",
         admin_user: str | None = None,
+        connections: int = APPEND_CONNECTIONS,
+        parallel_after: int = PARALLEL_AFTER,
     ) -> ImapTarget:
-        session = ImapSession.connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth, admin_user=admin_user)
+        def login() -> ImapSession:
+            return ImapSession.connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth, admin_user=admin_user)
+
+        session = login()
         try:
-            return cls(session, endpoint, automap=automap, into=into)
+            return cls(
+                session, endpoint, automap=automap, into=into, login=login, connections=connections, parallel_after=parallel_after
+            )
         except BaseException:
             session.close()
             raise
 
     def close(self) -> None:
-        try:
-            self.client.logout()
-        except Exception:  # the connection may be gone already; nothing to save
-            try:
-                self.client.shutdown()
-            except Exception:
-                pass
+        appenders, self._appenders = self._appenders, []
+        for appender in appenders:
+            appender.close()
+        _logout(self.client)
 
     # folders
 
@@ -308,7 +358,12 @@ class ImapTarget:
         name = destination.name
         permanent = self._permanent.get(name)
         if self.multiappend and self.literal_plus and len(batch) > 0:
-            tag = self._send_multiappend(name, batch, permanent)
+            appender = self._appender()
+            self._sent += len(batch)
+            if appender is not None:
+                self._in_flight.append(_Sent(None, batch, name, future=appender.submit(name, batch, permanent)))
+                return
+            tag = _send_multiappend(self.client, name, batch, permanent)
             self._in_flight.append(_Sent(tag, batch, name))
             return
         if self.multiappend and len(batch) > 1:
@@ -316,6 +371,16 @@ class ImapTarget:
         else:
             done = self._append_synchronously(name, batch, permanent, multi=False)
         self._in_flight.append(_Sent(None, batch, name, done))
+
+    def _appender(self) -> _Appender | None:
+        """The appender for the next batch, opening them once enough went out; None: this connection."""
+        if self.login is None or self.connections < 2 or self._sent < self.parallel_after:
+            return None
+        if not self._appenders:
+            for _ in range(self.connections):
+                self._appenders.append(_Appender(self.login()))
+        self._turn = (self._turn + 1) % len(self._appenders)
+        return self._appenders[self._turn]
 
     @property
     def pending(self) -> int:
@@ -329,46 +394,10 @@ class ImapTarget:
         sent = self._in_flight.popleft()
         if sent.done is not None:
             return sent.done
-        imap = self.client._imap
+        if sent.future is not None:
+            return sent.future.result()  # a dropped line raises its ConnectionLost here
         assert sent.tag is not None
-        with command_errors():
-            try:
-                status, data = imap._command_complete("APPEND", sent.tag)
-            except imap.abort:
-                raise
-            except imap.error as exc:  # BAD
-                status, data = "BAD", [str(exc).encode()]
-            finally:
-                imap.untagged_responses.clear()
-        text = data[-1] if data and isinstance(data[-1], bytes) else b""
-        if status == "OK":
-            return self._outcome(sent.batch, text)
-        if len(sent.batch) == 1:
-            return [Delivered(sent.batch[0].item, ok=False, detail=_reason(text))]
-        # MULTIAPPEND is all or nothing: find the message the server refused.
-        return self._append_synchronously(sent.destination, sent.batch, self._permanent.get(sent.destination), multi=False)
-
-    def _outcome(self, batch: Sequence[Outgoing], text: bytes) -> list[Delivered]:
-        validity, uids = parse_appenduid(text)
-        if len(uids) != len(batch):
-            uids = []
-        return [
-            Delivered(m.item, ok=True, uid=uids[i] if uids else None, uid_validity=validity)
-            for i, m in enumerate(batch)
-        ]
-
-    def _send_multiappend(self, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None) -> bytes:
-        imap = self.client._imap
-        tag = imap._new_tag()
-        imap.tagged_commands[tag] = None
-        head = tag + b" APPEND " + quote_mailbox(name)
-        with command_errors():
-            for message in batch:
-                piece = head + _flags_and_date(message, permanent) + b" {%d+}\r\n" % len(message.raw)
-                imap.send(piece + message.raw)
-                head = b""
-            imap.send(b"\r\n")
-        return tag
+        return _complete(self.client, sent.tag, sent.destination, sent.batch, self._permanent.get(sent.destination))
 
     def _append_synchronously(
         self, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None, *, multi: bool
@@ -385,17 +414,8 @@ class ImapTarget:
                     text = self.client.multiappend(name, items)
                 except imap_errors.IMAPClientError:
                     return self._append_synchronously(name, batch, permanent, multi=False)
-            return self._outcome(batch, _bytes(text))
-        out = []
-        for m in batch:
-            with command_errors():
-                try:
-                    text = self.client.append(name, m.raw, acceptable_flags(m.flags, permanent), m.internal_date)
-                except imap_errors.IMAPClientError as exc:
-                    out.append(Delivered(m.item, ok=False, detail=_reason(str(exc).encode())))
-                    continue
-            out.extend(self._outcome([m], _bytes(text)))
-        return out
+            return _outcome(batch, _bytes(text))
+        return _append_each(self.client, name, batch, permanent)
 
     def store_flags(self, name: str, changes: dict[tuple[str, ...], list[int]]) -> None:
         """Replace the flags of target UIDs, grouped by their new flag set."""
@@ -412,6 +432,75 @@ class ImapTarget:
 
     def _uid_fetch(self, uid_set_text: str, items: list[str], literal_limit: int = SMALL_LITERAL) -> dict[int, dict[bytes, object]]:
         return self.session.uid_fetch(uid_set_text, items, literal_limit=literal_limit)
+
+
+def _outcome(batch: Sequence[Outgoing], text: bytes) -> list[Delivered]:
+    validity, uids = parse_appenduid(text)
+    if len(uids) != len(batch):
+        uids = []
+    return [Delivered(m.item, ok=True, uid=uids[i] if uids else None, uid_validity=validity) for i, m in enumerate(batch)]
+
+
+def _send_multiappend(client: IMAPClient, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None) -> bytes:
+    """Send one APPEND of the whole batch with non-synchronising literals; its tag, to complete later."""
+    imap = client._imap
+    tag = imap._new_tag()
+    imap.tagged_commands[tag] = None
+    head = tag + b" APPEND " + quote_mailbox(name)
+    with command_errors():
+        for message in batch:
+            imap.send(head + _flags_and_date(message, permanent) + b" {%d+}\r\n" % len(message.raw))
+            imap.send(message.raw)  # not joined to its head: that would copy every message once more
+            head = b""
+        imap.send(b"\r\n")
+    return tag
+
+
+def _complete(
+    client: IMAPClient, tag: bytes, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None
+) -> list[Delivered]:
+    """Wait for a sent MULTIAPPEND's answer; after a NO, send the batch again a message at a time."""
+    imap = client._imap
+    with command_errors():
+        try:
+            status, data = imap._command_complete("APPEND", tag)
+        except imap.abort:
+            raise
+        except imap.error as exc:  # BAD
+            status, data = "BAD", [str(exc).encode()]
+        finally:
+            imap.untagged_responses.clear()
+    text = data[-1] if data and isinstance(data[-1], bytes) else b""
+    if status == "OK":
+        return _outcome(batch, text)
+    if len(batch) == 1:
+        return [Delivered(batch[0].item, ok=False, detail=_reason(text))]
+    # MULTIAPPEND is all or nothing: one refused message fails the batch, so find it.
+    return _append_each(client, name, batch, permanent)
+
+
+def _append_each(client: IMAPClient, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None) -> list[Delivered]:
+    """One APPEND per message, each waiting for the server: a refusal fails only its own message."""
+    out = []
+    for m in batch:
+        with command_errors():
+            try:
+                text = client.append(name, m.raw, acceptable_flags(m.flags, permanent), m.internal_date)
+            except imap_errors.IMAPClientError as exc:
+                out.append(Delivered(m.item, ok=False, detail=_reason(str(exc).encode())))
+                continue
+        out.extend(_outcome([m], _bytes(text)))
+    return out
+
+
+def _logout(client: IMAPClient) -> None:
+    try:
+        client.logout()
+    except Exception:  # the connection may be gone already; nothing to save
+        try:
+            client.shutdown()
+        except Exception:
+            pass
 
 
 def _flags_and_date(message: Outgoing, permanent: frozenset[str] | None) -> bytes:
