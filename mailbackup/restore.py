@@ -66,10 +66,8 @@ class RestoreOptions:
     batch_messages: int = 100
     batch_bytes: int = 4 << 20
     reconnects: int = 3  # after a dropped line: consecutive attempts without progress
-    # IMAP targets with MULTIAPPEND and LITERAL+: logins that only APPEND, in parallel,
-    # once this many messages went out on the first (1: the first login only)
-    append_connections: int = 3
-    parallel_after: int = 500
+    workers: int = 3  # folders transferred at once, each over connections of its own (1: one at a time)
+    parallel_after: int = 500  # ... once this many messages went out: a short run needs no more logins
     reconnect_delay: float = 2.0  # then 2x, 4x...
     # SMTP only
     recipients: tuple[str, ...] = ()
@@ -89,6 +87,8 @@ class RestoreOptions:
             batch_bytes=self.batch_bytes,
             retries=self.reconnects,
             retry_delay=self.reconnect_delay,
+            workers=self.workers,
+            parallel_after=self.parallel_after,
         )
 
 
@@ -141,8 +141,6 @@ def connect_target(endpoint: Endpoint, password: str, options: RestoreOptions) -
         into=options.into,
         auth=options.auth,
         admin_user=options.admin_user,
-        connections=options.append_connections,
-        parallel_after=options.parallel_after,
     )
 
 
@@ -185,23 +183,25 @@ def restore(
     store = open_store(archive, mode="read", account=mailbox)
     try:
         picked = selection(options)
-        source = ArchiveSource(store, picked)
         labels = None if smtp else label_plan(store)  # a Gmail archive: label folders are views of All Mail
+        hidden: frozenset[str] = frozenset()
         engine = state_engine(Path(state) if state else default_state_path("restore"), dry_run=options.dry_run)
         try:
 
             def connect() -> tuple[Source, Target]:
+                nonlocal hidden
+                source = ArchiveSource(store, picked)  # one per worker: it remembers the folder it has open
                 target = connect_target(endpoint, password, options)
                 if labels is not None:  # to Gmail, each message once: labels are set afterwards
                     chosen = lambda name: wanted(Folder(name), options.include, options.exclude)  # noqa: E731
-                    source.hidden = labels.hidden(chosen) if offers_labels(target) else frozenset()
+                    hidden = source.hidden = labels.hidden(chosen) if offers_labels(target) else frozenset()
                 return source, target
 
             def journal(target: Target) -> Journal:
                 return Journal(engine, archive_identity(store.url), target.identity, create=not options.dry_run)
 
             reports = Engine(connect, journal, options.transfer(), progress).run()
-            if labels is not None and source.hidden and not options.dry_run:
+            if labels is not None and hidden and not options.dry_run:
                 target = connect_target(endpoint, password, options)
                 try:
                     apply_labels(target, store, journal(target), labels, picked)  # type: ignore[arg-type]  # offers_labels: an ImapTarget
@@ -269,8 +269,6 @@ def migrate(
                 into=options.into,
                 auth=options.auth,
                 admin_user=options.admin_user,
-                connections=options.append_connections,
-                parallel_after=options.parallel_after,
             )
         except BaseException:
             source.close(commit=False)

@@ -5,11 +5,6 @@ whose literals need no round trip, and a few such commands are kept in flight.
 Dovecot commits a MULTIAPPEND as one transaction, which is where the speed comes
 from. Without them it falls back to imapclient's MULTIAPPEND or to one APPEND per
 message, each waiting for the server.
-
-A long transfer then opens a few more logins that only APPEND, each on a thread of
-its own: the server writes and fsyncs each connection's messages in its own process,
-so the batches in flight are worked on at once instead of one after another. The
-caller still sees one ordered stream of send() and collect().
 """
 
 from __future__ import annotations
@@ -17,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -36,9 +30,6 @@ SYSTEM_FLAGS = {"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"}
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _ATOM_SPECIALS = re.compile(r'[\x00-\x20\x7f(){%*"\\\]]')
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([\d:,]+)\]", re.IGNORECASE)
-# A login costs a round trip and a server process: worth it only for a long transfer.
-APPEND_CONNECTIONS = 3  # logins that only APPEND, once PARALLEL_AFTER messages went out on the first
-PARALLEL_AFTER = 500
 
 
 def internal_date(when: datetime) -> bytes:
@@ -128,27 +119,6 @@ class _Sent:
     batch: Sequence[Outgoing]
     destination: str
     done: list[Delivered] | None = None  # already known (synchronous fallback)
-    future: Future[list[Delivered]] | None = None  # on an appender's thread
-
-
-class _Appender:
-    """A login that only APPENDs, one batch at a time, on a thread of its own."""
-
-    def __init__(self, session: ImapSession) -> None:
-        self.session = session
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="append")
-
-    def submit(self, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None) -> Future[list[Delivered]]:
-        return self.pool.submit(self._append, name, batch, permanent)
-
-    def _append(self, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None) -> list[Delivered]:
-        client = self.session.client
-        tag = _send_multiappend(client, name, batch, permanent)
-        return _complete(client, tag, name, batch, permanent)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)  # a batch on the line ends, or fails, first
-        _logout(self.session.client)
 
 
 class ImapTarget:
@@ -156,24 +126,8 @@ class ImapTarget:
 
     window = 3  # MULTIAPPEND commands in flight
 
-    def __init__(
-        self,
-        session: ImapSession,
-        endpoint: Endpoint,
-        *,
-        automap: bool = True,
-        into: str | None = None,
-        login: Callable[[], ImapSession] | None = None,
-        connections: int = APPEND_CONNECTIONS,
-        parallel_after: int = PARALLEL_AFTER,
-    ):
+    def __init__(self, session: ImapSession, endpoint: Endpoint, *, automap: bool = True, into: str | None = None):
         self.session = session
-        self.login = login  # another session like this one, for the appenders; None: this one only
-        self.connections = connections
-        self.parallel_after = parallel_after
-        self._appenders: list[_Appender] = []
-        self._turn = 0
-        self._sent = 0  # messages sent through this target
         self.client = client = session.client
         self.endpoint = endpoint
         self.identity = f"imap://{endpoint.user}@{endpoint.host}:{endpoint.port}"
@@ -207,25 +161,15 @@ class ImapTarget:
         into: str | None = None,
         auth: str = "password",
         admin_user: str | None = None,
-        connections: int = APPEND_CONNECTIONS,
-        parallel_after: int = PARALLEL_AFTER,
     ) -> ImapTarget:
-        def login() -> ImapSession:
-            return ImapSession.connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth, admin_user=admin_user)
-
-        session = login()
+        session = ImapSession.connect(endpoint, password, ca_file=ca_file, timeout=timeout, auth=auth, admin_user=admin_user)
         try:
-            return cls(
-                session, endpoint, automap=automap, into=into, login=login, connections=connections, parallel_after=parallel_after
-            )
+            return cls(session, endpoint, automap=automap, into=into)
         except BaseException:
             session.close()
             raise
 
     def close(self) -> None:
-        appenders, self._appenders = self._appenders, []
-        for appender in appenders:
-            appender.close()
         _logout(self.client)
 
     # folders
@@ -358,11 +302,6 @@ class ImapTarget:
         name = destination.name
         permanent = self._permanent.get(name)
         if self.multiappend and self.literal_plus and len(batch) > 0:
-            appender = self._appender()
-            self._sent += len(batch)
-            if appender is not None:
-                self._in_flight.append(_Sent(None, batch, name, future=appender.submit(name, batch, permanent)))
-                return
             tag = _send_multiappend(self.client, name, batch, permanent)
             self._in_flight.append(_Sent(tag, batch, name))
             return
@@ -371,16 +310,6 @@ class ImapTarget:
         else:
             done = self._append_synchronously(name, batch, permanent, multi=False)
         self._in_flight.append(_Sent(None, batch, name, done))
-
-    def _appender(self) -> _Appender | None:
-        """The appender for the next batch, opening them once enough went out; None: this connection."""
-        if self.login is None or self.connections < 2 or self._sent < self.parallel_after:
-            return None
-        if not self._appenders:
-            for _ in range(self.connections):
-                self._appenders.append(_Appender(self.login()))
-        self._turn = (self._turn + 1) % len(self._appenders)
-        return self._appenders[self._turn]
 
     @property
     def pending(self) -> int:
@@ -394,8 +323,6 @@ class ImapTarget:
         sent = self._in_flight.popleft()
         if sent.done is not None:
             return sent.done
-        if sent.future is not None:
-            return sent.future.result()  # a dropped line raises its ConnectionLost here
         assert sent.tag is not None
         return _complete(self.client, sent.tag, sent.destination, sent.batch, self._permanent.get(sent.destination))
 
