@@ -211,6 +211,20 @@ def _empty_or_ours(cursor: Any) -> bool:
     return not tables or "meta" in tables or "restore_journal" in tables
 
 
+def small_cache(engine: sa.Engine, kib: int = 256) -> None:
+    """Give each new SQLite connection a small page cache (SQLite's default is 2 MB).
+
+    A restore reads the catalog and writes its journal from several threads, each on
+    a connection of its own; their caches would otherwise add up in peak memory.
+    """
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _cache(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute(f"PRAGMA cache_size=-{int(kib)}")
+
+
 def engine_where(engine: sa.Engine) -> str:
     """What to call the database in a message: its file, or its URL without the password."""
     if engine.dialect.name == "sqlite":

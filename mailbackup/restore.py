@@ -18,7 +18,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from .catalog import Selection
+from .catalog import Selection, small_cache
 from .errors import UsageError, setting
 from .journal import Journal, default_state_path, state_engine
 from .model import Folder, TransferReport, TransferSummary
@@ -181,6 +181,7 @@ def restore(
     if options.as_of is not None and options.include_gone:
         raise UsageError(f"{setting('as_of')} picks what was there at that time; {setting('include_gone')} does not go with it")
     store = open_store(archive, mode="read", account=mailbox)
+    small_cache(store.catalog.engine)  # read by every worker and its prefetch thread
     try:
         picked = selection(options)
         labels = None if smtp else label_plan(store)  # a Gmail archive: label folders are views of All Mail

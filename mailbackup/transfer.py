@@ -26,11 +26,12 @@ transfer faster. Each folder is still handled by one worker, in order.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from .errors import ConnectionLost, ServerError
@@ -42,6 +43,24 @@ from .sources import Checkpoint, Fetched, Listed, Source, SourceId
 from .targets import Delivered, Destination, Outgoing, Target, message_id
 
 log = logging.getLogger("mailbackup")
+
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
+
+
+def lean_malloc() -> None:
+    """Ask glibc to give freed message buffers back at once, and to keep few arenas.
+
+    Each worker and prefetch thread allocates message bytes in an arena of its own, and
+    glibc raises its mmap threshold after big frees, so freed buffers stay resident:
+    peak RSS then grows with the threads, not with what is alive. A no-op elsewhere.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_ARENA_MAX, 2)
+    mallopt(_M_MMAP_THRESHOLD, 64 << 10)
 
 Key = tuple[str | None, int]  # (Message-ID or None, size)
 
@@ -78,6 +97,7 @@ class Pace:
     messages: int = 0
     bytes: int = 0
     floor_bytes: int = 64 << 10
+    window: int | None = None  # batches in flight at most, if fewer than the target keeps
 
     def __post_init__(self) -> None:
         self.messages = self.messages or self.max_messages
@@ -257,7 +277,7 @@ class FolderTransfer:
         self.journal.write(self.source_folder, self.found_records + [self.pending[m.item] for m in batch])
         self.found_records = []
         self.target.send(self.destination, batch)
-        while self.target.full:
+        while self.target.full or (self.pace.window is not None and self.target.pending >= self.pace.window):
             self.record(self.target.collect())
 
     def record(self, outcome: Sequence[Delivered]) -> None:
@@ -330,6 +350,7 @@ class Engine:
         relative: Callable[[Folder], Folder] = lambda folder: folder,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        lean_malloc()
         self.connect = connect
         self.relative = relative  # the name the target should give a source folder
         self.open_journal = journal  # called once, after the first connect: it needs both identities
@@ -376,7 +397,13 @@ class Engine:
             if self.pace is None:
                 # SMTP cannot be asked what arrived: keep at most one message in doubt.
                 one = target.window == 1
-                self.pace = Pace(1 if one else self.options.batch_messages, self.options.batch_bytes)
+                # Workers share the memory one would use: each sends (and reads ahead) smaller batches.
+                share = max(1, self.options.workers) if not one and not self.options.dry_run else 1
+                self.pace = Pace(
+                    1 if one else self.options.batch_messages,
+                    max(64 << 10, self.options.batch_bytes // share),
+                    window=2 if share > 1 else None,
+                )
             folders = [f for f in source.folders() if wanted(f, self.options.include, self.options.exclude)]
             if not self.planned:
                 self.progress.plan(len(folders))
@@ -541,12 +568,13 @@ class FolderWork:
             trust = trusted(records, destination, force=options.force)
         assert trust is not None
         todo = [i for item, i in items.items() if item not in trust.done]
-        # Gone since open: left out of the listing, nothing to send.
-        listed = [entry for part in self.source.listing(todo) for entry in part] if todo else []
+        # Gone since open: left out of the listing, nothing to send. Listed twice, a slice at
+        # a time (the total first), so no folder-sized list is held.
+        planned_bytes = sum(entry.size for part in self.source.listing(todo) for entry in part) if todo else 0
         self.base = replace(
             self.base,
             planned=len(todo),
-            planned_bytes=sum(entry.size for entry in listed),
+            planned_bytes=planned_bytes,
             done_before=len(items) - len(todo),
             notes=(*opened.notes, *trust.notes),
         )
@@ -567,10 +595,7 @@ class FolderWork:
             progress=self.progress,
         )
         self.progress.folder_started(source_name, len(todo), self.base.planned_bytes)
-        by_id = {entry.id: entry for entry in listed}
-        sizes = {entry.id: entry.size for entry in listed}
-        groups = batches(list(by_id), sizes, options.batch_messages, options.batch_bytes)  # type: ignore[arg-type]  # batches takes any sortable ids
-        for _, future in prefetched(([by_id[i] for i in group] for group in groups), self.read):
+        for _, future in prefetched(self.groups(todo), self.read):
             arrived, lost = future.result()
             for fetched in arrived:
                 if fetched.message is not None:
@@ -583,6 +608,14 @@ class FolderWork:
                 raise lost
         transfer.finish()
         return self.report()
+
+    def groups(self, todo: Sequence[SourceId]) -> Iterator[list[Listed]]:
+        """The messages to fetch, in batches, listed one slice at a time as the prefetch asks for them."""
+        for part in self.source.listing(todo):
+            by_id = {entry.id: entry for entry in part}
+            sizes = {entry.id: entry.size for entry in part}
+            for group in batches(list(by_id), sizes, self.options.batch_messages, self.pace.max_bytes):  # type: ignore[arg-type]  # batches takes any sortable ids
+                yield [by_id[i] for i in group]
 
     def read(self, batch: Sequence[Listed]) -> tuple[list[Fetched], ConnectionLost | None]:
         """On the prefetch thread: a batch, and the dropped line that cut it short, if one did."""
