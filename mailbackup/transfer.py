@@ -26,7 +26,6 @@ transfer faster. Each folder is still handled by one worker, in order.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -38,29 +37,12 @@ from .errors import ConnectionLost, ServerError
 from .journal import DONE, FAILED, FOUND, IN_FLIGHT, Journal, Record
 from .model import Folder, FolderReport, Message, TransferReport
 from .pipeline import Progress, batches, wanted
-from .prefetch import prefetched
+from .prefetch import lean_malloc, prefetched
 from .sources import Checkpoint, Fetched, Listed, Source, SourceId
 from .targets import Delivered, Destination, Outgoing, Target, message_id
 
 log = logging.getLogger("mailbackup")
 
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
-
-
-def lean_malloc() -> None:
-    """Ask glibc to give freed message buffers back at once, and to keep few arenas.
-
-    Each worker and prefetch thread allocates message bytes in an arena of its own, and
-    glibc raises its mmap threshold after big frees, so freed buffers stay resident:
-    peak RSS then grows with the threads, not with what is alive. A no-op elsewhere.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_ARENA_MAX, 2)
-    mallopt(_M_MMAP_THRESHOLD, 64 << 10)
 
 Key = tuple[str | None, int]  # (Message-ID or None, size)
 
