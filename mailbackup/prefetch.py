@@ -15,27 +15,26 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 _lean = False  # lean_malloc ran
 
 
 def lean_malloc() -> None:
-    """Ask glibc (once) to give freed message buffers back at once, and to keep few arenas.
+    """Ask glibc (once) to give a freed message buffer over 64 KB back to the system at once.
 
-    Each worker and prefetch thread allocates message bytes in an arena of its own, and
-    glibc raises its mmap threshold after big frees, so freed buffers stay resident:
-    peak RSS then grows with the threads, not with what is alive. A no-op elsewhere.
+    glibc raises its mmap threshold after big frees, and then serves the next big
+    buffers from an arena that keeps them resident once freed: with several batches of
+    attachments passing through, peak RSS grows with the mail, not with what is alive.
+    (The CLI also keeps every thread on one arena: malloc.one_arena.) A no-op elsewhere.
     """
     global _lean
     if _lean:
         return
     _lean = True
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
-    mallopt(_M_ARENA_MAX, 2)
     mallopt(_M_MMAP_THRESHOLD, 64 << 10)
 
 
