@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from .errors import ConnectionLost, ServerError
 from .journal import DONE, FAILED, FOUND, IN_FLIGHT, Journal, Record
 from .model import Folder, FolderReport, Message, TransferReport
-from .pipeline import Progress, batches, wanted
+from .pipeline import Progress, wanted
 from .prefetch import lean_malloc, prefetched
 from .sources import Checkpoint, Fetched, Listed, Source, SourceId
 from .targets import Delivered, Destination, Outgoing, Target, message_id
@@ -550,9 +550,10 @@ class FolderWork:
             trust = trusted(records, destination, force=options.force)
         assert trust is not None
         todo = [i for item, i in items.items() if item not in trust.done]
-        # Gone since open: left out of the listing, nothing to send. Listed twice, a slice at
-        # a time (the total first), so no folder-sized list is held.
-        planned_bytes = sum(entry.size for part in self.source.listing(todo) for entry in part) if todo else 0
+        # Gone since open: left out of the listing, nothing to send. Listed here, before the
+        # prefetch thread starts: a live source's listing uses the connection it fetches on.
+        listed = [entry for part in self.source.listing(todo) for entry in part] if todo else []
+        planned_bytes = sum(entry.size for entry in listed)
         self.base = replace(
             self.base,
             planned=len(todo),
@@ -577,7 +578,7 @@ class FolderWork:
             progress=self.progress,
         )
         self.progress.folder_started(source_name, len(todo), self.base.planned_bytes)
-        for _, future in prefetched(self.groups(todo), self.read):
+        for _, future in prefetched(self.groups(listed), self.read):
             arrived, lost = future.result()
             for fetched in arrived:
                 if fetched.message is not None:
@@ -591,13 +592,18 @@ class FolderWork:
         transfer.finish()
         return self.report()
 
-    def groups(self, todo: Sequence[SourceId]) -> Iterator[list[Listed]]:
-        """The messages to fetch, in batches, listed one slice at a time as the prefetch asks for them."""
-        for part in self.source.listing(todo):
-            by_id = {entry.id: entry for entry in part}
-            sizes = {entry.id: entry.size for entry in part}
-            for group in batches(list(by_id), sizes, self.options.batch_messages, self.pace.max_bytes):  # type: ignore[arg-type]  # batches takes any sortable ids
-                yield [by_id[i] for i in group]
+    def groups(self, listed: list[Listed]) -> Iterator[list[Listed]]:
+        """The listed messages in batches of at most batch_messages, or the pace's bytes unless one is bigger."""
+        group: list[Listed] = []
+        size = 0
+        for entry in listed:
+            if group and (len(group) >= self.options.batch_messages or size + entry.size > self.pace.max_bytes):
+                yield group
+                group, size = [], 0
+            group.append(entry)
+            size += entry.size
+        if group:
+            yield group
 
     def read(self, batch: Sequence[Listed]) -> tuple[list[Fetched], ConnectionLost | None]:
         """On the prefetch thread: a batch, and the dropped line that cut it short, if one did."""
