@@ -228,7 +228,7 @@ class Bench:
             migrated = self.server.add_user("migrated" + ("b" if baseline else ""))
             state = self.work / f"migrate{'-b' if baseline else ''}.sqlite"
             seconds, rss, proc = timed(
-                [sys.executable, "-m", "mailbackup", "migrate", self.url(source), self.url(migrated), "--no-tls", "--json",
+                [sys.executable, "-m", "mailbackup", "migrate", self.url(source), self.url(migrated), "--no-tls", "--target-no-tls", "--json",
                  "-q", "--state", str(state)],
                 {**os.environ, "MAILBACKUP_PASSWORD": source.password, "MAILBACKUP_TARGET_PASSWORD": migrated.password,
                  "PYTHONPATH": path},

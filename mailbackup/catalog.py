@@ -10,9 +10,9 @@ import json
 import os
 import sqlite3
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 from urllib.request import pathname2url, url2pathname
@@ -158,6 +158,9 @@ class Headline:
     subject: str
 
 
+ID_CHUNK = 500  # ids per IN (...) query: far below any database's parameter limit
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -216,6 +219,20 @@ def read_only_url(path: Path) -> str:
 def _empty_or_ours(cursor: Any) -> bool:
     tables = {row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return not tables or "meta" in tables or "restore_journal" in tables
+
+
+def small_cache(engine: sa.Engine, kib: int = 256) -> None:
+    """Give each new SQLite connection a small page cache (SQLite's default is 2 MB).
+
+    A restore reads the catalog and writes its journal from several threads, each on
+    a connection of its own; their caches would otherwise add up in peak memory.
+    """
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _cache(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute(f"PRAGMA cache_size=-{int(kib)}")
 
 
 def engine_where(engine: sa.Engine) -> str:
@@ -836,6 +853,37 @@ class Catalog:
             for row in result:
                 yield self._entry(row)
 
+    def selected_ids(self, folder_id: int, selection: Selection) -> list[int]:
+        """The ids of the folder's entries a restore takes, ascending."""
+        query = (
+            sa.select(messages.c.id)
+            .where(messages.c.folder_id == folder_id, messages.c.folder_id.in_(self._own_folder_ids()), *chosen(selection))
+            .order_by(messages.c.id)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def selected_entries(
+        self, folder_id: int, selection: Selection, ids: Sequence[int] | None = None
+    ) -> Generator[Entry, None, None]:
+        """The folder's entries a restore takes (among `ids` if given), streamed in id order."""
+        base = sa.select(messages).where(
+            messages.c.folder_id == folder_id, messages.c.folder_id.in_(self._own_folder_ids()), *chosen(selection)
+        )
+        if ids is None:
+            with self.engine.connect() as conn:
+                result = conn.execution_options(yield_per=500).execute(base.order_by(messages.c.id))
+                for row in result:
+                    yield self._entry(row)
+            return
+        wanted = sorted(ids)
+        for start in range(0, len(wanted), ID_CHUNK):
+            part = wanted[start : start + ID_CHUNK]
+            with self.engine.connect() as conn:
+                rows = conn.execute(base.where(messages.c.id.in_(part)).order_by(messages.c.id)).all()
+            for row in rows:
+                yield self._entry(row)
+
     def stats(self, *, as_of: datetime | None = None) -> list[tuple[ArchivedFolder, int, int, int]]:
         """Per folder: (folder, live messages, bytes, gone messages); with as_of, as the archive stood then.
 
@@ -1177,6 +1225,32 @@ def live_at(when: datetime) -> tuple[sa.ColumnElement[bool], ...]:
     """An entry is in the archive at `when` if archived by then and not yet gone from the server."""
     moment = _iso(when)
     return (messages.c.fetched_at <= moment, sa.or_(messages.c.gone_at.is_(None), messages.c.gone_at > moment))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which entries a restore takes: live ones (or gone ones too), or those live at `as_of`; by INTERNALDATE day."""
+
+    as_of: datetime | None = None
+    include_gone: bool = False
+    since: date | None = None  # INTERNALDATE on or after this day
+    before: date | None = None  # INTERNALDATE before this day
+
+
+def chosen(selection: Selection) -> tuple[sa.ColumnElement[bool], ...]:
+    """The catalog's one rule for a Selection, as WHERE clauses."""
+    out: list[sa.ColumnElement[bool]] = []
+    if selection.as_of is not None:
+        out.extend(live_at(selection.as_of))
+    elif not selection.include_gone:
+        out.append(messages.c.gone_at.is_(None))
+    # internal_date is stored in ISO 8601 with its own offset: its first 10 characters are its day.
+    day = sa.func.substr(messages.c.internal_date, 1, 10)
+    if selection.since is not None:
+        out.append(sa.or_(messages.c.internal_date.is_(None), day >= selection.since.isoformat()))
+    if selection.before is not None:
+        out.append(sa.or_(messages.c.internal_date.is_(None), day < selection.before.isoformat()))
+    return tuple(out)
 
 
 def _stale(uid_validity: int | None) -> sa.ColumnElement[bool]:

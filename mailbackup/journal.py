@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .catalog import BigId, create_engine, flags_text, now_iso
+from .catalog import BigId, create_engine, flags_text, now_iso, small_cache
 from .errors import StoreError
 
 IN_FLIGHT = "in_flight"
@@ -74,7 +74,9 @@ def state_engine(path: Path, *, dry_run: bool) -> sa.Engine:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise StoreError(f"cannot create the state directory {path.parent}: {exc.strerror}") from exc
-    return create_engine(f"sqlite:///{path}")
+    engine = create_engine(f"sqlite:///{path}")
+    small_cache(engine)
+    return engine
 
 
 @dataclass(frozen=True)

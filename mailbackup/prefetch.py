@@ -6,6 +6,7 @@ and migrate (APPEND while the source sends) all overlap their two ends this way.
 
 from __future__ import annotations
 
+import ctypes
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,6 +14,28 @@ from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+_lean = False  # lean_malloc ran
+
+
+def lean_malloc() -> None:
+    """Ask glibc (once) to give a freed message buffer over 64 KB back to the system at once.
+
+    glibc raises its mmap threshold after big frees, and then serves the next big
+    buffers from an arena that keeps them resident once freed: with several batches of
+    attachments passing through, peak RSS grows with the mail, not with what is alive.
+    (The CLI also keeps every thread on one arena: malloc.one_arena.) A no-op elsewhere.
+    """
+    global _lean
+    if _lean:
+        return
+    _lean = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 64 << 10)
 
 
 def prefetched(items: Iterable[T], fetch: Callable[[T], R], depth: int = 1) -> Iterator[tuple[T, Future[R]]]:
@@ -22,6 +45,7 @@ def prefetched(items: Iterable[T], fetch: Callable[[T], R], depth: int = 1) -> I
     at once; the caller still handles batches one at a time. At most depth + 1 results
     are in memory. A fetch's exception is raised by its future's result().
     """
+    lean_malloc()  # before the worker thread makes its arena
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
     try:
         pending: deque[tuple[T, Future[R]]] = deque()

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from .catalog import Selection, small_cache
 from .errors import UsageError, setting
 from .journal import Journal, default_state_path, state_engine
-from .model import Entry, Folder, TransferReport, TransferSummary
+from .model import Folder, TransferReport, TransferSummary
 from .net import Endpoint, parse_url
 from .pipeline import Progress, wanted
 from .sources import (
@@ -65,6 +66,8 @@ class RestoreOptions:
     batch_messages: int = 100
     batch_bytes: int = 4 << 20
     reconnects: int = 3  # after a dropped line: consecutive attempts without progress
+    workers: int = 3  # folders transferred at once, each over connections of its own (1: one at a time)
+    parallel_after: int = 500  # ... once this many messages went out: a short run needs no more logins
     reconnect_delay: float = 2.0  # then 2x, 4x...
     # SMTP only
     recipients: tuple[str, ...] = ()
@@ -84,6 +87,8 @@ class RestoreOptions:
             batch_bytes=self.batch_bytes,
             retries=self.reconnects,
             retry_delay=self.reconnect_delay,
+            workers=self.workers,
+            parallel_after=self.parallel_after,
         )
 
 
@@ -102,22 +107,9 @@ def parse_as_of(text: str) -> datetime:
     return when if when.tzinfo is not None else when.astimezone()
 
 
-def selected(entry: Entry, options: RestoreOptions) -> bool:
-    if options.as_of is not None:
-        # Present then: archived by that time and not yet gone.
-        if entry.archived_at is not None and entry.archived_at > options.as_of:
-            return False
-        if entry.gone_at is not None and entry.gone_at <= options.as_of:
-            return False
-    elif entry.gone and not options.include_gone:
-        return False
-    if entry.internal_date is not None:
-        day = entry.internal_date.date()
-        if options.since and day < options.since:
-            return False
-        if options.before and day >= options.before:
-            return False
-    return True
+def selection(options: RestoreOptions) -> Selection:
+    """What the catalog should pick from the archive for these options."""
+    return Selection(as_of=options.as_of, include_gone=options.include_gone, since=options.since, before=options.before)
 
 
 def connect_target(endpoint: Endpoint, password: str, options: RestoreOptions) -> Target:
@@ -189,28 +181,31 @@ def restore(
     if options.as_of is not None and options.include_gone:
         raise UsageError(f"{setting('as_of')} picks what was there at that time; {setting('include_gone')} does not go with it")
     store = open_store(archive, mode="read", account=mailbox)
+    small_cache(store.catalog.engine)  # read by every worker and its prefetch thread
     try:
-        select = lambda entry: selected(entry, options)  # noqa: E731
-        source = ArchiveSource(store, select)
+        picked = selection(options)
         labels = None if smtp else label_plan(store)  # a Gmail archive: label folders are views of All Mail
+        hidden: frozenset[str] = frozenset()
         engine = state_engine(Path(state) if state else default_state_path("restore"), dry_run=options.dry_run)
         try:
 
             def connect() -> tuple[Source, Target]:
+                nonlocal hidden
+                source = ArchiveSource(store, picked)  # one per worker: it remembers the folder it has open
                 target = connect_target(endpoint, password, options)
                 if labels is not None:  # to Gmail, each message once: labels are set afterwards
                     chosen = lambda name: wanted(Folder(name), options.include, options.exclude)  # noqa: E731
-                    source.hidden = labels.hidden(chosen) if offers_labels(target) else frozenset()
+                    hidden = source.hidden = labels.hidden(chosen) if offers_labels(target) else frozenset()
                 return source, target
 
             def journal(target: Target) -> Journal:
                 return Journal(engine, archive_identity(store.url), target.identity, create=not options.dry_run)
 
             reports = Engine(connect, journal, options.transfer(), progress).run()
-            if labels is not None and source.hidden and not options.dry_run:
+            if labels is not None and hidden and not options.dry_run:
                 target = connect_target(endpoint, password, options)
                 try:
-                    apply_labels(target, store, journal(target), labels, select)  # type: ignore[arg-type]  # offers_labels: an ImapTarget
+                    apply_labels(target, store, journal(target), labels, picked)  # type: ignore[arg-type]  # offers_labels: an ImapTarget
                 finally:
                     target.close()
         finally:

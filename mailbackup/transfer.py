@@ -16,24 +16,33 @@ before it is sent again.
 A dropped connection ends the attempt; the engine reconnects (both ends, through
 the `connect` it was given) and resumes from the journal, up to `retries`
 consecutive attempts that made no progress.
+
+Once an attempt has sent `parallel_after` messages, up to `workers - 1` more
+workers join it, each with connections of its own, and take the folders not yet
+started: a server writes each folder in its own process, and one mailbox takes its
+messages one transaction at a time, so folders in parallel are what makes a big
+transfer faster. Each folder is still handled by one worker, in order.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from .errors import ConnectionLost, ServerError
 from .journal import DONE, FAILED, FOUND, IN_FLIGHT, Journal, Record
 from .model import Folder, FolderReport, Message, TransferReport
-from .pipeline import Progress, batches, wanted
-from .prefetch import prefetched
+from .pipeline import Progress, wanted
+from .prefetch import lean_malloc, prefetched
 from .sources import Checkpoint, Fetched, Listed, Source, SourceId
 from .targets import Delivered, Destination, Outgoing, Target, message_id
 
 log = logging.getLogger("mailbackup")
+
 
 Key = tuple[str | None, int]  # (Message-ID or None, size)
 
@@ -56,6 +65,8 @@ class TransferOptions:
     # Before a folder with messages in doubt is listed: how long the target must stay unchanged.
     settle_quiet: float = 1.0
     settle_limit: float = 60.0
+    workers: int = 1  # folders transferred at once, each worker over its own connections
+    parallel_after: int = 500  # messages sent before more workers join: a short run needs no more logins
 
 
 @dataclass
@@ -71,6 +82,7 @@ class Pace:
     messages: int = 0
     bytes: int = 0
     floor_bytes: int = 64 << 10
+    window: int | None = None  # batches in flight at most, if fewer than the target keeps
 
     def __post_init__(self) -> None:
         self.messages = self.messages or self.max_messages
@@ -250,7 +262,7 @@ class FolderTransfer:
         self.journal.write(self.source_folder, self.found_records + [self.pending[m.item] for m in batch])
         self.found_records = []
         self.target.send(self.destination, batch)
-        while self.target.full:
+        while self.target.full or (self.pace.window is not None and self.target.pending >= self.pace.window):
             self.record(self.target.collect())
 
     def record(self, outcome: Sequence[Delivered]) -> None:
@@ -281,8 +293,37 @@ class FolderTransfer:
             self.record(self.target.collect())
 
 
+class Shared(Progress):
+    """The caller's Progress, called by one worker at a time; counts what was sent for `on_sent`."""
+
+    def __init__(self, progress: Progress, on_sent: Callable[[int], None]) -> None:
+        self.progress = progress
+        self.on_sent = on_sent
+        self.lock = threading.Lock()
+        self.sent = 0
+
+    def plan(self, folders: int) -> None:
+        with self.lock:
+            self.progress.plan(folders)
+
+    def folder_started(self, name: str, messages: int, size: int | None) -> None:
+        with self.lock:
+            self.progress.folder_started(name, messages, size)
+
+    def stored(self, messages: int, size: int) -> None:
+        with self.lock:
+            self.progress.stored(messages, size)
+            self.sent += messages
+            sent = self.sent
+        self.on_sent(sent)
+
+    def folder_done(self, report: FolderReport) -> None:
+        with self.lock:
+            self.progress.folder_done(report)
+
+
 class Engine:
-    """One folder loop for every transfer; `connect` opens both ends for each attempt."""
+    """One folder loop for every transfer; `connect` opens both ends for each worker of each attempt."""
 
     def __init__(
         self,
@@ -294,17 +335,26 @@ class Engine:
         relative: Callable[[Folder], Folder] = lambda folder: folder,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        lean_malloc()
         self.connect = connect
         self.relative = relative  # the name the target should give a source folder
         self.open_journal = journal  # called once, after the first connect: it needs both identities
         self.journal: Journal | None = None
         self.options = options
-        self.progress = progress
+        self.progress = Shared(progress, self.sent)
         self.sleep = sleep
+        self.order: list[str] = []  # source folders, as first listed
         self.completed: dict[str, TransferReport] = {}  # by source folder, across attempts
         self.partial: dict[str, list[TransferReport]] = {}  # cut short by a dropped line
         self.planned = False
         self.pace: Pace | None = None  # batch limits, kept across attempts
+        self.lock = threading.Lock()  # guards what workers share: the folder queue, the reports, the helpers
+        self.todo: deque[Folder] = deque()
+        self.helpers: list[threading.Thread] = []
+        self.parallel = False  # whether this attempt may take more workers
+        self.failures: list[BaseException] = []  # what ended the helpers of this attempt
+        self.reports: list[TransferReport] = []  # of this attempt, by every worker
+        self.stop = threading.Event()
 
     def run(self) -> list[TransferReport]:
         idle = 0  # drops since the last attempt that made progress
@@ -312,7 +362,7 @@ class Engine:
             attempt: list[TransferReport] = []
             try:
                 self.attempt(attempt)
-                return list(self.completed.values())
+                return [self.completed[name] for name in self.order if name in self.completed]
             except ConnectionLost as exc:
                 # This drop is a retry used; an attempt that got something done gives the rest back.
                 idle = 1 if any(r.progressed for r in attempt) else idle + 1
@@ -329,35 +379,99 @@ class Engine:
         try:
             if self.journal is None:
                 self.journal = self.open_journal(target)
-            journal = self.journal
             if self.pace is None:
                 # SMTP cannot be asked what arrived: keep at most one message in doubt.
                 one = target.window == 1
-                self.pace = Pace(1 if one else self.options.batch_messages, self.options.batch_bytes)
-            pace = self.pace
+                # Workers share the memory one would use: each sends (and reads ahead) smaller batches.
+                share = max(1, self.options.workers) if not one and not self.options.dry_run else 1
+                self.pace = Pace(
+                    1 if one else self.options.batch_messages,
+                    max(64 << 10, self.options.batch_bytes // share),
+                    window=2 if share > 1 else None,
+                )
             folders = [f for f in source.folders() if wanted(f, self.options.include, self.options.exclude)]
             if not self.planned:
                 self.progress.plan(len(folders))
+                self.order = [f.name for f in folders]
                 self.planned = True
-            for folder in folders:
-                if folder.name in self.completed:
-                    continue
-                work = FolderWork(source, target, journal, folder, self.relative(folder), self.options, self.progress, pace)
-                try:
-                    report = work.run()
-                except ServerError as exc:
-                    report = replace(work.report(), failed=(*work.report().failed, str(exc)))
-                except ConnectionLost:
-                    partial = work.report()
-                    reports.append(partial)
-                    self.partial.setdefault(folder.name, []).append(partial)
-                    raise
-                reports.append(report)
-                self.completed[folder.name] = merged([*self.partial.pop(folder.name, []), report])
-                self.progress.folder_done(FolderReport(name=folder.name))
+            with self.lock:
+                self.todo = deque(f for f in folders if f.name not in self.completed)
+                self.helpers, self.failures, self.reports = [], [], reports
+                self.stop.clear()
+                # SMTP keeps one message in doubt, and a dry run's journal may live in one thread's memory.
+                self.parallel = self.options.workers > 1 and target.window > 1 and not self.options.dry_run
+            self.sent(self.progress.sent)
+            try:
+                self.work(source, target, reports)
+            finally:
+                with self.lock:
+                    self.parallel = False  # no helper starts after this
+                    self.stop.set()
+                for helper in self.helpers:
+                    helper.join()
         finally:
             target.close()
             source.close(commit=False)  # a transfer never deletes at the source
+        if self.failures:
+            lost = [f for f in self.failures if isinstance(f, ConnectionLost)]
+            other = [f for f in self.failures if not isinstance(f, ConnectionLost)]
+            raise (other or lost)[0]
+
+    def sent(self, count: int) -> None:
+        """Called as messages are sent: past `parallel_after`, start the helpers once."""
+        if count < self.options.parallel_after:
+            return
+        with self.lock:
+            if not self.parallel or self.helpers or not self.todo:
+                return
+            for number in range(1, self.options.workers):
+                helper = threading.Thread(target=self.help, args=(number,), name=f"transfer-{number}", daemon=True)
+                self.helpers.append(helper)
+                helper.start()
+
+    def help(self, number: int) -> None:
+        """A helper worker: its own connections, the folders nobody has started."""
+        reports = self.reports
+        try:
+            with self.lock:
+                if not self.todo or self.stop.is_set():
+                    return
+            source, target = self.connect()
+            try:
+                self.work(source, target, reports)
+            finally:
+                target.close()
+                source.close(commit=False)
+        except BaseException as exc:  # handed to the attempt, which raises it
+            with self.lock:
+                self.failures.append(exc)
+            self.stop.set()
+
+    def work(self, source: Source, target: Target, reports: list[TransferReport]) -> None:
+        """Take folders from the queue until it is empty or another worker failed."""
+        assert self.journal is not None and self.pace is not None
+        while True:
+            with self.lock:
+                if not self.todo or self.stop.is_set():
+                    return
+                folder = self.todo.popleft()
+            work = FolderWork(
+                source, target, self.journal, folder, self.relative(folder), self.options, self.progress, self.pace
+            )
+            try:
+                report = work.run()
+            except ServerError as exc:
+                report = replace(work.report(), failed=(*work.report().failed, str(exc)))
+            except ConnectionLost:
+                partial = work.report()
+                with self.lock:
+                    reports.append(partial)
+                    self.partial.setdefault(folder.name, []).append(partial)
+                raise
+            with self.lock:
+                reports.append(report)
+                self.completed[folder.name] = merged([*self.partial.pop(folder.name, []), report])
+            self.progress.folder_done(FolderReport(name=folder.name))
 
 
 def merged(attempts: Sequence[TransferReport]) -> TransferReport:
@@ -441,12 +555,14 @@ class FolderWork:
             trust = trusted(records, destination, force=options.force)
         assert trust is not None
         todo = [i for item, i in items.items() if item not in trust.done]
-        # Gone since open: left out of the listing, nothing to send.
+        # Gone since open: left out of the listing, nothing to send. Listed here, before the
+        # prefetch thread starts: a live source's listing uses the connection it fetches on.
         listed = [entry for part in self.source.listing(todo) for entry in part] if todo else []
+        planned_bytes = sum(entry.size for entry in listed)
         self.base = replace(
             self.base,
             planned=len(todo),
-            planned_bytes=sum(entry.size for entry in listed),
+            planned_bytes=planned_bytes,
             done_before=len(items) - len(todo),
             notes=(*opened.notes, *trust.notes),
         )
@@ -467,10 +583,7 @@ class FolderWork:
             progress=self.progress,
         )
         self.progress.folder_started(source_name, len(todo), self.base.planned_bytes)
-        by_id = {entry.id: entry for entry in listed}
-        sizes = {entry.id: entry.size for entry in listed}
-        groups = batches(list(by_id), sizes, options.batch_messages, options.batch_bytes)  # type: ignore[arg-type]  # batches takes any sortable ids
-        for _, future in prefetched(([by_id[i] for i in group] for group in groups), self.read):
+        for _, future in prefetched(self.groups(listed), self.read):
             arrived, lost = future.result()
             for fetched in arrived:
                 if fetched.message is not None:
@@ -483,6 +596,19 @@ class FolderWork:
                 raise lost
         transfer.finish()
         return self.report()
+
+    def groups(self, listed: list[Listed]) -> Iterator[list[Listed]]:
+        """The listed messages in batches of at most batch_messages, or the pace's bytes unless one is bigger."""
+        group: list[Listed] = []
+        size = 0
+        for entry in listed:
+            if group and (len(group) >= self.options.batch_messages or size + entry.size > self.pace.max_bytes):
+                yield group
+                group, size = [], 0
+            group.append(entry)
+            size += entry.size
+        if group:
+            yield group
 
     def read(self, batch: Sequence[Listed]) -> tuple[list[Fetched], ConnectionLost | None]:
         """On the prefetch thread: a batch, and the dropped line that cut it short, if one did."""

@@ -6,16 +6,19 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from mailbackup.errors import UsageError
-from mailbackup.model import Entry
-from mailbackup.restore import RestoreOptions, parse_as_of, selected
+from mailbackup.model import Entry, Folder, Message
+from mailbackup.restore import RestoreOptions, parse_as_of, selection
+from mailbackup.stores import open_store
 from tests.test_backup_imap import archive_url, run_backup
 
 ROOT = Path(__file__).parent.parent
@@ -68,6 +71,27 @@ def entry(archived: str, gone: str | None = None) -> Entry:
         internal_date=None, location="x", gone=gone is not None,
         archived_at=datetime.fromisoformat(archived), gone_at=datetime.fromisoformat(gone) if gone else None,
     )
+
+
+def selected(entry: Entry, options: RestoreOptions) -> bool:
+    """Whether the catalog picks this entry, stored in an archive of its own, for a restore with these options."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(f"{tmp}/a.sqlite", mode="write")
+        try:
+            catalog = store.catalog
+            folder = catalog.ensure_folder(Folder("INBOX"), "INBOX")
+            catalog.add(folder.id, 1, [(Message(raw=b"x", uid=1, internal_date=entry.internal_date), "x")])
+            with catalog.engine.begin() as conn:
+                conn.execute(
+                    sa.text("update messages set fetched_at = :archived, gone_at = :gone"),
+                    {
+                        "archived": entry.archived_at.astimezone(timezone.utc).isoformat() if entry.archived_at else None,
+                        "gone": entry.gone_at.astimezone(timezone.utc).isoformat() if entry.gone_at else None,
+                    },
+                )
+            return bool(catalog.selected_ids(folder.id, selection(options)))
+        finally:
+            store.close()
 
 
 def test_a_message_counts_if_archived_by_then_and_not_yet_gone() -> None:

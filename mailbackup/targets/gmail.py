@@ -18,8 +18,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..catalog import Selection
 from ..journal import DONE, FOUND, Journal
-from ..model import Entry, Folder
+from ..model import Folder
 from ..stores import Store
 from ..transfer import journal_item
 from .imap import ImapTarget, command_errors
@@ -44,13 +45,12 @@ class LabelPlan:
         (A restore of only some label folders appends them as folders, so nothing is left out.)"""
         return frozenset(self.names[view] for view, (of_id, _) in self.views.items() if wanted(self.names[of_id]))
 
-    def labels(self, store: Store, select: Callable[[Entry], bool]) -> dict[int, dict[tuple[int | None, int | None], set[str]]]:
+    def labels(self, store: Store, selection: Selection) -> dict[int, dict[tuple[int | None, int | None], set[str]]]:
         """All Mail folder id -> (UIDVALIDITY, UID) of its message -> labels, from the label folders' entries."""
         out: dict[int, dict[tuple[int | None, int | None], set[str]]] = defaultdict(lambda: defaultdict(set))
         for folder_id, (of_id, label) in self.views.items():
-            for entry in store.catalog.entries(folder_id):
-                if select(entry):
-                    out[of_id][(entry.uid_validity, entry.uid)].add(label)
+            for entry in store.catalog.selected_entries(folder_id, selection):
+                out[of_id][(entry.uid_validity, entry.uid)].add(label)
         return out
 
 
@@ -62,12 +62,12 @@ def label_plan(store: Store) -> LabelPlan | None:
 
 
 def apply_labels(
-    target: ImapTarget, store: Store, journal: Journal, plan: LabelPlan, select: Callable[[Entry], bool]
+    target: ImapTarget, store: Store, journal: Journal, plan: LabelPlan, selection: Selection
 ) -> int:
     """STORE +X-GM-LABELS on the copies the journal says each All Mail message has; the number of label sets."""
     applied = 0
     folders = {f.id: f for f in store.catalog.folders()}
-    for of_id, labels in plan.labels(store, select).items():
+    for of_id, labels in plan.labels(store, selection).items():
         source = folders[of_id]
         destination = target.destination(source.name, source.delimiter, source.attributes)
         records = journal.records(source.name, destination)

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from imapclient import IMAPClient, imap_utf7
 from imapclient import exceptions as imap_errors
-from imapclient import imap_utf7
 
 from ..imapconn import SMALL_LITERAL, ImapSession, as_folder, literal_room
 from ..imapconn import command_errors as session_errors
@@ -174,13 +174,7 @@ class ImapTarget:
             raise
 
     def close(self) -> None:
-        try:
-            self.client.logout()
-        except Exception:  # the connection may be gone already; nothing to save
-            try:
-                self.client.shutdown()
-            except Exception:
-                pass
+        _logout(self.client)
 
     # folders
 
@@ -332,7 +326,7 @@ class ImapTarget:
         name = destination.name
         permanent = self._permanent.get(name)
         if self.multiappend and self.literal_plus and len(batch) > 0:
-            tag = self._send_multiappend(name, batch, permanent)
+            tag = _send_multiappend(self.client, name, batch, permanent)
             self._in_flight.append(_Sent(tag, batch, name))
             return
         if self.multiappend and len(batch) > 1:
@@ -353,46 +347,8 @@ class ImapTarget:
         sent = self._in_flight.popleft()
         if sent.done is not None:
             return sent.done
-        imap = self.client._imap
         assert sent.tag is not None
-        with command_errors():
-            try:
-                status, data = imap._command_complete("APPEND", sent.tag)
-            except imap.abort:
-                raise
-            except imap.error as exc:  # BAD
-                status, data = "BAD", [str(exc).encode()]
-            finally:
-                imap.untagged_responses.clear()
-        text = data[-1] if data and isinstance(data[-1], bytes) else b""
-        if status == "OK":
-            return self._outcome(sent.batch, text)
-        if len(sent.batch) == 1:
-            return [Delivered(sent.batch[0].item, ok=False, detail=_reason(text))]
-        # MULTIAPPEND is all or nothing: find the message the server refused.
-        return self._append_synchronously(sent.destination, sent.batch, self._permanent.get(sent.destination), multi=False)
-
-    def _outcome(self, batch: Sequence[Outgoing], text: bytes) -> list[Delivered]:
-        validity, uids = parse_appenduid(text)
-        if len(uids) != len(batch):
-            uids = []
-        return [
-            Delivered(m.item, ok=True, uid=uids[i] if uids else None, uid_validity=validity)
-            for i, m in enumerate(batch)
-        ]
-
-    def _send_multiappend(self, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None) -> bytes:
-        imap = self.client._imap
-        tag = imap._new_tag()
-        imap.tagged_commands[tag] = None
-        head = tag + b" APPEND " + quote_mailbox(name)
-        with command_errors():
-            for message in batch:
-                piece = head + _flags_and_date(message, permanent) + b" {%d+}\r\n" % len(message.raw)
-                imap.send(piece + message.raw)
-                head = b""
-            imap.send(b"\r\n")
-        return tag
+        return _complete(self.client, sent.tag, sent.destination, sent.batch, self._permanent.get(sent.destination))
 
     def _append_synchronously(
         self, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None, *, multi: bool
@@ -409,17 +365,8 @@ class ImapTarget:
                     text = self.client.multiappend(name, items)
                 except imap_errors.IMAPClientError:
                     return self._append_synchronously(name, batch, permanent, multi=False)
-            return self._outcome(batch, _bytes(text))
-        out = []
-        for m in batch:
-            with command_errors():
-                try:
-                    text = self.client.append(name, m.raw, acceptable_flags(m.flags, permanent), m.internal_date)
-                except imap_errors.IMAPClientError as exc:
-                    out.append(Delivered(m.item, ok=False, detail=_reason(str(exc).encode())))
-                    continue
-            out.extend(self._outcome([m], _bytes(text)))
-        return out
+            return _outcome(batch, _bytes(text))
+        return _append_each(self.client, name, batch, permanent)
 
     def store_flags(self, name: str, changes: dict[tuple[str, ...], list[int]]) -> None:
         """Replace the flags of target UIDs, grouped by their new flag set."""
@@ -436,6 +383,75 @@ class ImapTarget:
 
     def _uid_fetch(self, uid_set_text: str, items: list[str], literal_limit: int = SMALL_LITERAL) -> dict[int, dict[bytes, object]]:
         return self.session.uid_fetch(uid_set_text, items, literal_limit=literal_limit)
+
+
+def _outcome(batch: Sequence[Outgoing], text: bytes) -> list[Delivered]:
+    validity, uids = parse_appenduid(text)
+    if len(uids) != len(batch):
+        uids = []
+    return [Delivered(m.item, ok=True, uid=uids[i] if uids else None, uid_validity=validity) for i, m in enumerate(batch)]
+
+
+def _send_multiappend(client: IMAPClient, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None) -> bytes:
+    """Send one APPEND of the whole batch with non-synchronising literals; its tag, to complete later."""
+    imap = client._imap
+    tag = imap._new_tag()
+    imap.tagged_commands[tag] = None
+    head = tag + b" APPEND " + quote_mailbox(name)
+    with command_errors():
+        for message in batch:
+            imap.send(head + _flags_and_date(message, permanent) + b" {%d+}\r\n" % len(message.raw))
+            imap.send(message.raw)  # not joined to its head: that would copy every message once more
+            head = b""
+        imap.send(b"\r\n")
+    return tag
+
+
+def _complete(
+    client: IMAPClient, tag: bytes, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None
+) -> list[Delivered]:
+    """Wait for a sent MULTIAPPEND's answer; after a NO, send the batch again a message at a time."""
+    imap = client._imap
+    with command_errors():
+        try:
+            status, data = imap._command_complete("APPEND", tag)
+        except imap.abort:
+            raise
+        except imap.error as exc:  # BAD
+            status, data = "BAD", [str(exc).encode()]
+        finally:
+            imap.untagged_responses.clear()
+    text = data[-1] if data and isinstance(data[-1], bytes) else b""
+    if status == "OK":
+        return _outcome(batch, text)
+    if len(batch) == 1:
+        return [Delivered(batch[0].item, ok=False, detail=_reason(text))]
+    # MULTIAPPEND is all or nothing: one refused message fails the batch, so find it.
+    return _append_each(client, name, batch, permanent)
+
+
+def _append_each(client: IMAPClient, name: str, batch: Sequence[Outgoing], permanent: frozenset[str] | None) -> list[Delivered]:
+    """One APPEND per message, each waiting for the server: a refusal fails only its own message."""
+    out = []
+    for m in batch:
+        with command_errors():
+            try:
+                text = client.append(name, m.raw, acceptable_flags(m.flags, permanent), m.internal_date)
+            except imap_errors.IMAPClientError as exc:
+                out.append(Delivered(m.item, ok=False, detail=_reason(str(exc).encode())))
+                continue
+        out.extend(_outcome([m], _bytes(text)))
+    return out
+
+
+def _logout(client: IMAPClient) -> None:
+    try:
+        client.logout()
+    except Exception:  # the connection may be gone already; nothing to save
+        try:
+            client.shutdown()
+        except Exception:
+            pass
 
 
 def _flags_and_date(message: Outgoing, permanent: frozenset[str] | None) -> bytes:
