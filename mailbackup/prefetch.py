@@ -6,36 +6,15 @@ and migrate (APPEND while the source sends) all overlap their two ends this way.
 
 from __future__ import annotations
 
-import ctypes
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from .malloc import lean_malloc
+
 T = TypeVar("T")
 R = TypeVar("R")
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-_lean = False  # lean_malloc ran
-
-
-def lean_malloc() -> None:
-    """Ask glibc (once) to give a freed message buffer over 64 KB back to the system at once.
-
-    glibc raises its mmap threshold after big frees, and then serves the next big
-    buffers from an arena that keeps them resident once freed: with several batches of
-    attachments passing through, peak RSS grows with the mail, not with what is alive.
-    (The CLI also keeps every thread on one arena: malloc.one_arena.) A no-op elsewhere.
-    """
-    global _lean
-    if _lean:
-        return
-    _lean = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 64 << 10)
 
 
 def prefetched(items: Iterable[T], fetch: Callable[[T], R], depth: int = 1) -> Iterator[tuple[T, Future[R]]]:

@@ -35,9 +35,10 @@ from dataclasses import dataclass, replace
 
 from .errors import ConnectionLost, ServerError
 from .journal import DONE, FAILED, FOUND, IN_FLIGHT, Journal, Record
+from .malloc import lean_malloc
 from .model import Folder, FolderReport, Message, TransferReport
 from .pipeline import Progress, wanted
-from .prefetch import lean_malloc, prefetched
+from .prefetch import prefetched
 from .sources import Checkpoint, Fetched, Listed, Source, SourceId
 from .targets import Delivered, Destination, Outgoing, Target, message_id
 
