@@ -293,3 +293,17 @@ def test_flag_changes_on_the_source_reach_the_target(journal: Journal) -> None:
     [report], _ = run(source, server, journal)
     assert (report.sent, report.flags_updated) == (0, 1)
     assert server.folders["Restored/INBOX"][0][2] == ("\\Flagged",)
+
+
+def test_the_journal_syncs_at_checkpoints_and_the_catalog_at_every_commit(tmp_path: Path) -> None:
+    # A journal row lost to a power cut is looked up on the target again; a catalog row is what
+    # lets POP3 delete from the server, so only the catalog pays an fsync per commit.
+    from mailbackup.journal import state_engine
+
+    journal = state_engine(tmp_path / "state" / "restore.sqlite", dry_run=False)
+    catalog = create_engine(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    with journal.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    with catalog.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
