@@ -113,10 +113,7 @@ class KeyRing:
         """The key a slot of this kind holds for the source's passphrase."""
         with self._lock:
             if (archive_id, kind) not in self._opened:
-                opened = _try_slots(conn, archive_id, (kind,), self.passphrase(where))
-                if opened is None:
-                    raise WrongPassphrase(f"wrong passphrase for {where}")
-                self._opened[archive_id, kind] = opened
+                self._opened[archive_id, kind] = _open_slot(conn, archive_id, kind, self.passphrase(where), where)
             return self._opened[archive_id, kind][1]
 
     def remember(self, archive_id: bytes, kind: str, opened: tuple[int, bytes]) -> None:
@@ -295,6 +292,14 @@ def _try_slots(conn: sa.Connection, archive_id: bytes, kinds: tuple[str, ...], s
     return None
 
 
+def _open_slot(conn: sa.Connection, archive_id: bytes, kind: str, secret: str, where: str) -> tuple[int, bytes]:
+    """The slot id and key that `secret` opens among the slots of this kind; else WrongPassphrase."""
+    opened = _try_slots(conn, archive_id, (kind,), secret)
+    if opened is None:
+        raise WrongPassphrase(f"wrong passphrase for {where}")
+    return opened
+
+
 def unlock(engine: sa.Engine, source: KeySource | KeyRing, where: str, *, writable: bool) -> Keys | None:
     """The keys of an archive, or None if it has no key material (a plain archive)."""
     keyring = _ring(source)
@@ -376,29 +381,26 @@ def list_slots(engine: sa.Engine, where: str) -> list[Slot]:
     return [Slot(r.id, r.kind, "argon2id " + r.params if r.kind != "age" else "age X25519", r.created_at) for r in rows]
 
 
+def _new_slot_for(conn: sa.Connection, source: KeySource | KeyRing, where: str) -> tuple[int, int]:
+    """A slot for the new passphrase holding the key the current one opens: (the opened slot's id, the new one's)."""
+    meta = _meta(conn)
+    kind = _passphrase_kind(meta, where)
+    archive_id = bytes.fromhex(meta["archive_id"])
+    slot, key = _open_slot(conn, archive_id, kind, passphrase(source, where), where)
+    return slot, _new_slot(conn, archive_id, kind, new_passphrase(source), key)
+
+
 def add_slot(engine: sa.Engine, source: KeySource | KeyRing, where: str) -> int:
     """A new slot for a new passphrase, proved by the current one."""
     with engine.begin() as conn:
-        meta = _meta(conn)
-        kind = _passphrase_kind(meta, where)
-        archive_id = bytes.fromhex(meta["archive_id"])
-        opened = _try_slots(conn, archive_id, (kind,), passphrase(source, where))
-        if opened is None:
-            raise WrongPassphrase(f"wrong passphrase for {where}")
-        return _new_slot(conn, archive_id, kind, new_passphrase(source), opened[1])
+        return _new_slot_for(conn, source, where)[1]
 
 
 def change_slot(engine: sa.Engine, source: KeySource | KeyRing, where: str) -> int:
     """Replace the slot the current passphrase opens by one for the new passphrase; returns the new id."""
     with engine.begin() as conn:
-        meta = _meta(conn)
-        kind = _passphrase_kind(meta, where)
-        archive_id = bytes.fromhex(meta["archive_id"])
-        opened = _try_slots(conn, archive_id, (kind,), passphrase(source, where))
-        if opened is None:
-            raise WrongPassphrase(f"wrong passphrase for {where}")
-        new_id = _new_slot(conn, archive_id, kind, new_passphrase(source), opened[1])
-        conn.execute(key_slots.delete().where(key_slots.c.id == opened[0]))
+        old_id, new_id = _new_slot_for(conn, source, where)
+        conn.execute(key_slots.delete().where(key_slots.c.id == old_id))
         return new_id
 
 
@@ -413,6 +415,5 @@ def remove_slot(engine: sa.Engine, source: KeySource | KeyRing, where: str, slot
             raise UsageError(f"{where} has no passphrase slot {slot_id} (see 'mailbackup key list')")
         if len(ids) == 1:
             raise UsageError(f"slot {slot_id} is the last passphrase slot of {where}; add another before removing it")
-        if _try_slots(conn, archive_id, (kind,), passphrase(source, where)) is None:
-            raise WrongPassphrase(f"wrong passphrase for {where}")
+        _open_slot(conn, archive_id, kind, passphrase(source, where), where)
         conn.execute(key_slots.delete().where(key_slots.c.id == slot_id))

@@ -11,7 +11,7 @@ import logging
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, TypeVar
@@ -112,19 +112,42 @@ def diff_sorted(server: Sequence[int], known: Sequence[int]) -> tuple[array[int]
     return new, gone
 
 
-def batches(uids: Sequence[int], sizes: dict[int, int], max_messages: int, max_bytes: int) -> Iterator[list[int]]:
-    """Group UIDs so a batch holds at most max_messages, or max_bytes unless one message is bigger."""
-    batch: list[int] = []
+def grouped(items: Iterable[T], size: Callable[[T], int], limits: Callable[[], tuple[int, int]]) -> Iterator[list[T]]:
+    """Group items so a batch holds at most max_messages, or max_bytes unless one item is bigger.
+
+    limits() gives (max_messages, max_bytes); it is asked at every item, because a caller's
+    limits may change while a batch forms (a dropped line shrinks them).
+    """
+    batch: list[T] = []
     total = 0
-    for uid in uids:
-        size = sizes.get(uid, 0)
-        if batch and (len(batch) >= max_messages or total + size > max_bytes):
+    for item in items:
+        max_messages, max_bytes = limits()
+        weight = size(item)
+        if batch and (len(batch) >= max_messages or total + weight > max_bytes):
             yield batch
             batch, total = [], 0
-        batch.append(uid)
-        total += size
+        batch.append(item)
+        total += weight
     if batch:
         yield batch
+
+
+def batches(uids: Sequence[int], sizes: dict[int, int], max_messages: int, max_bytes: int) -> Iterator[list[int]]:
+    """Group UIDs so a batch holds at most max_messages, or max_bytes unless one message is bigger."""
+    return grouped(uids, lambda uid: sizes.get(uid, 0), lambda: (max_messages, max_bytes))
+
+
+def connection(password: str, options: BackupOptions) -> Connect:
+    """How backup and prune-server reach the source."""
+    return Connect(
+        secret=password,
+        auth=options.auth,
+        ca_file=options.ca_file,
+        no_tls=options.no_tls,
+        timeout=options.timeout,
+        admin_user=options.admin_user,
+        gmail_trash_and_spam=options.gmail_trash_and_spam,
+    )
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -238,17 +261,8 @@ class Run:
             self.progress += 1
 
     def batches(self, listed: Sequence[Listed]) -> Iterator[list[Listed]]:
-        """Like batches(), with limits read as each batch is formed (they change as the link does)."""
-        batch: list[Listed] = []
-        total = 0
-        for item in listed:
-            if batch and (len(batch) >= self.batch_messages or total + item.size > self.batch_bytes):
-                yield batch
-                batch, total = [], 0
-            batch.append(item)
-            total += item.size
-        if batch:
-            yield batch
+        """The listed messages in batches within this run's limits (they change as the link does)."""
+        return grouped(listed, lambda entry: entry.size, lambda: (self.batch_messages, self.batch_bytes))
 
 
 Outcome = tuple[list[Fetched], "ConnectionLost | ProviderLimit | None"]
@@ -603,15 +617,7 @@ def backup(
     progress = progress or Progress()
     started = time.monotonic()
     kind = source_kind(source_url)
-    connect = Connect(
-        secret=password,
-        auth=options.auth,
-        ca_file=options.ca_file,
-        no_tls=options.no_tls,
-        timeout=options.timeout,
-        admin_user=options.admin_user,
-        gmail_trash_and_spam=options.gmail_trash_and_spam,
-    )
+    connect = connection(password, options)
     address = kind.address(source_url, connect)  # a bad URL fails here, before the archive is touched
     check_options(kind.traits, options)
     account = account_name(source_url)

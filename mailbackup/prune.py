@@ -14,8 +14,8 @@ from datetime import datetime, timedelta, timezone
 
 from .errors import MailbackupError, UsageError, setting
 from .model import ArchivedFolder, Entry, Folder
-from .pipeline import BackupOptions, chunks, wanted
-from .sources import Connect, Source, SourceId, account_name, open_source, source_kind
+from .pipeline import BackupOptions, chunks, connection, wanted
+from .sources import Source, SourceId, account_name, open_source, source_kind
 from .stores import Store, open_store
 from .stores.codec import content_name
 
@@ -146,14 +146,7 @@ def prune_server(
     if older_than_days <= 0:
         raise UsageError(f"{setting('older_than')} must be more than 0 days")
     kind = source_kind(source_url)
-    connect = Connect(
-        secret=password,
-        auth=options.auth,
-        ca_file=options.ca_file,
-        no_tls=options.no_tls,
-        timeout=options.timeout,
-        admin_user=options.admin_user,
-    )
+    connect = connection(password, options)
     address = kind.address(source_url, connect)
     cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
     store = open_store(archive, mode="write", account=account_name(source_url))

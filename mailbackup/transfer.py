@@ -37,7 +37,7 @@ from .errors import ConnectionLost, ServerError
 from .journal import DONE, FAILED, FOUND, IN_FLIGHT, Journal, Record
 from .malloc import lean_malloc
 from .model import Folder, FolderReport, Message, TransferReport
-from .pipeline import Progress, wanted
+from .pipeline import Progress, grouped, wanted
 from .prefetch import prefetched
 from .sources import Checkpoint, Fetched, Listed, Source, SourceId
 from .targets import Delivered, Destination, Outgoing, Target, message_id
@@ -600,16 +600,7 @@ class FolderWork:
 
     def groups(self, listed: list[Listed]) -> Iterator[list[Listed]]:
         """The listed messages in batches of at most batch_messages, or the pace's bytes unless one is bigger."""
-        group: list[Listed] = []
-        size = 0
-        for entry in listed:
-            if group and (len(group) >= self.options.batch_messages or size + entry.size > self.pace.max_bytes):
-                yield group
-                group, size = [], 0
-            group.append(entry)
-            size += entry.size
-        if group:
-            yield group
+        return grouped(listed, lambda entry: entry.size, lambda: (self.options.batch_messages, self.pace.max_bytes))
 
     def read(self, batch: Sequence[Listed]) -> tuple[list[Fetched], ConnectionLost | None]:
         """On the prefetch thread: a batch, and the dropped line that cut it short, if one did."""

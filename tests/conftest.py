@@ -10,8 +10,9 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -31,20 +32,31 @@ _database_numbers = itertools.count(1)
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="mbstate")
 
 
-def _start_dovecot(separator: str) -> Iterator[Dovecot]:
-    # Short path: Dovecot's Unix sockets live under it (107-byte limit)
-    directory = tempfile.mkdtemp(prefix="mbdc", dir="/tmp")
-    server = Dovecot()
+class Server(Protocol):
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Server)
+
+
+def _serve(what: str, prefix: str, start: Callable[[str], S]) -> Iterator[S]:
+    """A server started in a temp directory of its own, stopped (by its PID) and removed afterwards."""
+    # Short path: Unix sockets live under it (107-byte limit)
+    directory = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     try:
-        server.start(directory, separator=separator)
+        server = start(directory)
     except Exception as exc:  # the log tail is in the message
         shutil.rmtree(directory, ignore_errors=True)
-        pytest.fail(f"cannot start Dovecot (run bash tests/bootstrap.sh?): {exc}", pytrace=False)
+        pytest.fail(f"cannot start {what} (run bash tests/bootstrap.sh?): {exc}", pytrace=False)
     try:
         yield server
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _start_dovecot(separator: str) -> Iterator[Dovecot]:
+    return _serve("Dovecot", "mbdc", lambda directory: Dovecot().start(directory, separator=separator))
 
 
 @pytest.fixture(scope="session")
@@ -65,36 +77,19 @@ MASTER = ("admin", "pw-master-admin")
 @pytest.fixture(scope="session")
 def dovecot_master() -> Iterator[Dovecot]:
     """Dovecot with a master user MASTER (admin logins), started only when asked for."""
-    directory = tempfile.mkdtemp(prefix="mbdm", dir="/tmp")
-    server = Dovecot()
-    try:
-        server.start(directory, master=MASTER)
-    except Exception as exc:
-        shutil.rmtree(directory, ignore_errors=True)
-        pytest.fail(f"cannot start Dovecot: {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from _serve("Dovecot", "mbdm", lambda directory: Dovecot().start(directory, master=MASTER))
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """`rclone serve s3` on a free loopback port over its own temp dir, stopped by PID."""
-    directory = Path(tempfile.mkdtemp(prefix="mbs3", dir="/tmp"))
-    server = S3Server(directory / "data")
-    server.directory.mkdir()
-    try:
-        server.start()
-    except Exception as exc:
-        shutil.rmtree(directory, ignore_errors=True)
-        pytest.fail(f"cannot start rclone serve s3: {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+
+    def start(directory: str) -> S3Server:
+        server = S3Server(Path(directory) / "data")
+        server.directory.mkdir()
+        return server.start()
+
+    yield from _serve("rclone serve s3", "mbs3", start)
 
 
 _bucket_numbers = itertools.count(1)
@@ -122,18 +117,7 @@ def account_dot(dovecot_dot: Dovecot) -> Account:
 @pytest.fixture(scope="session")
 def cyrus() -> Iterator[Cyrus]:
     """Cyrus IMAP 3.6: delimiter '.', personal folders under "INBOX." (started only when asked for)."""
-    directory = tempfile.mkdtemp(prefix="mbcy", dir="/tmp")
-    server = Cyrus()
-    try:
-        server.start(directory)
-    except Exception as exc:  # the log tail is in the message
-        shutil.rmtree(directory, ignore_errors=True)
-        pytest.fail(f"cannot start Cyrus (run bash tests/bootstrap.sh?): {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from _serve("Cyrus", "mbcy", lambda directory: Cyrus().start(directory))
 
 
 @pytest.fixture

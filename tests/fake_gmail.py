@@ -25,8 +25,6 @@ Every BODY[] sent is counted per X-GM-MSGID in `bodies_sent`.
 from __future__ import annotations
 
 import re
-import socket
-import socketserver
 import threading
 import zlib
 from collections import Counter
@@ -34,7 +32,7 @@ from dataclasses import dataclass, field
 
 from imapclient import imap_utf7
 
-from tests.fakes import expand, read_command
+from tests.fakes import LoopbackServer, expand, read_command
 
 ALL_MAIL = "[Gmail]/All Mail"
 SYSTEM = {  # label as in X-GM-LABELS -> (folder, special-use attribute)
@@ -76,7 +74,9 @@ def parse_list(text: bytes) -> list[str]:
 
 
 @dataclass
-class FakeGmail:
+class FakeGmail(LoopbackServer):
+    user = "alice@gmail.com"
+
     messages: list[GmailMessage] = field(default_factory=list)
     user_labels: set[str] = field(default_factory=set)
     uid_validity: int = 11
@@ -88,6 +88,7 @@ class FakeGmail:
     commands: list[str] = field(default_factory=list)
     changedsince: list[int] = field(default_factory=list)  # the CHANGEDSINCE of each label FETCH
     highest_modseq: int = 100
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     # state
 
@@ -132,31 +133,6 @@ class FakeGmail:
         return [m for m in self.messages if label in m.labels]
 
     # server
-
-    def __enter__(self) -> FakeGmail:
-        fake = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def setup(self) -> None:
-                super().setup()
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def handle(self) -> None:
-                fake.serve(self.rfile, self.wfile)
-
-        self.lock = threading.Lock()
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def url(self, user: str = "alice@gmail.com") -> str:
-        return f"imap://{user}@127.0.0.1:{self.port}"
 
     # Gmail's list, less what the stand-in does not do (IDLE, COMPRESS, MOVE, ESEARCH, UTF8=ACCEPT...)
     capabilities = "IMAP4rev1 UNSELECT NAMESPACE ID CHILDREN X-GM-EXT-1 UIDPLUS ENABLE CONDSTORE LITERAL- SPECIAL-USE"

@@ -11,24 +11,18 @@ import socket
 import socketserver
 import threading
 from dataclasses import dataclass, field
+from typing import Self
 
 from imapclient import imap_utf7
 
 
-@dataclass
-class FakeImap:
-    folders: dict[str, list[bytes]]
-    delimiter: str = "/"
-    capabilities: tuple[str, ...] = ("IMAP4rev1", "AUTH=PLAIN")
-    uid_validity: int = 7
-    commands: list[str] = field(default_factory=list)
-    # Faults a real server will not produce on demand:
-    announce: dict[int, int] = field(default_factory=dict)  # UID -> literal size to claim for BODY[]
-    rotate_uid_validity: bool = False  # a new UIDVALIDITY on every SELECT/EXAMINE
-    stall_on_body: bool = False  # never answer a UID FETCH of BODY[]
-    malformed_body: bool = False  # answer BODY[] fetches with broken syntax
+class LoopbackServer:
+    """A stand-in server on a free 127.0.0.1 port: each connection is `serve(rfile, wfile)` on a thread of its own."""
 
-    def __enter__(self) -> FakeImap:
+    scheme = "imap"
+    user = "alice"
+
+    def __enter__(self) -> Self:
         fake = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -42,16 +36,32 @@ class FakeImap:
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
 
-    def url(self, user: str = "alice") -> str:
-        return f"imap://{user}@127.0.0.1:{self.port}"
+    def url(self, user: str | None = None) -> str:
+        return f"{self.scheme}://{user or self.user}@127.0.0.1:{self.port}"
+
+    def serve(self, rfile, wfile) -> None:  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+@dataclass
+class FakeImap(LoopbackServer):
+    folders: dict[str, list[bytes]]
+    delimiter: str = "/"
+    capabilities: tuple[str, ...] = ("IMAP4rev1", "AUTH=PLAIN")
+    uid_validity: int = 7
+    commands: list[str] = field(default_factory=list)
+    # Faults a real server will not produce on demand:
+    announce: dict[int, int] = field(default_factory=dict)  # UID -> literal size to claim for BODY[]
+    rotate_uid_validity: bool = False  # a new UIDVALIDITY on every SELECT/EXAMINE
+    stall_on_body: bool = False  # never answer a UID FETCH of BODY[]
+    malformed_body: bool = False  # answer BODY[] fetches with broken syntax
 
     # protocol
 
@@ -155,32 +165,14 @@ def expand(uid_set: str, last: int) -> list[int]:
 
 
 @dataclass
-class FakePop3:
+class FakePop3(LoopbackServer):
     """A POP3 maildrop with a chosen capability list (no UIDL, no STLS, ...)."""
 
     messages: list[bytes]
     capabilities: tuple[str, ...] = ("USER", "TOP")
     commands: list[str] = field(default_factory=list)
 
-    def __enter__(self) -> FakePop3:
-        fake = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                fake.serve(self.rfile, self.wfile)
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def url(self, user: str = "alice") -> str:
-        return f"pop3://{user}@127.0.0.1:{self.port}"
+    scheme = "pop3"
 
     def serve(self, rfile, wfile) -> None:  # type: ignore[no-untyped-def]
         wfile.write(b"+OK fake pop3\r\n")
