@@ -78,8 +78,9 @@ class FaultProxy:
             up = limit if self.direction == "up" else None
             if self.lag and limit is not None and self.direction == "up":
                 threading.Thread(target=self._lagged_up, args=(client, server, limit, traffic), daemon=True).start()
-            else:
-                threading.Thread(target=self._pipe, args=(client, server, up, traffic, "up"), daemon=True).start()
+                threading.Thread(target=self._lagged_down, args=(server, client, traffic), daemon=True).start()
+                continue
+            threading.Thread(target=self._pipe, args=(client, server, up, traffic, "up"), daemon=True).start()
             threading.Thread(target=self._pipe, args=(server, client, down, traffic, "down"), daemon=True).start()
 
     def cut_for(self, number: int) -> int | None:
@@ -149,6 +150,22 @@ class FaultProxy:
         finally:
             _close(client)
             chunks.put(None)
+
+
+    def _lagged_down(self, server: socket.socket, client: socket.socket, traffic: Traffic) -> None:
+        """Server -> client for a lagged connection: once the client is gone, the server's answers are
+        dropped, but its side stays open until the late bytes are in (_lagged_up closes it)."""
+        try:
+            while data := server.recv(65536):
+                try:
+                    client.sendall(data)
+                    traffic.down += len(data)
+                except OSError:
+                    pass  # the client was cut: what the server says now reaches no one
+        except OSError:
+            pass
+        finally:
+            _close(client)
 
 
 def _close(sock: socket.socket) -> None:
