@@ -216,8 +216,11 @@ def read_only_url(path: Path) -> str:
     return f"sqlite:///file:{pathname2url(str(path))}?{option}&uri=true"
 
 
-def _empty_or_ours(cursor: Any) -> bool:
-    tables = {row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+def _tables(cursor: Any) -> set[str]:
+    return {row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _empty_or_ours(tables: set[str]) -> bool:
     return not tables or "meta" in tables or "restore_journal" in tables
 
 
@@ -243,8 +246,12 @@ def engine_where(engine: sa.Engine) -> str:
     return engine.url.render_as_string()
 
 
-def create_engine(url: str, *, read_only: bool = False) -> sa.Engine:
-    """An engine on url; read_only opens a SQLite file so that no byte of it (or beside it) changes."""
+def create_engine(url: str, *, read_only: bool = False, page_size: int | None = None, cache_kib: int | None = None) -> sa.Engine:
+    """An engine on url; read_only opens a SQLite file so that no byte of it (or beside it) changes.
+
+    page_size applies to a SQLite file that has no tables yet; an existing one keeps its own.
+    cache_kib is each SQLite connection's page cache (SQLite's default is 2,000 KiB).
+    """
     url = engine_url(url)
     path = sqlite_path(url)
     if path is not None and read_only:
@@ -280,10 +287,15 @@ def create_engine(url: str, *, read_only: bool = False) -> sa.Engine:
             cursor = dbapi_connection.cursor()
             # WAL is a change to the file: a reader leaves the mode as it is, and so does a
             # writer that finds someone else's database (the catalog then refuses it).
-            if not read_only and _empty_or_ours(cursor):
+            tables = set() if read_only else _tables(cursor)
+            if not read_only and _empty_or_ours(tables):
+                if page_size is not None and not tables:  # before WAL: a WAL file cannot change it later
+                    cursor.execute(f"PRAGMA page_size={int(page_size)}")
                 cursor.execute("PRAGMA journal_mode=WAL")
                 # FULL: a committed row survives power loss, so POP3 may DELE after it.
                 cursor.execute("PRAGMA synchronous=FULL")
+            if cache_kib is not None:
+                cursor.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()

@@ -184,6 +184,19 @@ def test_indexing_leaves_the_catalog_connection_fully_synchronous(tmp_path: Path
     store.close()
 
 
+def test_the_index_merges_its_segments_eight_at_a_time(tmp_path: Path) -> None:
+    from mailbackup.model import Message
+    from mailbackup.stores import open_store
+
+    store = open_store(str(tmp_path / "a.sqlite"), mode="write")
+    indexer = search_module.Indexer(store)
+    indexer.add([Message(raw=b"Subject: merge\r\n\r\nbody words\r\n")])
+    indexer.close()
+    store.close()
+    with sqlite3.connect(tmp_path / "a.sqlite") as db:  # FTS5 keeps its settings in the index
+        assert db.execute("SELECT v FROM search_text_config WHERE k = 'automerge'").fetchone() == (8,)
+
+
 def test_the_index_keeps_words_not_a_second_copy_of_the_text(archive: str, tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "md" / ".mailbackup" / "catalog.sqlite") as db:
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}

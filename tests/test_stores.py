@@ -154,3 +154,24 @@ def test_sqlite_streams_a_big_message_and_still_stores_it_once(tmp_path: Path) -
     with store.catalog.engine.connect() as conn:
         assert conn.scalar(sa.text("select count(*) from blobs")) == 1
     store.close()
+
+
+def test_a_new_sqlite_archive_has_big_pages_and_an_older_one_keeps_its_own(tmp_path: Path) -> None:
+    import sqlite3
+
+    store = open_store(str(tmp_path / "new.sqlite"), mode="write")
+    put_all(store, Folder("INBOX"), sample_messages()[:5])
+    store.close()
+    with sqlite3.connect(tmp_path / "new.sqlite") as db:
+        assert db.execute("PRAGMA page_size").fetchone() == (16384,)
+    with sqlite3.connect(tmp_path / "old.sqlite") as db:  # what earlier versions made
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE early (x)")
+        db.execute("DROP TABLE early")
+    raws = sample_messages()[:5]
+    store = open_store(str(tmp_path / "old.sqlite"), mode="write")
+    locations = put_all(store, Folder("INBOX"), raws)
+    assert [store.get(loc) for loc in locations] == raws
+    store.close()
+    with sqlite3.connect(tmp_path / "old.sqlite") as db:
+        assert db.execute("PRAGMA page_size").fetchone() == (4096,)

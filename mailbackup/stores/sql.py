@@ -27,6 +27,12 @@ LOCK_KEY = 0x6D61696C6261636B  # "mailback": one advisory lock per database
 ACCOUNT_LOCK = 0x6D61696C  # "mail": with an account's id, one advisory lock per account
 SETUP_LOCK = 0x6D62736574757021  # "mbsetup!": one writer at a time creates tables and first settings
 BIG = 1 << 20
+# A new SQLite archive's pages: a message of typical size then spans two or three pages, not
+# seven, and the WAL writes and checkpoints a quarter of the frames (20,000 messages: 2.0
+# instead of 3.3 s of system time). The catalog's small rows don't mind. Its page cache stays
+# near 1 MB: at SQLite's default of 2 MB, 16 KiB pages cost a backup 6 MB more peak memory.
+PAGE_SIZE = 16384
+CACHE_KIB = 1024
 
 blob_metadata = sa.MetaData()
 blobs = sa.Table(
@@ -96,7 +102,7 @@ class SqlStore:
                 # WAL writes its -wal and -shm files beside the database.
                 require_writable(path.parent, str(path))
                 require_writable(path, str(path))
-        engine = create_engine(self.url, read_only=not self.writable)
+        engine = create_engine(self.url, read_only=not self.writable, page_size=PAGE_SIZE, cache_kib=CACHE_KIB)
         try:
             with setup_lock(engine, self.writable):
                 # The catalog first: it refuses a database that is not a mailbackup archive.
