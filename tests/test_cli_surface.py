@@ -125,7 +125,7 @@ def test_no_library_module_spells_a_command_line_flag() -> None:
     flag = re.compile(r"""["'][^"'\n]*(?<![\w-])--[a-z][a-z-]+""")
     offenders = []
     for path in package.rglob("*.py"):
-        if path.name == "cli.py":
+        if path.parent.name == "cli":  # the command line package: flags are its business
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
