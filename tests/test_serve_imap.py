@@ -801,6 +801,33 @@ def test_encrypted_archive_is_served_over_imap_and_web_byte_identical_with_one_p
         server.server_close()
 
 
+def test_encrypted_postgresql_archive_is_served_byte_identical(filled, tmp_path, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    import sqlalchemy as sa
+
+    from mailbackup import keys
+    from mailbackup.catalog import engine_url
+    from mailbackup.credentials import Login
+
+    plain = make_archive(filled, str(tmp_path / "plain.sqlite"))
+    writer = keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"), prompt=lambda: "pg pass",
+                            protection=keys.Protection(encrypt=True))
+    with keys.using(writer):
+        make_archive(filled, pg_url)
+    engine = sa.create_engine(engine_url(pg_url))
+    with engine.connect() as conn:  # sealed in the database, not only on the way out
+        raws = [bytes(raw) for (raw,) in conn.execute(sa.text("SELECT raw FROM blobs"))]
+    engine.dispose()
+    assert raws and not any(b"Subject: message" in raw for raw in raws)
+    ring = keys.KeyRing(keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"), prompt=lambda: "pg pass"))
+    server = start_imap(("127.0.0.1", 0), ServeSettings(archive=pg_url, user="reader", password=PASSWORD), ring)
+    try:
+        expected = plain_hashes(plain)
+        assert served_hashes("127.0.0.1", server.port, list(expected)) == expected
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_wrong_passphrase_is_one_line_exit_3_before_anything_listens(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import socket
     import sys
