@@ -274,6 +274,16 @@ def search(archive: str, filters: Filters, *, mailbox: str | None = None) -> Ite
         store.close()
 
 
+def unindexed(archive: str, *, mailbox: str | None = None) -> int:
+    """Messages search cannot see yet: backed up with the index off, or while an indexer was cut short."""
+    store = open_store(archive, mode="read", account=mailbox)
+    try:
+        _require_sqlite(store)
+        return store.catalog.unindexed()
+    finally:
+        store.close()
+
+
 PAGE = 500
 
 

@@ -124,6 +124,23 @@ def test_reindex_builds_an_index_that_backup_could_not_write(dovecot, account, t
     assert reindex(url, rebuild=True).indexed == 2
 
 
+def test_a_search_that_cannot_see_everything_says_so(dovecot, account, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url = str(tmp_path / "a.sqlite")
+    dovecot.append(account, "INBOX", PLAIN)
+    assert backup(account.url("imap"), url, password=account.password, options=BackupOptions(no_tls=True)).new == 1
+    dovecot.append(account, "Sent", LATIN1_B64)
+    dovecot.append(account, "Sent", HTML_ONLY)
+    options = BackupOptions(no_tls=True, index=False)  # as a cut indexer or --no-index leaves it
+    assert backup(account.url("imap"), url, password=account.password, options=options).new == 2
+    result = CliRunner().invoke(main, ["search", url, "lunch", "--json"])
+    assert result.exit_code == 0
+    assert [json.loads(line)["subject"] for line in result.stdout.splitlines()] == ["lunch plans"]
+    assert result.stderr.splitlines() == [f"mailbackup: note: 2 messages are not in the search index yet; 'mailbackup reindex {url}' adds them"]
+    assert reindex(url).indexed == 2
+    result = CliRunner().invoke(main, ["search", url, "zanzibar"])
+    assert result.exit_code == 0 and "Newsletter" in result.stdout and result.stderr == ""
+
+
 def test_cli_prints_one_line_per_hit_and_json(archive: str) -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["search", archive, "zanzibar"])

@@ -272,6 +272,21 @@ def test_search_finds_what_mailbackup_search_finds(client: TestClient, archive: 
         assert shown == expected, params
 
 
+def test_search_says_when_the_index_lacks_messages(dovecot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    account = dovecot.add_user()
+    dovecot.append(account, "INBOX", bulk_message(1))
+    url = f"maildir:{tmp_path / 'md'}"
+    assert backup(account.url("imap"), url, password=account.password, options=BackupOptions(no_tls=True, index=False)).new == 1
+    opened = Archive(url)
+    try:
+        client = TestClient(create_app(opened, TOKEN, allowed_hosts=None), follow_redirects=False)
+        client.cookies.set(cookie_name(TOKEN), TOKEN)
+        text = client.get("/search", params={"q": "anything"}).text
+        assert '<p class="error" id="unindexed">1 message is not in the search index yet' in text
+    finally:
+        opened.close()
+
+
 def test_search_with_a_bad_date_says_so(client: TestClient) -> None:
     response = client.get("/search", params={"q": "x", "since": "yesterday"})
     assert response.status_code == 200 and "not a date" in response.text

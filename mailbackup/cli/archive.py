@@ -251,7 +251,7 @@ def search_command(
     date, from, subject, folder and the id that 'mailbackup show' takes. Needs a
     SQLite catalog (Maildir, mbox or .sqlite archives); see 'mailbackup reindex'.
     """
-    from ..search import Filters, search
+    from ..search import Filters, search, unindexed
 
     filters = Filters(" ".join(query), sender, recipient, subject, since, before, folder, limit)
 
@@ -263,6 +263,11 @@ def search_command(
                 date = (hit.date or "")[:16].replace("T", " ")
                 gone = " (gone)" if hit.gone else ""
                 click.echo(f"{date:<16}  {hit.sender[:30]:<30}  {hit.subject[:50]:<50}  {hit.folder}{gone}  {hit.id}")
+        # A search that cannot see everything says so, rather than look complete.
+        missing = unindexed(archive, mailbox=mailbox)
+        if missing:
+            are = "message is" if missing == 1 else "messages are"
+            click.echo(f"mailbackup: note: {missing} {are} not in the search index yet; 'mailbackup reindex {archive}' adds them", err=True)
 
     run(json_output, action)
 

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import keys
 from ..errors import ArchiveCorrupt, MailbackupError, UsageError
-from ..search import Filters, search
+from ..search import Filters, search, unindexed
 from .chart import months_svg
 from .render import frame_policy, sanitise
 from .viewer import Archive
@@ -156,6 +156,7 @@ def create_app(archive: Archive, token: str, *, allowed_hosts: list[str] | None 
         hits = []
         more = False
         error = None
+        missing = 0
         if any(fields.values()):
             try:
                 filters = Filters(
@@ -169,12 +170,13 @@ def create_app(archive: Archive, token: str, *, allowed_hosts: list[str] | None 
                         hits = list(itertools.islice(found, number * PER_PAGE, (number + 1) * PER_PAGE + 1))
                     finally:
                         getattr(found, "close", lambda: None)()  # the generator's store closes now, not at GC
+                    missing = unindexed(archive.url, mailbox=archive.mailbox(account))  # said, not hidden
                 more = len(hits) > PER_PAGE
                 hits = hits[:PER_PAGE]
             except UsageError as exc:
                 error = str(exc)
         return page(request, "search.html", fields=fields, account=account, hits=hits, more=more, page=number, error=error,
-                    query=str(request.url.remove_query_params("page").query))
+                    missing=missing, query=str(request.url.remove_query_params("page").query))
 
     async def search_page(request: Request) -> Response:
         return await run_in_threadpool(_search, request)
