@@ -72,12 +72,12 @@ def test_a_write_that_hits_enospc_leaves_nothing_behind(tmp_path: Path, kind: st
 
         written = MaildirStore._write
 
-        def write(path: Path, message: Message) -> None:  # the first files fit, then one is torn
+        def write(tmp: Path, message: Message, flags: str) -> str:  # the first files fit, then one is torn
             if budget[0] <= 0:
-                path.write_bytes(message.raw[:100])
+                (tmp / f"{message.sha256}.lf{flags}").write_bytes(message.raw[:100])
                 raise OSError(errno.ENOSPC, "No space left on device")
             budget[0] -= message.size
-            written(path, message)
+            return written(tmp, message, flags)
 
         monkeypatch.setattr(MaildirStore, "_write", staticmethod(write))
     with pytest.raises(DiskFullError, match="disk full while writing .*; free space and rerun"):
