@@ -30,6 +30,27 @@ def test_migrate_has_target_twins_for_its_second_login() -> None:
     assert {f"--target-{name[2:]}" for name in LOGIN} <= options("migrate")
 
 
+@pytest.mark.parametrize("command", ["restore", "migrate"])
+def test_workers_reach_the_transfer_options(command: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import importlib
+
+    restore_module = importlib.import_module("mailbackup.restore")  # the module: the package exports a function of that name
+    seen = []
+
+    def capture(*args, options, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(options.workers)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(restore_module, command, capture)
+    first = "/nonexistent/a.sqlite" if command == "restore" else "imap://a@127.0.0.1:1"
+    env = {"MAILBACKUP_PASSWORD": "x", "MAILBACKUP_TARGET_PASSWORD": "y"}
+    for argv in ([], ["--workers", "1"]):
+        CliRunner().invoke(main, [command, first, "imap://b@127.0.0.1:1", "--no-tls", *argv], env=env)
+    assert seen == [3, 1]
+    refused = CliRunner().invoke(main, [command, first, "imap://b@127.0.0.1:1", "--workers", "0"], env=env)
+    assert refused.exit_code == 2
+
+
 def test_target_password_prompt_names_the_target_options() -> None:
     result = CliRunner().invoke(
         main, ["migrate", "imap://a@127.0.0.1:1", "imap://b@127.0.0.1:1", "--no-tls", "--target-no-tls", "--password-command", "echo x"],

@@ -103,6 +103,9 @@ def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--force", is_flag=True, help="Check every message on the target by Message-ID and size (or hash) instead of trusting the journal."),
             click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
                          help="Give up after this many reconnects in a row that made no progress."),
+            click.option("--workers", type=click.IntRange(1, 8), default=3, show_default=True,
+                         help="IMAP: folders sent at once once a run is past its first 500 messages, each over "
+                         "connections of its own (1: one folder at a time). More pays against a distant server."),
             output_options(),
         ]
     ):
@@ -138,6 +141,7 @@ def restore_command(
     batch_messages: int,
     force: bool,
     retries: int,
+    workers: int,
     out: Output,
     since: Any,
     before: Any,
@@ -175,6 +179,7 @@ def restore_command(
             dry_run=dry_run,
             force=force,
             reconnects=retries,
+            workers=workers,
             no_tls=tls.no_tls,
             ca_file=tls.ca_file,
             timeout=tls.timeout,
@@ -216,6 +221,7 @@ def migrate_command(
     batch_messages: int,
     force: bool,
     retries: int,
+    workers: int,
     out: Output,
     state: str | None,
     login: Login,
@@ -243,6 +249,7 @@ def migrate_command(
             dry_run=dry_run,
             force=force,
             reconnects=retries,
+            workers=workers,
             no_tls=target_tls.no_tls,
             ca_file=target_tls.ca_file,
             timeout=target_tls.timeout,
