@@ -295,6 +295,17 @@ class Pop3Source:
         except (ValueError, IndexError):
             raise ServerError("malformed LIST reply from the POP3 server") from None
 
+    def uidls(self) -> list[str] | None:
+        """Every message's UIDL, in one read and without sizes (the rerun check needs no more);
+        None unless the server gives exactly one plain 'n id' line per message."""
+        with command_errors():
+            count = self.conn.stat()[0]
+        words = self._multiline("UIDL", 80 * count).decode("ascii", "replace").split()
+        # The full listing (listing_lines) would see the same ids: each line is "n id", in order.
+        if len(words) != 2 * count or words[0::2] != [str(n) for n in range(1, count + 1)]:
+            return None
+        return words[1::2]
+
     def header_id(self, drop: Drop) -> str:
         """Fallback id without UIDL: SHA-256 of the headers (TOP n 0) plus the size."""
         head = self._multiline(f"TOP {drop.number} 0", drop.size)
