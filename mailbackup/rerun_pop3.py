@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -31,17 +30,18 @@ FOLDER = """
 """
 
 # The live UIDLs of the folder, as Catalog.source_ids reads them: one pass over the
-# (folder_id, source_id) index.
-KNOWN = "SELECT source_id{} FROM messages WHERE folder_id = ? AND source_id IS NOT NULL AND gone_at IS NULL"
+# (folder_id, source_id) index, in its order.
+KNOWN = "SELECT source_id{} FROM messages WHERE folder_id = ? AND source_id IS NOT NULL AND gone_at IS NULL ORDER BY source_id"
 
 
 @dataclass(frozen=True)
 class Known:
-    """What the catalog holds for the maildrop's folder: each live UIDL, and when it was
-    first downloaded if a delete option asked (else None)."""
+    """What the catalog holds for the maildrop's folder: its live UIDLs, and when each was first
+    downloaded if a delete option asked (else None)."""
 
     folder: str
-    first_seen: dict[str, str | None]
+    ids: list[str]
+    first_seen: list[str] | None = None  # in the order of ids
 
 
 def read_known(db: sqlite3.Connection, account_id: int, folder: str, *, dated: bool) -> Known | None:
@@ -49,22 +49,24 @@ def read_known(db: sqlite3.Connection, account_id: int, folder: str, *, dated: b
     row = db.execute(FOLDER, (account_id, folder)).fetchone()
     if row is None or not row[1] or row[2]:
         return None
-    if dated:
-        first_seen = dict(db.execute(KNOWN.format(", fetched_at"), (row[0],)).fetchall())
-    else:
-        first_seen = dict.fromkeys(sid for (sid,) in db.execute(KNOWN.format(""), (row[0],)).fetchall())
-    return Known(folder, first_seen)
+    if not dated:
+        return Known(folder, [sid for (sid,) in db.execute(KNOWN.format(""), (row[0],))])
+    rows = db.execute(KNOWN.format(", fetched_at"), (row[0],)).fetchall()
+    return Known(folder, [sid for sid, _ in rows], [when for _, when in rows])
 
 
-def up_to_date(uidls: Iterable[str] | None, known: Known, delete_before: datetime | None, started: float) -> FolderReport | None:
+def up_to_date(uidls: list[str] | None, known: Known, delete_before: datetime | None, started: float) -> FolderReport | None:
     """The folder's report when the server's UIDLs (None: it gave none usable) need no work, else None."""
     if uidls is None:
         return None  # no UIDL: messages are told apart by their headers, which only the full backup reads
-    on_server = set(uidls)
-    if on_server != known.first_seen.keys():
+    # Equal lists are the common case (a server that numbers UIDLs as they sort); else compare sets.
+    if uidls != known.ids and set(uidls) != set(known.ids):
         return None  # something new, or something gone from the server (the full backup marks it)
-    if delete_before is not None and any(_owed(known.first_seen[i], delete_before) for i in on_server):
-        return None
+    if delete_before is not None:
+        # Every entry is one on the server now: any that is old enough is to be deleted.
+        dates = known.first_seen if known.first_seen is not None else [None] * len(known.ids)
+        if any(_owed(when, delete_before) for when in dates):
+            return None
     return FolderReport(name=known.folder, elapsed=time.monotonic() - started)
 
 

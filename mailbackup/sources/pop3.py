@@ -6,7 +6,6 @@ poplib strips line endings and refuses lines over 2048 bytes.
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import io
 import poplib
@@ -131,6 +130,8 @@ def _unfold(value: bytes) -> str:
 
 
 def _parse_date(text: str) -> datetime | None:
+    import email.utils  # here, not at the top: a rerun with nothing new reads no message
+
     try:
         when = email.utils.parsedate_to_datetime(text.strip())
     except (TypeError, ValueError, IndexError):
@@ -302,7 +303,7 @@ class Pop3Source:
             count = self.conn.stat()[0]
         words = self._multiline("UIDL", 80 * count).decode("ascii", "replace").split()
         # The full listing (listing_lines) would see the same ids: each line is "n id", in order.
-        if len(words) != 2 * count or words[0::2] != [str(n) for n in range(1, count + 1)]:
+        if len(words) != 2 * count or words[0::2] != list(map(str, range(1, count + 1))):
             return None
         return words[1::2]
 
