@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, TypeVar
 from .errors import ConnectionLost, ProviderLimit, ServerError, UsageError, setting
 from .limits import DailyBudget, TokenBucket, utc_day
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
-from .prefetch import prefetched
 from .sources import (
     Checkpoint,
     Connect,
@@ -359,6 +358,8 @@ class FolderSync:
                     wanted_now.append(item)
                 else:
                     self.tally.failed.append(reason)
+            from .prefetch import prefetched  # threads and ctypes: not for a rerun with nothing new
+
             for batch, fetched in prefetched(run.batches(wanted_now), self.collect):
                 self.settle(archived, validity, batch, *fetched.result(), rescan)
 
