@@ -251,8 +251,8 @@ def check(
         if traits == POP3:
             from .sources.pop3 import MAILDROP  # loaded anyway to connect; not for an IMAP rerun
 
-            folder = into or MAILDROP
-            known = read_catalog(located, account, lambda db, account_id: read_known(db, account_id, folder, dated=delete_before is not None)) if free else None
+            folder, dated = into or MAILDROP, delete_before is not None
+            known = read_catalog(located, account, lambda db, account_id: read_known(db, account_id, folder, dated=dated)) if free else None
             if known is None:
                 log.debug("rerun check: the catalog of %s is not one it can vouch for; a full backup", located.url)
                 return None
@@ -279,7 +279,10 @@ def _settle(located: Archive, source: Source, compare: Callable[[], tuple[Folder
     if reports is None:
         log.debug("rerun check: something changed on the server; a full backup")
         return Outcome(located.url, source=source)
-    source.close()
+    try:
+        source.close()
+    except ConnectionLost:
+        return None  # as when the full backup's last command fails: it goes on, with its retries
     return Outcome(located.url, reports=reports)
 
 
