@@ -265,3 +265,26 @@ def test_uidls_takes_only_one_plain_line_per_message(tmp_path: Path) -> None:
                 assert source.uidls() is None, reply
         finally:
             source.close()
+
+
+def test_a_line_lost_at_the_checks_quit_goes_to_the_full_backup(dovecot, account, tmp_path: Path, checks: list[str], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from mailbackup.errors import ConnectionLost
+    from mailbackup.sources.pop3 import Pop3Source
+
+    seed(dovecot, account)
+    url = STORES["maildir"](tmp_path)
+    pop_backup(account, url)
+    original = Pop3Source.close
+    closed: list[bool] = []
+
+    def close(self, *, commit: bool = True) -> None:  # type: ignore[no-untyped-def]
+        original(self, commit=commit)
+        closed.append(commit)
+        if len(closed) == 1:
+            raise ConnectionLost("the POP3 server closed the connection; rerun to finish")
+
+    monkeypatch.setattr(Pop3Source, "close", close)
+    checks.clear()
+    summary = pop_backup(account, url)
+    assert checks == ["login", "not checked", "login"]  # the full backup logged in again, and found nothing
+    assert summary.new == 0 and closed == [True, True]
