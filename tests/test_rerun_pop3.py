@@ -263,6 +263,12 @@ def test_uidls_takes_only_one_plain_line_per_message(tmp_path: Path) -> None:
             for reply in (b"1 id0\r\n", b"1 id0\r\n3 id1\r\n", b"1 id0\r\n2 id 1\r\n", b"1 id0\r\n2\r\n", b"2 id1\r\n1 id0\r\n"):
                 source._multiline = lambda command, size, reply=reply: reply  # type: ignore[method-assign]  # the server's UIDL reply
                 assert source.uidls() is None, reply
+
+            def garbled_stat() -> tuple[int, int]:
+                raise ValueError("invalid literal for int() with base 10: b'lots'")  # poplib on "+OK lots"
+
+            source.conn.stat = garbled_stat  # type: ignore[method-assign]  # the server's STAT reply
+            assert source.uidls() is None
         finally:
             source.close()
 

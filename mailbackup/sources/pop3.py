@@ -300,7 +300,10 @@ class Pop3Source:
         """Every message's UIDL, in one read and without sizes (the rerun check needs no more);
         None unless the server gives exactly one plain 'n id' line per message."""
         with command_errors():
-            count = self.conn.stat()[0]
+            try:
+                count = self.conn.stat()[0]
+            except (ValueError, IndexError):  # poplib parses "+OK n size" and takes anything else badly
+                return None
         words = self._multiline("UIDL", 80 * count).decode("ascii", "replace").split()
         # The full listing (listing_lines) would see the same ids: each line is "n id", in order.
         if len(words) != 2 * count or words[0::2] != list(map(str, range(1, count + 1))):
