@@ -294,3 +294,23 @@ def test_a_line_lost_at_the_checks_quit_goes_to_the_full_backup(dovecot, account
     summary = pop_backup(account, url)
     assert checks == ["login", "not checked", "login"]  # the full backup logged in again, and found nothing
     assert summary.new == 0 and closed == [True, True]
+
+
+def test_a_pop3_rerun_while_another_run_writes_is_refused_without_logging_in(dovecot, account, tmp_path: Path, checks: list[str]) -> None:  # type: ignore[no-untyped-def]
+    from mailbackup.errors import ArchiveLocked
+    from mailbackup.stores import open_store
+
+    seed(dovecot, account)
+    url = STORES["maildir"](tmp_path)
+    pop_backup(account, url)
+    store = open_store(url, mode="write", account=f"{account.user}@127.0.0.1")
+    checks.clear()
+    try:
+        with store.lock(), pytest.raises(ArchiveLocked):
+            pop_backup(account, url)
+    finally:
+        store.close()
+    assert checks == ["not checked"]  # the maildrop was not even locked by a login
+    checks.clear()
+    assert pop_backup(account, url).new == 0
+    assert checks == ["login", "answered"]
