@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +84,8 @@ def keyring_secret(service: str, username: str, *, what: str) -> str:
 
 def run_command(command: str, what: str) -> str:
     """Run a secret helper (pass, gpg, an OAuth2 token tool) and take its first line."""
+    import subprocess  # here: most runs take the secret from elsewhere, and a rerun starts faster without it
+
     try:
         done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, TypeVar
 from .errors import ConnectionLost, ProviderLimit, ServerError, UsageError, setting
 from .limits import DailyBudget, TokenBucket, utc_day
 from .model import ArchivedFolder, Folder, FolderReport, Message, Summary
-from .prefetch import prefetched
 from .sources import (
     Checkpoint,
     Connect,
@@ -359,6 +358,8 @@ class FolderSync:
                     wanted_now.append(item)
                 else:
                     self.tally.failed.append(reason)
+            from .prefetch import prefetched  # threads and ctypes: not for a rerun with nothing new
+
             for batch, fetched in prefetched(run.batches(wanted_now), self.collect):
                 self.settle(archived, validity, batch, *fetched.result(), rescan)
 
@@ -444,15 +445,22 @@ class FolderSync:
         """Whether the delete options let an already-archived message go from the server."""
         if self.options.delete:
             return True
-        if self.options.delete_older_than is None:
-            return False
-        cutoff = datetime.now(timezone.utc) - timedelta(days=self.options.delete_older_than)
-        return datetime.fromisoformat(first_seen) <= cutoff
+        cutoff = delete_cutoff(self.options)
+        return cutoff is not None and datetime.fromisoformat(first_seen) <= cutoff
 
     def delete(self, ids: Sequence[SourceId]) -> None:
         if ids:
             self.source.delete(ids)
             self.tally.deleted += len(ids)
+
+
+def delete_cutoff(options: BackupOptions) -> datetime | None:
+    """Archived messages first downloaded at or before this go from the server (None: none do)."""
+    if options.delete:
+        return datetime.max.replace(tzinfo=timezone.utc)
+    if options.delete_older_than is None:
+        return None
+    return datetime.now(timezone.utc) - timedelta(days=options.delete_older_than)
 
 
 def choose(listed: Sequence[Folder], options: BackupOptions) -> list[Folder]:
@@ -632,6 +640,8 @@ def backup(
             connect,
             lambda listed: choose(listed, options),
             lambda folder: wanted(folder, options.include, options.exclude),
+            into=options.into,
+            delete_before=delete_cutoff(options),
         )
         if outcome is not None and outcome.reports is not None:
             progress.plan(len(outcome.reports))

@@ -13,6 +13,7 @@ SQLite catalog of a Maildir, mbox or .sqlite archive, and asks STATUS. Whatever 
 cannot vouch for (another store, an encrypted archive, a server without CONDSTORE,
 Gmail, one folder that differs) goes to the full backup, which gets the open
 connection. Nothing here imports SQLAlchemy: a rerun with nothing new never loads it.
+A POP3 maildrop is checked the same way with one UIDL instead (rerun_pop3.py).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import ConnectionLost, ServerError
 from .model import Folder, FolderReport
-from .sources import Connect, Source, imap_source
+from .rerun_pop3 import Known, read_known, up_to_date
+from .sources import IMAP, POP3, Connect, Source, imap_source, open_source, source_kind
 
 # Mirrors of catalog.py's (tests/test_rerun.py checks they agree): importing catalog.py
 # would load SQLAlchemy, which is what this module exists to avoid.
@@ -39,6 +43,8 @@ RECOVERED_MARK = "$MailbackupRecovered"
 CATALOG_DIR = ".mailbackup"
 
 log = logging.getLogger("mailbackup")
+
+T = TypeVar("T")
 
 # Per folder of the account: its checkpoint, its live entries under that UIDVALIDITY,
 # its entries with a UID (what a vanished folder would mark gone) and whether an entry
@@ -114,15 +120,26 @@ def _recorded(archive: Archive, account: str) -> bool:
     return kind == archive.kind and held == account
 
 
-def read_marks(archive: Archive, account: str) -> dict[str, Mark] | None:
-    """Each folder's mark, by name; None when the catalog is not one a writing open would take as it is."""
+@contextmanager
+def opened_catalog(archive: Archive, account: str) -> Iterator[tuple[sqlite3.Connection, int] | None]:
+    """The catalog, read-only, with the account's id; None when it is not one a writing open
+    would take as it is (the full backup then decides what to do with it)."""
     if not archive.database.is_file() or not _writable(archive) or not _recorded(archive, account):
-        return None
+        yield None
+        return
     try:
         # Read-only: no WAL checkpoint at close, nothing created, nothing migrated.
         db = sqlite3.connect(f"{archive.database.as_uri()}?mode=ro", uri=True, timeout=5)
     except sqlite3.Error:
-        return None
+        yield None
+        return
+    try:
+        yield _account_id(db, archive, account)
+    finally:
+        db.close()
+
+
+def _account_id(db: sqlite3.Connection, archive: Archive, account: str) -> tuple[sqlite3.Connection, int] | None:
     try:
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         # crypt_meta: encrypted or compressed (the full path asks for the passphrase).
@@ -137,16 +154,38 @@ def read_marks(archive: Archive, account: str) -> dict[str, Mark] | None:
             return None
         if db.execute("SELECT 1 FROM messages LIMIT 1").fetchone() is None:
             return None  # an empty or lost catalog: the full path decides which
-        marks = {}
-        for name, delimiter, attributes, validity, modseq, live, keyed, stale in db.execute(FOLDERS, (accounts[account],)):
-            if RECOVERED_MARK in attributes.split():
-                return None  # repair's homeless entries may be adopted by any folder
-            marks[name] = Mark(delimiter, attributes, validity, modseq, live, keyed, bool(stale))
-        return marks
+        # Repair's homeless entries may be adopted by any folder (the catalog's own test: LIKE).
+        recovered = db.execute(
+            "SELECT 1 FROM folders WHERE account_id = ? AND attributes LIKE ? LIMIT 1",
+            (accounts[account], f"%{RECOVERED_MARK}%"),
+        ).fetchone()
+        return None if recovered else (db, accounts[account])
     except sqlite3.Error:
         return None
-    finally:
-        db.close()
+
+
+def read_catalog(archive: Archive, account: str, read: Callable[[sqlite3.Connection, int], T | None]) -> T | None:
+    """What read(db, account_id) makes of the catalog; None when it is not one a writing open would
+    take as it is, or read found something only the full backup can handle."""
+    with opened_catalog(archive, account) as opened:
+        if opened is None:
+            return None
+        try:
+            return read(*opened)
+        except sqlite3.Error:
+            return None
+
+
+def read_marks(archive: Archive, account: str) -> dict[str, Mark] | None:
+    """Each folder's mark, by name; None when the catalog is not one a writing open would take as it is."""
+
+    def marks(db: sqlite3.Connection, account_id: int) -> dict[str, Mark]:
+        return {
+            name: Mark(delimiter, attributes, validity, modseq, live, keyed, bool(stale))
+            for name, delimiter, attributes, validity, modseq, live, keyed, stale in db.execute(FOLDERS, (account_id,))
+        }
+
+    return read_catalog(archive, account, marks)
 
 
 def _protection_asked() -> bool:
@@ -191,33 +230,72 @@ def check(
     connect: Connect,
     choose: Callable[[list[Folder]], list[Folder]],
     wanted: Callable[[Folder], bool],
+    *,
+    into: str | None = None,
+    delete_before: datetime | None = None,
 ) -> Outcome | None:
     """Whether a backup of source_url into archive has anything to do; None when this cannot tell
-    without connecting (the full backup then does everything)."""
-    if source_url.partition("://")[0].lower() not in ("imap", "imaps") or _protection_asked():
+    without connecting (the full backup then does everything).
+
+    For a POP3 maildrop, into names the archive's folder (None: the maildrop's own name) and
+    delete_before says which archived messages the delete options send off the server:
+    those first downloaded at or before it (None: none).
+    """
+    traits = source_kind(source_url).traits
+    if traits not in (IMAP, POP3) or _protection_asked():
         return None
     located = locate(archive)
     if located is None:
         return None
     with _locked(located.lock) as free:
+        if traits == POP3:
+            from .sources.pop3 import MAILDROP  # loaded anyway to connect; not for an IMAP rerun
+
+            folder, dated = into or MAILDROP, delete_before is not None
+            known = read_catalog(located, account, lambda db, account_id: read_known(db, account_id, folder, dated=dated)) if free else None
+            if known is None:
+                log.debug("rerun check: the catalog of %s is not one it can vouch for; a full backup", located.url)
+                return None
+            source = open_source(source_url, connect)
+            return _settle(located, source, lambda: _compare_pop3(source, known, delete_before))
         marks = read_marks(located, account) if free else None
         if marks is None:
             log.debug("rerun check: the catalog of %s is not one it can read; a full backup", located.url)
             return None
         source = imap_source(source_url, connect)
-        try:
-            reports = _compare(source, marks, choose, wanted)
-        except ConnectionLost:
-            source.close(commit=False)
-            return None  # the full backup reconnects, with its retries
-        except BaseException:
-            source.close(commit=False)
-            raise
-        if reports is None:
-            log.debug("rerun check: something changed on the server; a full backup")
-            return Outcome(located.url, source=source)
+        return _settle(located, source, lambda: _compare(source, marks, choose, wanted))
+
+
+def _settle(located: Archive, source: Source, compare: Callable[[], tuple[FolderReport, ...] | None]) -> Outcome | None:
+    """Ask the server; hang up if all is up to date, else hand the connection to the full backup."""
+    try:
+        reports = compare()
+    except ConnectionLost:
+        source.close(commit=False)
+        return None  # the full backup reconnects, with its retries
+    except BaseException:
+        source.close(commit=False)
+        raise
+    if reports is None:
+        log.debug("rerun check: something changed on the server; a full backup")
+        return Outcome(located.url, source=source)
+    try:
         source.close()
-        return Outcome(located.url, reports=reports)
+    except ConnectionLost:
+        return None  # as when the full backup's last command fails: it goes on, with its retries
+    return Outcome(located.url, reports=reports)
+
+
+def _compare_pop3(source: Source, known: Known, delete_before: datetime | None) -> tuple[FolderReport, ...] | None:
+    started = time.monotonic()
+    uidls = getattr(source, "uidls", None)
+    if uidls is None:
+        return None
+    try:
+        report = up_to_date(uidls(), known, delete_before, started)
+    except ServerError:
+        return None  # the full backup tries again and reports it
+    return None if report is None else (report,)
 
 
 def _compare(

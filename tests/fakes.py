@@ -187,6 +187,8 @@ class FakePop3(LoopbackServer):
                 wfile.write(b"+OK\r\n" + b"".join(c.encode() + b"\r\n" for c in self.capabilities) + b".\r\n")
             elif command in ("USER", "PASS", "NOOP", "DELE", "RSET"):
                 wfile.write(b"+OK\r\n")
+            elif command == "STAT":
+                wfile.write(b"+OK %d %d\r\n" % (len(self.messages), sum(map(len, self.messages))))
             elif command == "LIST":
                 wfile.write(b"+OK\r\n" + b"".join(b"%d %d\r\n" % (i + 1, len(m)) for i, m in enumerate(self.messages)) + b".\r\n")
             elif command == "UIDL" and "UIDL" in self.capabilities:

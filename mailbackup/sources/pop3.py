@@ -6,7 +6,6 @@ poplib strips line endings and refuses lines over 2048 bytes.
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import io
 import poplib
@@ -131,6 +130,8 @@ def _unfold(value: bytes) -> str:
 
 
 def _parse_date(text: str) -> datetime | None:
+    import email.utils  # here, not at the top: a rerun with nothing new reads no message
+
     try:
         when = email.utils.parsedate_to_datetime(text.strip())
     except (TypeError, ValueError, IndexError):
@@ -294,6 +295,20 @@ class Pop3Source:
             return [Drop(n, int(size.split()[0]), uidls.get(n)) for n, size in sorted(sizes.items())]
         except (ValueError, IndexError):
             raise ServerError("malformed LIST reply from the POP3 server") from None
+
+    def uidls(self) -> list[str] | None:
+        """Every message's UIDL, in one read and without sizes (the rerun check needs no more);
+        None unless the server gives exactly one plain 'n id' line per message."""
+        with command_errors():
+            try:
+                count = self.conn.stat()[0]
+            except (ValueError, IndexError):  # poplib parses "+OK n size" and takes anything else badly
+                return None
+        words = self._multiline("UIDL", 80 * count).decode("ascii", "replace").split()
+        # The full listing (listing_lines) would see the same ids: each line is "n id", in order.
+        if len(words) != 2 * count or words[0::2] != list(map(str, range(1, count + 1))):
+            return None
+        return words[1::2]
 
     def header_id(self, drop: Drop) -> str:
         """Fallback id without UIDL: SHA-256 of the headers (TOP n 0) plus the size."""
