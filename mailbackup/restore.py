@@ -69,6 +69,9 @@ class RestoreOptions:
     workers: int = 3  # folders transferred at once, each over connections of its own (1: one at a time)
     parallel_after: int = 500  # ... once this many messages went out: a short run needs no more logins
     reconnect_delay: float = 2.0  # then 2x, 4x...
+    # After a dropped line: how long a target folder must stay unchanged before it is listed, so
+    # that APPENDs the server still runs for the dead session are seen, not sent twice.
+    settle_quiet: float = 1.0
     # SMTP only
     recipients: tuple[str, ...] = ()
     sender: str | None = None
@@ -87,6 +90,7 @@ class RestoreOptions:
             batch_bytes=self.batch_bytes,
             retries=self.reconnects,
             retry_delay=self.reconnect_delay,
+            settle_quiet=self.settle_quiet,
             workers=self.workers,
             parallel_after=self.parallel_after,
         )
