@@ -233,19 +233,22 @@ class Journal:
 
 def _move_over(engine: sa.Engine) -> None:
     """Move a version 2 journal's rows into version 3's tables, in one transaction, and drop it."""
-    pairs = sa.select(*(legacy.c[name] for name in FOLDER_KEY)).distinct()
+    # WHERE: SQLite reads an INSERT ... SELECT's ON CONFLICT as the join's ON without one.
+    pairs = sa.select(*(legacy.c[name] for name in FOLDER_KEY)).where(sa.true()).distinct()
     kept = [c.name for c in journal.columns if c.name != "folder_id"]
     rows = sa.select(folders.c.id, *(legacy.c[name] for name in kept)).join(
         folders, sa.and_(*(folders.c[name] == legacy.c[name] for name in FOLDER_KEY))
-    )
+    ).where(sa.true())
+    insert = _insert(engine.dialect.name)
     with engine.begin() as conn:
-        conn.execute(folders.insert().from_select(FOLDER_KEY, pairs))
-        conn.execute(journal.insert().from_select(["folder_id", *kept], rows))
+        # A row the current tables have already (an older version ran after this one) stays.
+        conn.execute(insert(folders).from_select(FOLDER_KEY, pairs).on_conflict_do_nothing())
+        conn.execute(insert(journal).from_select(["folder_id", *kept], rows).on_conflict_do_nothing())
         conn.execute(sa.text(f"DROP TABLE {legacy.name}"))
 
 
-@functools.cache
-def _upsert(dialect: str) -> sa.sql.expression.Executable:
+def _insert(dialect: str) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT (both dialects' insert() take the same arguments)."""
     # Imported here: PostgreSQL's dialect package pulls in its drivers' modules, which a run on SQLite never needs.
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
@@ -253,7 +256,12 @@ def _upsert(dialect: str) -> sa.sql.expression.Executable:
         from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]  # both dialects' insert() take the same arguments
     else:
         raise StoreError(f"the restore journal supports SQLite and PostgreSQL, not {dialect}")
-    statement = insert(journal)
+    return insert
+
+
+@functools.cache
+def _upsert(dialect: str) -> sa.sql.expression.Executable:
+    statement = _insert(dialect)(journal)
     excluded = statement.excluded
     keep = set(KEY)
     return statement.on_conflict_do_update(

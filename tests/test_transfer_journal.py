@@ -87,3 +87,20 @@ def test_a_journal_from_the_previous_version_resumes_where_it_stopped(dovecot, t
         states = dict(moved.execute("SELECT state, count(*) FROM journal_items GROUP BY state").fetchall())
         assert states == {"done": 180, "found": 10}
     moved.close()
+
+
+def test_rows_of_both_versions_are_kept_when_an_older_version_ran_after_this_one(tmp_path: Path) -> None:
+    from mailbackup.catalog import create_engine
+    from mailbackup.journal import DONE, IN_FLIGHT, Journal, Record
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'state.sqlite'}")
+    Journal(engine, "archive", "imap://me@host:143").write("INBOX", [Record("1", DONE, "INBOX", 7, 1)])
+    with sqlite3.connect(tmp_path / "state.sqlite") as older:
+        older.execute(VERSION_2)
+        row = ("archive", "imap://me@host:143", "INBOX", "{}", IN_FLIGHT, "INBOX", 7, None, None, None, None, "", None, "now")
+        older.executemany(f"INSERT INTO transfer_journal ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                          [(*row[:3], "1", *row[4:]), (*row[:3], "2", *row[4:])])
+    older.close()
+    records = Journal(engine, "archive", "imap://me@host:143").records("INBOX", "INBOX")
+    assert {item: r.state for item, r in records.items()} == {"1": DONE, "2": IN_FLIGHT}
+    engine.dispose()
