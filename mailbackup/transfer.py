@@ -428,10 +428,6 @@ class Engine:
         with self.lock:
             if not self.parallel or self.helpers or not self.todo:
                 return
-            if self.pace is not None and self.pace.window is not None:
-                # From here each worker keeps one batch in flight: the target has the other workers'
-                # folders to write meanwhile, and a batch waiting for its answer is held in memory.
-                self.pace.window = 1
             for number in range(1, self.options.workers):
                 helper = threading.Thread(target=self.help, args=(number,), name=f"transfer-{number}", daemon=True)
                 self.helpers.append(helper)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
@@ -309,28 +308,3 @@ def test_the_journal_syncs_at_checkpoints_and_the_catalog_at_every_commit(tmp_pa
     with catalog.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
 
-
-def test_once_workers_run_in_parallel_each_keeps_one_batch_in_flight(tmp_path: Path) -> None:
-    # A batch waiting for its answer is held in memory; with other folders' workers writing,
-    # the target is busy without a second one.
-    data = {name: toy_messages(12, name.lower()) for name in ("INBOX", "Work", "Lists")}
-    server = ToyServer()
-    in_flight: list[int] = []
-    lock = threading.Lock()
-
-    class Counting(ToyTarget):
-        def send(self, destination: Destination, batch: Sequence[Outgoing]) -> None:
-            super().send(destination, batch)
-            with lock:
-                in_flight.append(self.pending)
-
-    def connect() -> tuple[Source, Target]:
-        with lock:  # one toy server, one source per worker (a source remembers its open folder)
-            return ToySource(data), Counting(server)
-
-    options = TransferOptions(batch_messages=3, retry_delay=0, workers=3, parallel_after=0)
-    journal = Journal(create_engine(f"sqlite:///{tmp_path / 'journal.sqlite'}"), "toy-source", "toy://me@here")  # one file for every thread
-    reports = Engine(connect, lambda target: journal, options, Progress()).run()  # type: ignore[arg-type]
-    assert [r.sent for r in reports] == [12, 12, 12]
-    assert held(server) == {f"Restored/{name}": Counter(m.raw for m in messages) for name, messages in data.items()}
-    assert in_flight and max(in_flight) == 1
