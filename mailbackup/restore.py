@@ -69,6 +69,9 @@ class RestoreOptions:
     workers: int = 3  # folders transferred at once, each over connections of its own (1: one at a time)
     parallel_after: int = 500  # ... once this many messages went out: a short run needs no more logins
     reconnect_delay: float = 2.0  # then 2x, 4x...
+    # After a dropped line: how long a target folder must stay unchanged before it is listed, so
+    # that APPENDs the server still runs for the dead session are seen, not sent twice.
+    settle_quiet: float = 1.0
     # SMTP only
     recipients: tuple[str, ...] = ()
     sender: str | None = None
@@ -87,6 +90,7 @@ class RestoreOptions:
             batch_bytes=self.batch_bytes,
             retries=self.reconnects,
             retry_delay=self.reconnect_delay,
+            settle_quiet=self.settle_quiet,
             workers=self.workers,
             parallel_after=self.parallel_after,
         )
@@ -181,7 +185,10 @@ def restore(
     if options.as_of is not None and options.include_gone:
         raise UsageError(f"{setting('as_of')} picks what was there at that time; {setting('include_gone')} does not go with it")
     store = open_store(archive, mode="read", account=mailbox)
-    small_cache(store.catalog.engine)  # read by every worker and its prefetch thread
+    small_cache(store.catalog.engine, kib=64)  # read by every worker and its prefetch thread, in id order
+    # Opening the store left connections in the pool with SQLite's 2 MB cache; the workers
+    # would take those up and fill them (5 MB of peak memory at 20,000 messages).
+    store.catalog.engine.dispose()
     try:
         picked = selection(options)
         labels = None if smtp else label_plan(store)  # a Gmail archive: label folders are views of All Mail
@@ -201,7 +208,8 @@ def restore(
             def journal(target: Target) -> Journal:
                 return Journal(engine, archive_identity(store.url), target.identity, create=not options.dry_run)
 
-            reports = Engine(connect, journal, options.transfer(), progress).run()
+            # An archive reads a batch in a few milliseconds: read ahead, it would only be one more held per worker.
+            reports = Engine(connect, journal, replace(options.transfer(), read_ahead=0), progress).run()
             if labels is not None and hidden and not options.dry_run:
                 target = connect_target(endpoint, password, options)
                 try:

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from .errors import ConnectionLost, ServerError
@@ -66,6 +66,9 @@ class TransferOptions:
     # Before a folder with messages in doubt is listed: how long the target must stay unchanged.
     settle_quiet: float = 1.0
     settle_limit: float = 60.0
+    # Batches read ahead while one is sent: each is memory held per worker. The batches in
+    # flight keep the target busy while the next is read; a live source's latency wants one more.
+    read_ahead: int = 1
     workers: int = 1  # folders transferred at once, each worker over its own connections
     parallel_after: int = 500  # messages sent before more workers join: a short run needs no more logins
 
@@ -475,6 +478,13 @@ class Engine:
             self.progress.folder_done(FolderReport(name=folder.name))
 
 
+def drained(entries: list[Listed]) -> Iterator[Listed]:
+    """The entries in order, each let go of as it is taken."""
+    entries.reverse()
+    while entries:
+        yield entries.pop()
+
+
 def merged(attempts: Sequence[TransferReport]) -> TransferReport:
     """One report from the attempts at a folder: the plan is the first's, counts add up, failures are the last's."""
     first, last = attempts[0], attempts[-1]
@@ -534,9 +544,37 @@ class FolderWork:
         )
 
     def run(self) -> TransferReport:
+        planned = self.plan()
+        if planned is None:
+            return self.report()
+        transfer, listed, validity = planned
+        self.progress.folder_started(self.folder.name, self.base.planned, self.base.planned_bytes)
+        for _, future in prefetched(self.groups(drained(listed)), self.read, self.options.read_ahead):
+            arrived, lost = future.result()
+            # Each message leaves the list as it is offered: once its batch is answered, nothing holds its bytes.
+            arrived.reverse()
+            while arrived:
+                fetched = arrived.pop()
+                if fetched.message is not None:
+                    transfer.offer(journal_item(validity, fetched.id), fetched.message)
+                elif fetched.failure is not None and not fetched.partial:  # a cut one comes again after the reconnect
+                    label = str(fetched.id) if validity is None else f"UID {fetched.id}"
+                    self.failed.append(f"{label}: {fetched.failure}")
+            if lost is not None:
+                transfer.finish()  # what arrived whole is delivered and journalled first
+                raise lost
+        transfer.finish()
+        return self.report()
+
+    def plan(self) -> tuple[FolderTransfer, list[Listed], int | None] | None:
+        """Check the journal against the target; what to send, or None if nothing.
+
+        Its own method so that the folder-sized lists and maps it builds are gone while the
+        messages are sent.
+        """
         if not self.folder.selectable:
             self.base = replace(self.base, skipped="not selectable")
-            return self.report()
+            return None
         opened = self.source.open(self.folder)
         validity = opened.checkpoint.validity
         items = {journal_item(validity, i): i for i in opened.ids}
@@ -568,11 +606,11 @@ class FolderWork:
             notes=(*opened.notes, *trust.notes),
         )
         if options.dry_run:
-            return self.report()
+            return None
         done = [i for item, i in items.items() if item in trust.done]
         self.flags_updated = self.propagate_flags(destination, validity, done, records)
         if not todo:
-            return self.report()
+            return None
         transfer = self.transfer = FolderTransfer(
             self.target,
             self.journal,
@@ -583,22 +621,9 @@ class FolderWork:
             pace=self.pace,
             progress=self.progress,
         )
-        self.progress.folder_started(source_name, len(todo), self.base.planned_bytes)
-        for _, future in prefetched(self.groups(listed), self.read):
-            arrived, lost = future.result()
-            for fetched in arrived:
-                if fetched.message is not None:
-                    transfer.offer(journal_item(validity, fetched.id), fetched.message)
-                elif fetched.failure is not None and not fetched.partial:  # a cut one comes again after the reconnect
-                    label = str(fetched.id) if validity is None else f"UID {fetched.id}"
-                    self.failed.append(f"{label}: {fetched.failure}")
-            if lost is not None:
-                transfer.finish()  # what arrived whole is delivered and journalled first
-                raise lost
-        transfer.finish()
-        return self.report()
+        return transfer, listed, validity
 
-    def groups(self, listed: list[Listed]) -> Iterator[list[Listed]]:
+    def groups(self, listed: Iterable[Listed]) -> Iterator[list[Listed]]:
         """The listed messages in batches of at most batch_messages, or the pace's bytes unless one is bigger."""
         return grouped(listed, lambda entry: entry.size, lambda: (self.options.batch_messages, self.pace.max_bytes))
 

@@ -10,7 +10,8 @@ or a rerun through the same proxy gets a clean line.
 With `lag` (seconds), what the client sends on a connection that will be cut reaches
 the server that much later, as over a slow path: the client sees the line drop at the
 cut at once, while the server still receives and runs the commands sent just before
-it, after the client may have reconnected.
+it, after the client may have reconnected. Leaving the `with` block waits until those late
+bytes are in and the server's side is closed, so a test then sees all the server got.
 
 `CutProxy(port, cut_after=N)` is the original server -> client form.
 """
@@ -51,6 +52,7 @@ class FaultProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._stop = threading.Event()
+        self._late: list[threading.Thread] = []  # lagged deliveries to the server, still running
 
     def __enter__(self) -> FaultProxy:
         threading.Thread(target=self._accept, daemon=True).start()
@@ -59,6 +61,8 @@ class FaultProxy:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self.listener.close()
+        for sender in self._late:
+            sender.join(timeout=2 * self.lag + 10)
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -130,6 +134,7 @@ class FaultProxy:
                 _close(server)
 
         sender = threading.Thread(target=deliver, daemon=True)
+        self._late.append(sender)
         sender.start()
         sent = 0
         try:

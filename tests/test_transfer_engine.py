@@ -307,3 +307,4 @@ def test_the_journal_syncs_at_checkpoints_and_the_catalog_at_every_commit(tmp_pa
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     with catalog.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
