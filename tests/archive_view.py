@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from mailbackup.stores import open_store
+
+# Where a test keeps an archive of each kind under its tmp_path.
+STORES: dict[str, Callable[[Path], str]] = {
+    "maildir": lambda tmp: f"maildir:{tmp / 'md'}",
+    "mbox": lambda tmp: f"mbox:{tmp / 'mb'}",
+    "sqlite": lambda tmp: str(tmp / "a.sqlite"),
+}
+
+
+def archive_url(kind: str, tmp_path: Path) -> str:
+    return STORES[kind](tmp_path)
 
 
 @dataclass(frozen=True)

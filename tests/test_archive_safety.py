@@ -21,13 +21,10 @@ from mailbackup.repair import repair
 from mailbackup.show import listing
 from mailbackup.stores import open_store
 from mailbackup.verify import DUPLICATE, AgainstOptions, Problem, verify
+from tests.archive_view import archive_url
 
 STORES = ["maildir", "mbox", "sqlite"]
 NO_OVERRIDE = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"]
-
-
-def archive_url(kind: str, tmp_path: Path) -> str:
-    return {"maildir": f"maildir:{tmp_path / 'md'}", "mbox": f"mbox:{tmp_path / 'mb'}", "sqlite": str(tmp_path / "a.sqlite")}[kind]
 
 
 def archive_root(url: str) -> Path:

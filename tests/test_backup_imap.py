@@ -16,16 +16,12 @@ import pytest
 
 from mailbackup import BackupOptions, backup
 from mailbackup.sources import imap as imap_source
-from tests.archive_view import archived
+from tests.archive_view import archive_url, archived
 from tests.corpus.tricky import tricky_messages
 
 CORPUS = Path(__file__).parent / "corpus"
 ROOT = Path(__file__).parent.parent
 STORES = ["maildir", "mbox", "sqlite"]
-
-
-def archive_url(kind: str, tmp_path: Path) -> str:
-    return {"maildir": f"maildir:{tmp_path / 'md'}", "mbox": f"mbox:{tmp_path / 'mb'}", "sqlite": str(tmp_path / "a.sqlite")}[kind]
 
 
 def run_backup(account, url: str, **options) -> object:  # type: ignore[no-untyped-def]

@@ -18,16 +18,12 @@ from mailbackup.catalog import Catalog
 from mailbackup.errors import ConnectionLost, ServerError, StoreError, TLSError
 from mailbackup.sources import pop3 as pop3_source
 from mailbackup.sources.pop3 import message_date, read_multiline
-from tests.archive_view import archived
+from tests.archive_view import archive_url, archived
 from tests.corpus.tricky import tricky_messages
 from tests.fakes import FakePop3
 from tests.proxy import CutProxy
 
 STORES = ["maildir", "mbox", "sqlite"]
-
-
-def archive_url(kind: str, tmp_path: Path) -> str:
-    return {"maildir": f"maildir:{tmp_path / 'md'}", "mbox": f"mbox:{tmp_path / 'mb'}", "sqlite": str(tmp_path / "a.sqlite")}[kind]
 
 
 def pop_backup(account, url: str, port: int | None = None, **options):  # type: ignore[no-untyped-def]

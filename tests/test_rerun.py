@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 
 from mailbackup import BackupOptions, backup, catalog, rerun
-from tests.archive_view import archived
+from tests.archive_view import STORES, archived
 
 ROOT = Path(__file__).parent.parent
-STORES = {
-    "maildir": lambda tmp: f"maildir:{tmp / 'md'}",
-    "mbox": lambda tmp: f"mbox:{tmp / 'mb'}",
-    "sqlite": lambda tmp: str(tmp / "a.sqlite"),
-}
 
 # Runs the CLI in a fresh interpreter and reports, after the command, what it loaded.
 CLI_THEN_MODULES = """

@@ -16,15 +16,10 @@ import pytest
 
 from mailbackup import BackupOptions, backup, rerun, sources
 from mailbackup.model import Summary
-from tests.archive_view import archived
+from tests.archive_view import STORES, archived
 from tests.fakes import FakePop3
 
 ROOT = Path(__file__).parent.parent
-STORES = {
-    "maildir": lambda tmp: f"maildir:{tmp / 'md'}",
-    "mbox": lambda tmp: f"mbox:{tmp / 'mb'}",
-    "sqlite": lambda tmp: str(tmp / "a.sqlite"),
-}
 
 # The CLI in a fresh interpreter ("fast": as shipped; "full": with the rerun check switched off),
 # then what it loaded.

@@ -734,6 +734,17 @@ def plain_hashes(url: str) -> dict[str, list[str]]:
     return {folder: sorted(h for h, _ in items) for folder, items in archived(url).items()}
 
 
+def assert_served_as(url: str, ring, plain: str) -> None:  # type: ignore[no-untyped-def]
+    """Serve url over IMAP with the keys in ring and check every message against the plain archive."""
+    server = start_imap(("127.0.0.1", 0), ServeSettings(archive=url, user="reader", password=PASSWORD), ring)
+    try:
+        expected = plain_hashes(plain)
+        assert served_hashes("127.0.0.1", server.port, list(expected)) == expected
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def encrypted_archive(account, tmp_path: Path, source) -> str:  # type: ignore[no-untyped-def]
     from mailbackup import keys
 
@@ -819,13 +830,7 @@ def test_encrypted_postgresql_archive_is_served_byte_identical(filled, tmp_path,
     engine.dispose()
     assert raws and not any(b"Subject: message" in raw for raw in raws)
     ring = keys.KeyRing(keys.KeySource(passphrase=Login(password_env="MAILBACKUP_TEST_UNSET"), prompt=lambda: "pg pass"))
-    server = start_imap(("127.0.0.1", 0), ServeSettings(archive=pg_url, user="reader", password=PASSWORD), ring)
-    try:
-        expected = plain_hashes(plain)
-        assert served_hashes("127.0.0.1", server.port, list(expected)) == expected
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert_served_as(pg_url, ring, plain)
 
 
 def test_wrong_passphrase_is_one_line_exit_3_before_anything_listens(filled, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -883,14 +888,7 @@ def test_public_key_archive_is_served_only_with_its_identity_file(filled, tmp_pa
     assert result.returncode == 3 and len(result.stderr.strip().splitlines()) == 1 and "--identity-file" in result.stderr
     with pytest.raises(ArchiveKeyError):
         start_imap(("127.0.0.1", 0), ServeSettings(archive=url, user="reader", password=PASSWORD), keys.KeyRing(keys.KeySource()))
-    reader = keys.KeyRing(keys.KeySource(identity_file=str(tmp_path / "id.txt")))
-    server = start_imap(("127.0.0.1", 0), ServeSettings(archive=url, user="reader", password=PASSWORD), reader)
-    try:
-        expected = plain_hashes(plain)
-        assert served_hashes("127.0.0.1", server.port, list(expected)) == expected
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert_served_as(url, keys.KeyRing(keys.KeySource(identity_file=str(tmp_path / "id.txt"))), plain)
 
 
 THUNDERBIRD_FIELDS = "From To Cc Bcc Subject Date Message-ID Priority X-Priority References Newsgroups In-Reply-To Content-Type Reply-To"

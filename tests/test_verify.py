@@ -15,12 +15,9 @@ from mailbackup.cli import main
 from mailbackup.stores import open_store
 from mailbackup.stores.mbox import parse_location
 from mailbackup.verify import CORRUPT, MISSING, NOT_ARCHIVED, NOT_ON_SERVER, UNRECORDED, AgainstOptions, Problem, verify
+from tests.archive_view import archive_url
 
 STORES = ["maildir", "mbox", "sqlite"]
-
-
-def archive_url(kind: str, tmp_path: Path) -> str:
-    return {"maildir": f"maildir:{tmp_path / 'md'}", "mbox": f"mbox:{tmp_path / 'mb'}", "sqlite": str(tmp_path / "a.sqlite")}[kind]
 
 
 def seeded(dovecot, account, tmp_path: Path, kind: str) -> str:  # type: ignore[no-untyped-def]

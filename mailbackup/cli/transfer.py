@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any, NoReturn
 
 import click
@@ -14,6 +15,7 @@ from .app import (
     MAILBOX_HELP,
     Output,
     Tls,
+    _group,
     bars_for,
     finish,
     folder_options,
@@ -91,26 +93,41 @@ def finish_transfer(summary: Any, verb: str, out: Output) -> NoReturn:
     finish(summary.ok)
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """The options restore and migrate share, named as RestoreOptions names them."""
+
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    into: str | None
+    automap: bool
+    dry_run: bool
+    batch_messages: int
+    force: bool
+    reconnects: int
+    workers: int
+
+
 def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by restore and migrate."""
-    for option in reversed(
-        [
-            folder_options,
-            click.option("--into", metavar="PREFIX", help="Put everything under this folder ('/'-separated)."),
-            click.option("--no-automap", is_flag=True, help="Keep literal names; don't map \\Sent, \\Trash... by role."),
-            click.option("--dry-run", is_flag=True, help="Print the plan and change nothing."),
-            click.option("--batch-messages", type=click.IntRange(1, 10000), default=100, hidden=True),
-            click.option("--force", is_flag=True, help="Check every message on the target by Message-ID and size (or hash) instead of trusting the journal."),
-            click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
-                         help="Give up after this many reconnects in a row that made no progress."),
-            click.option("--workers", type=click.IntRange(1, 8), default=3, show_default=True,
-                         help="IMAP: folders sent at once once a run is past its first 500 messages, each over "
-                         "connections of its own (1: one folder at a time). More pays against a distant server."),
-            output_options(),
-        ]
-    ):
-        function = option(function)
-    return function
+    """Options shared by restore and migrate (as `transfer`), and the output options (as `out`)."""
+    names = ["include", "exclude", "into", "no_automap", "dry_run", "batch_messages", "force", "retries", "workers"]
+
+    def build(no_automap: bool, retries: int, **values: Any) -> Transfer:
+        return Transfer(automap=not no_automap, reconnects=retries, **values)
+
+    return _group("transfer", names, build, [
+        folder_options,
+        click.option("--into", metavar="PREFIX", help="Put everything under this folder ('/'-separated)."),
+        click.option("--no-automap", is_flag=True, help="Keep literal names; don't map \\Sent, \\Trash... by role."),
+        click.option("--dry-run", is_flag=True, help="Print the plan and change nothing."),
+        click.option("--batch-messages", type=click.IntRange(1, 10000), default=100, hidden=True),
+        click.option("--force", is_flag=True, help="Check every message on the target by Message-ID and size (or hash) instead of trusting the journal."),
+        click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+                     help="Give up after this many reconnects in a row that made no progress."),
+        click.option("--workers", type=click.IntRange(1, 8), default=3, show_default=True,
+                     help="IMAP: folders sent at once once a run is past its first 500 messages, each over "
+                     "connections of its own (1: one folder at a time). More pays against a distant server."),
+    ])(output_options()(function))
 
 
 @main.command("restore")
@@ -133,15 +150,7 @@ def transfer_options(function: Callable[..., Any]) -> Callable[..., Any]:
 def restore_command(
     archive: str,
     target: str,
-    include: tuple[str, ...],
-    exclude: tuple[str, ...],
-    into: str | None,
-    no_automap: bool,
-    dry_run: bool,
-    batch_messages: int,
-    force: bool,
-    retries: int,
-    workers: int,
+    transfer: Transfer,
     out: Output,
     since: Any,
     before: Any,
@@ -164,26 +173,18 @@ def restore_command(
     """
     from ..restore import RestoreOptions, parse_as_of, restore
 
-    bars = bars_for(out, dry_run=dry_run)
+    bars = bars_for(out, dry_run=transfer.dry_run)
 
     def action() -> Any:
         options = RestoreOptions(
-            include=include,
-            exclude=exclude,
+            **asdict(transfer),
             since=since.date() if since else None,
             before=before.date() if before else None,
             include_gone=include_gone,
             as_of=parse_as_of(as_of) if as_of is not None else None,
-            into=into,
-            automap=not no_automap,
-            dry_run=dry_run,
-            force=force,
-            reconnects=retries,
-            workers=workers,
             no_tls=tls.no_tls,
             ca_file=tls.ca_file,
             timeout=tls.timeout,
-            batch_messages=batch_messages,
             recipients=tuple(check_address(a, "--to") for a in recipients),
             sender=check_address(sender, "--from") if sender is not None else None,
             resent=resent,
@@ -213,15 +214,7 @@ def restore_command(
 def migrate_command(
     source: str,
     target: str,
-    include: tuple[str, ...],
-    exclude: tuple[str, ...],
-    into: str | None,
-    no_automap: bool,
-    dry_run: bool,
-    batch_messages: int,
-    force: bool,
-    retries: int,
-    workers: int,
+    transfer: Transfer,
     out: Output,
     state: str | None,
     login: Login,
@@ -238,25 +231,17 @@ def migrate_command(
     """
     from ..restore import RestoreOptions, migrate
 
-    bars = bars_for(out, dry_run=dry_run)
+    bars = bars_for(out, dry_run=transfer.dry_run)
 
     def action() -> Any:
         options = RestoreOptions(
-            include=include,
-            exclude=exclude,
-            into=into,
-            automap=not no_automap,
-            dry_run=dry_run,
-            force=force,
-            reconnects=retries,
-            workers=workers,
+            **asdict(transfer),
             no_tls=target_tls.no_tls,
             ca_file=target_tls.ca_file,
             timeout=target_tls.timeout,
             source_no_tls=tls.no_tls,
             source_ca_file=tls.ca_file,
             source_timeout=tls.timeout,
-            batch_messages=batch_messages,
             source_auth=login.auth,
             auth=target_login.auth,
             source_admin_user=login.admin_user,

@@ -85,13 +85,13 @@ class MaildirStore:
 
     def put(self, folder: ArchivedFolder, messages: Sequence[Message]) -> list[str]:
         base = self.root / folder.path
+        keys = [(m.sha256, info(m.flags)) for m in messages]
         names: dict[tuple[str, str], str] = {}  # (SHA-256, info) -> its file's name in cur/
         pending: dict[tuple[str, str], Message] = {}
         with store_errors(base):
             for sub in ("cur", "new", "tmp"):
                 make_dirs(base / sub)
-            for message in messages:
-                key = (message.sha256, info(message.flags))
+            for key, message in zip(keys, messages):
                 if key in names or key in pending:
                     continue
                 # Already in cur/: an orphan of a crashed run, or the same bytes twice.
@@ -102,7 +102,7 @@ class MaildirStore:
                     pending[key] = message
             if pending:
                 names.update(self._write_batch(base, pending))
-        return [f"{folder.path}/cur/{names[(m.sha256, info(m.flags))]}" for m in messages]
+        return [f"{folder.path}/cur/{names[key]}" for key in keys]
 
     @staticmethod
     def _present(cur: Path, sha256: str, flags: str) -> str | None:
